@@ -1,0 +1,228 @@
+"""Wires castghld together: `Daemon` (the components), `make_app()` (the routes), `run()`.
+
+Guarantees:
+- Startup validates everything that can be validated before listening (config, key file, webhook
+  keys, state file); a problem there is a `StartupError` with one line per problem, not a crash.
+- `/healthz` answers 503 until every component has started and again from the moment shutdown
+  begins, so a proxy or systemd stops sending traffic first.
+- Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish within
+  `server.shutdown_timeout`, stop components (they persist what they hold), flush the state file,
+  exit 0. `READY=1` / `STOPPING=1` go to systemd when `$NOTIFY_SOCKET` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import tornado.httpclient
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from castghld import __version__, sdnotify
+from castghld.config import Config
+from castghld.ghl import GHLClient
+from castghld.handlers import app_webhook, health, oauth
+from castghld.handlers.base import NotFoundHandler, log_request
+from castghld.metrics import Metrics
+from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
+from castghld.state import KeyRing, StateError, StateStore
+from castghld.tokens import Installations
+
+log = logging.getLogger("castghld")
+
+# Upstream timeouts (JupyterHub's choice): fail fast and retry rather than hang on a dead peer.
+CONNECT_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 10.0
+MAX_CLIENTS = 64
+_http_client_configured = False
+
+
+class StartupError(Exception):
+    """The daemon cannot start; each line of `problems` says why and names the file."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def configure_http_client() -> str:
+    """Choose the AsyncHTTPClient implementation once per process; returns its name.
+
+    `AsyncHTTPClient` is a per-loop singleton configured globally: configuring it after the first
+    instance exists has no effect on that instance, so this runs before any client is made.
+    """
+    global _http_client_configured
+    defaults = {"connect_timeout": CONNECT_TIMEOUT, "request_timeout": REQUEST_TIMEOUT}
+    try:
+        import pycurl  # noqa: F401
+
+        impl = "tornado.curl_httpclient.CurlAsyncHTTPClient"
+    except ImportError:
+        impl = None
+    if not _http_client_configured:
+        tornado.httpclient.AsyncHTTPClient.configure(
+            impl, max_clients=MAX_CLIENTS, defaults=defaults
+        )
+        _http_client_configured = True
+        if impl:
+            log.info("HTTP client: CurlAsyncHTTPClient (keep-alive connections)")
+        else:
+            log.warning("pycurl not importable; HTTP client: SimpleAsyncHTTPClient (no keep-alive)")
+    return "curl" if impl else "simple"
+
+
+class Daemon:
+    """Everything one castghld process holds; tests run it in-process on loopback."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.phase = "starting"
+        self.in_flight = 0
+        self._drained = asyncio.Event()  # set when in_flight drops to 0
+        self.started_at = time.time()
+        self.components: list[Component] = []
+        self._server: tornado.httpserver.HTTPServer | None = None
+        self._stop_requested = asyncio.Event()
+        self._stopped = False
+        self.port = 0
+        problems = []
+        try:
+            self.keyring = KeyRing.load(config.state.key_file)
+        except StateError as e:
+            raise StartupError([str(e)]) from None
+        self.state = StateStore(config.state.dir, self.keyring)
+        try:
+            self.state.load()
+        except StateError as e:
+            problems.append(str(e))
+        try:
+            extra_keys = load_public_keys(config.ghl.webhook_public_keys)
+        except KeyFileError as e:
+            problems.append(f"{config.path}: ghl.webhook_public_keys: {e}")
+            extra_keys = []
+        if problems:
+            raise StartupError(problems)
+        self.verifier = SignatureVerifier(extra_keys)
+        self.seen_app_webhooks: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.ghl = GHLClient(config, self.metrics)
+        self.installations = Installations(config, self.state, self.ghl, self.metrics)
+        self.components.append(self.installations)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._drained.set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def make_app(self) -> tornado.web.Application:
+        handlers: list[Any] = []
+        handlers += health.default_handlers
+        handlers += oauth.default_handlers
+        handlers += app_webhook.default_handlers
+        return tornado.web.Application(
+            [(pattern, cls, {"daemon": self}) for pattern, cls in handlers],
+            default_handler_class=NotFoundHandler,
+            default_handler_args={"daemon": self},
+            log_function=log_request,
+            compress_response=False,
+            xsrf_cookies=False,
+        )
+
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
+        """Start components, then listen (on `sockets` if given, else on the configured address)."""
+        for component in self.components:
+            await component.start()
+        self._server = tornado.httpserver.HTTPServer(
+            self.make_app(),
+            xheaders=self.config.server.xheaders,
+            # The handlers answer 413 themselves for bodies over 1 MiB; this only stops a client
+            # from streaming an unbounded body at us.
+            max_body_size=16 * 1024 * 1024,
+            idle_connection_timeout=60,
+            body_timeout=30,
+        )
+        if sockets is None:
+            sockets = tornado.netutil.bind_sockets(self.config.server.port, self.config.server.host)
+        self._server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.phase = "serving"
+        log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
+        sdnotify.notify("READY=1")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait_for_stop_request(self) -> None:
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        """Graceful stop (see module docstring); safe to call more than once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.phase = "stopping"
+        sdnotify.notify("STOPPING=1")
+        log.info("stopping: no new connections; draining %d request(s)", self.in_flight)
+        deadline = time.monotonic() + self.config.server.shutdown_timeout
+        if self._server is not None:
+            self._server.stop()
+        if self.in_flight > 0:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+        if self.in_flight:
+            log.warning("shutdown bound reached; cutting %d request(s)", self.in_flight)
+        if self._server is not None:
+            await self._server.close_all_connections()
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("error stopping %s", type(component).__name__)
+        try:
+            await self.state.commit()
+        finally:
+            self.state.close()
+        log.info("stopped")
+
+
+async def run(config: Config) -> int:
+    """`castghld serve`: run until SIGTERM/SIGINT, then stop gracefully; the exit code."""
+    configure_http_client()
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        await daemon.start()
+    except OSError as e:
+        await daemon.stop()
+        raise StartupError(
+            [f"cannot listen on {config.server.host}:{config.server.port}: {e.strerror or e}"]
+        ) from None
+    await daemon.wait_for_stop_request()
+    log.info("stop requested")
+    await daemon.stop()
+    return 0

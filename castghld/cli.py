@@ -1,0 +1,211 @@
+"""The `castghld` command line (SPEC §1).
+
+Guarantees: exit 0 on success; on a usage or config problem exit 2 with one line per problem on
+stderr (file, key path, what is wrong) and no traceback; no command prints a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from castghld import __version__
+from castghld.config import Config, ConfigError, default_config_path, load_config
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+castghld makes Cast (Philippine SMS API) the SMS provider of GoHighLevel sub-accounts.
+
+commands:
+  serve         run the daemon in the foreground (systemd Type=notify)
+  check-config  validate config, key file, webhook keys and state file; print a summary
+  gen-key PATH  write a new random state key to PATH (0600; refuses to overwrite)
+  installs      list installed locations: id, company, token expiry, status (never a token)
+  install-url   print the URL that starts the OAuth install of the marketplace app
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="castghld",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="config file (default: $CASTGHLD_CONFIG, else /etc/castghld/castghld.yaml)",
+    )
+    parser.add_argument("--version", action="version", version=f"castghld {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run the daemon in the foreground until SIGTERM/SIGINT. Logs go to stderr; "
+        "READY=1/STOPPING=1 go to systemd when $NOTIFY_SOCKET is set.",
+    )
+    sub.add_parser(
+        "check-config",
+        help="validate config, key file, webhook keys and state file",
+        description="Load and validate the config, the state key file, the extra webhook public "
+        "keys and the state file (decrypting it), then print a summary without secrets. "
+        "Exit 0 if the daemon could start with this config, 2 otherwise.",
+    )
+    gen = sub.add_parser(
+        "gen-key",
+        help="write a new random state key to PATH",
+        description="Write a new random AES-256 state key to PATH, created with mode 0600. "
+        "Refuses to overwrite an existing file. To rotate keys, put the new key as the first "
+        "line of state.key_file and keep the old ones below it.",
+    )
+    gen.add_argument("path", metavar="PATH")
+    gen.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="succeed without writing when PATH already exists (for setup scripts)",
+    )
+    sub.add_parser(
+        "installs",
+        help="list installed locations",
+        description="List installed locations: location id, company id, access token expiry and "
+        "status (ok, needs_reauth, inactive). Never prints a token.",
+    )
+    sub.add_parser(
+        "install-url",
+        help="print the URL that starts the OAuth install",
+        description="Print the marketplace URL that starts the OAuth install of the app for a "
+        "location (the same URL GET /oauth/install redirects to).",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "gen-key":
+            return gen_key(args.path, if_missing=args.if_missing)
+        config = load_config(args.config or default_config_path())
+        if args.command == "serve":
+            return serve(config)
+        if args.command == "check-config":
+            return check_config(config)
+        if args.command == "installs":
+            return installs(config)
+        if args.command == "install-url":
+            return install_url(config)
+    except ConfigError as e:
+        return fail(e.problems)
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def fail(problems: Sequence[str]) -> int:
+    for line in problems:
+        print(f"castghld: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def gen_key(path: str, *, if_missing: bool = False) -> int:
+    from castghld.state import create_private_file, new_key_line
+
+    if if_missing and os.path.exists(path):
+        return 0
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        create_private_file(path, (new_key_line() + "\n").encode("ascii"))
+    except FileExistsError:
+        return fail([f"{path}: already exists; refusing to overwrite a state key"])
+    except OSError as e:
+        return fail([f"{path}: cannot write key file: {e.strerror or e}"])
+    print(f"wrote new state key to {path} (mode 0600)")
+    return 0
+
+
+def serve(config: Config) -> int:
+    from castghld.app import StartupError, run
+    from castghld.log import setup_logging
+
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        return asyncio.run(run(config))
+    except StartupError as e:
+        return fail(e.problems)
+
+
+def _open_daemon_state(config: Config):
+    from castghld.app import Daemon
+
+    return Daemon(config)
+
+
+def check_config(config: Config) -> int:
+    from castghld.app import StartupError
+
+    try:
+        daemon = _open_daemon_state(config)
+    except StartupError as e:
+        return fail(e.problems)
+    try:
+        state = daemon.state
+        print(f"config:        {config.path}")
+        print(
+            f"listen:        {config.server.host}:{config.server.port} (xheaders: "
+            f"{'on' if config.server.xheaders else 'off'})"
+        )
+        print(f"public url:    {config.server.public_url}")
+        print(f"redirect uri:  {config.redirect_uri}")
+        print(f"ghl:           {config.ghl.api_base} (client id {config.ghl.client_id})")
+        print(
+            f"cast:          {config.cast.api_base} (sender id {config.cast.sender_id or '-'}, "
+            f"{config.cast.messages_per_second} msg/s, {len(config.cast.locations)} "
+            "location override(s))"
+        )
+        print(f"webhook keys:  {len(daemon.verifier.keys)} (built in + ghl.webhook_public_keys)")
+        print(f"state key:     {config.state.key_file} ({len(daemon.keyring.key_ids)} key(s))")
+        print(f"state file:    {state.path} ({state.count('installs')} installation(s))")
+        print("ok")
+    finally:
+        daemon.state.close()
+    return 0
+
+
+def installs(config: Config) -> int:
+    from castghld.app import StartupError
+
+    try:
+        daemon = _open_daemon_state(config)
+    except StartupError as e:
+        return fail(e.problems)
+    try:
+        rows = sorted(daemon.state.items("installs"))
+    finally:
+        daemon.state.close()
+    if not rows:
+        print("no installations")
+        return 0
+    print(f"{'LOCATION':<26} {'COMPANY':<26} {'TOKEN EXPIRES (UTC)':<21} STATUS")
+    for location_id, record in rows:
+        expires = record.get("expires_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)) if expires else "-"
+        company = record.get("company_id") or "-"
+        print(f"{location_id:<26} {company:<26} {when:<21} {record.get('status', 'ok')}")
+    return 0
+
+
+def install_url(config: Config) -> int:
+    from castghld.oauth import build_install_url
+
+    print(build_install_url(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

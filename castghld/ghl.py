@@ -1,0 +1,246 @@
+"""The GHL API client: OAuth token calls and location-scoped API calls with retries.
+
+Guarantees:
+- Every request carries the `Version` header SPEC §4 names for it, and a short timeout.
+- Calls for one location are paced under GHL's 100 requests / 10 s (`GHL_RATE_LIMIT`), and a 429
+  (or `X-RateLimit-Remaining: 0`) pauses every caller of that location until GHL's window passes.
+- `call()` retries 429, 5xx, timeouts and connection errors with exponential backoff and full
+  jitter, never sooner than `Retry-After`, and never past its deadline. A 401 triggers exactly one
+  token refresh and one retry. Anything else is raised as `GHLError` for the caller to map.
+- Tokens, codes and client secrets never appear in a raised error or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+
+from castghld.config import Config
+from castghld.metrics import Metrics
+from castghld.pacing import LimiterMap, parse_retry_after, retry_delay
+
+log = logging.getLogger("castghld.ghl")
+
+VERSION = "2021-04-15"
+VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken and /contacts/*
+GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin for clock skew
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
+
+
+class GHLError(Exception):
+    """A GHL answer other than 2xx (status 599: no answer: timeout or connection error)."""
+
+    def __init__(
+        self, status: int, message: str, *, retry_after: float | None = None, body: Any = None
+    ):
+        super().__init__(f"GHL {status}: {message}")
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+        self.body = body
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUSES
+
+    @property
+    def oauth_error(self) -> str:
+        """The OAuth `error` code of a token endpoint answer (e.g. ``invalid_grant``), or ''."""
+        return self.body.get("error", "") if isinstance(self.body, dict) else ""
+
+
+class TokenSource(Protocol):
+    async def access_token(self, location_id: str) -> str: ...
+    async def refresh_after_401(self, location_id: str, rejected_token: str) -> str: ...
+
+
+def _message_of(body: Any, fallback: str) -> str:
+    if isinstance(body, dict):
+        for key in ("message", "error_description", "error", "msg"):
+            value = body.get(key)
+            if isinstance(value, list):
+                value = "; ".join(str(v) for v in value)
+            if value:
+                return str(value)[:500]
+    return fallback
+
+
+class GHLClient:
+    def __init__(self, config: Config, metrics: Metrics):
+        self.config = config
+        self.base = config.ghl.api_base
+        self.metrics = metrics
+        self.limiters = LimiterMap(*GHL_RATE_LIMIT)
+
+    # -- one exchange --------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        version: str = VERSION,
+        token: str | None = None,
+        json_body: Any = None,
+        form: dict[str, str] | None = None,
+        pace_key: str | None = None,
+    ) -> Any:
+        """One HTTP exchange with GHL; the decoded JSON answer, or GHLError."""
+        headers = {"Accept": "application/json", "Version": version}
+        body = None
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if form is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            body = urlencode(form)
+        elif json_body is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(json_body)
+        limiter = self.limiters.get(pace_key) if pace_key else None
+        if limiter is not None:
+            await limiter.acquire()
+        request = HTTPRequest(self.base + path, method=method, headers=headers, body=body)
+        started = time.monotonic()
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except (OSError, HTTPClientError) as e:
+            raise GHLError(599, f"no answer from GHL: {type(e).__name__}") from None
+        finally:
+            self.metrics.upstream_seconds.labels("ghl").observe(time.monotonic() - started)
+        if limiter is not None:
+            self._note_rate_limit(limiter, response)
+        return self._decode(response, method, path)
+
+    @staticmethod
+    def _note_rate_limit(limiter: Any, response: HTTPResponse) -> None:
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        interval = response.headers.get("X-RateLimit-Interval-Milliseconds")
+        if response.code == 429:
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            if wait is None and interval and interval.isdigit():
+                wait = int(interval) / 1000.0
+            limiter.pause_until(time.monotonic() + (wait if wait is not None else 1.0))
+        elif remaining == "0" and interval and interval.isdigit():
+            limiter.pause_until(time.monotonic() + int(interval) / 1000.0)
+
+    @staticmethod
+    def _decode(response: HTTPResponse, method: str, path: str) -> Any:
+        if response.code == 599:
+            raise GHLError(599, f"no answer from GHL: {type(response.error).__name__}")
+        try:
+            body = json.loads(response.body) if response.body else {}
+        except ValueError:
+            body = None
+        if 200 <= response.code < 300:
+            if body is None:
+                raise GHLError(502, f"GHL answered {method} {path} with a body that is not JSON")
+            return body
+        raise GHLError(
+            response.code,
+            _message_of(body, response.reason or "error"),
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            body=body,
+        )
+
+    # -- OAuth ---------------------------------------------------------------------------------
+
+    def _client_form(self, **fields: str) -> dict[str, str]:
+        return {
+            "client_id": self.config.ghl.client_id,
+            "client_secret": self.config.ghl.client_secret.value,
+            **fields,
+        }
+
+    async def exchange_code(self, code: str) -> dict[str, Any]:
+        return await self.request(
+            "POST",
+            "/oauth/token",
+            form=self._client_form(
+                grant_type="authorization_code",
+                code=code,
+                redirect_uri=self.config.redirect_uri,
+                user_type="Location",
+            ),
+        )
+
+    async def refresh_token(self, refresh_token: str, user_type: str) -> dict[str, Any]:
+        return await self.request(
+            "POST",
+            "/oauth/token",
+            form=self._client_form(
+                grant_type="refresh_token", refresh_token=refresh_token, user_type=user_type
+            ),
+        )
+
+    async def location_token(
+        self, company_token: str, company_id: str, location_id: str
+    ) -> dict[str, Any]:
+        return await self.request(
+            "POST",
+            "/oauth/locationToken",
+            version=VERSION_OAUTH,
+            token=company_token,
+            form={"companyId": company_id, "locationId": location_id},
+        )
+
+    # -- location-scoped calls with retries ----------------------------------------------------
+
+    async def call(
+        self,
+        tokens: TokenSource,
+        location_id: str,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        version: str = VERSION,
+        deadline: float,
+        retry_if: Callable[[GHLError], bool] | None = None,
+        context: str = "",
+    ) -> Any:
+        """`request` as `location_id`, with the retries of the module docstring.
+
+        `deadline` is a `time.monotonic()` value; `retry_if` makes more errors retryable (the
+        transient 403 of the status API).
+        """
+        refreshed = False
+        attempt = 0
+        while True:
+            token = await tokens.access_token(location_id)
+            try:
+                return await self.request(
+                    method,
+                    path,
+                    version=version,
+                    token=token,
+                    json_body=json_body,
+                    pace_key=location_id,
+                )
+            except GHLError as e:
+                if e.status == 401 and not refreshed:
+                    refreshed = True
+                    log.info("GHL 401 location=%s %s; refreshing token once", location_id, context)
+                    await tokens.refresh_after_401(location_id, token)
+                    continue
+                if not (e.retryable or (retry_if is not None and retry_if(e))):
+                    raise
+                delay = retry_delay(attempt, e.retry_after, base=1.0, cap=120.0)
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info(
+                    "GHL %d location=%s %s attempt=%d; retrying in %.1fs",
+                    e.status,
+                    location_id,
+                    context,
+                    attempt + 1,
+                    delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)

@@ -1,0 +1,183 @@
+"""Base handler: JSON errors, the 1 MiB body limit, in-flight accounting, scrubbed access log.
+
+Guarantees:
+- Every error answer is ``{"error": "<code>", "message": "<text>"}`` with the right status; an
+  unexpected exception is logged with its traceback and answered 500 without one.
+- A body over `MAX_BODY_SIZE` is answered 413 (by Content-Length before it is read, or as soon as a
+  chunked body passes the limit) and never reaches a handler.
+- `self.body` is the exact raw body, as signature checks need it.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+
+from castghld.log import scrub
+
+if TYPE_CHECKING:
+    from castghld.app import Daemon
+
+MAX_BODY_SIZE = 1024 * 1024
+access_log = logging.getLogger("castghld.access")
+app_log = logging.getLogger("castghld.http")
+
+_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "too_many_requests",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+}
+
+
+class APIError(tornado.web.HTTPError):
+    """An error answer with a machine code and a human message (both shown to the client)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(status, reason=None)
+        self.code = code
+        self.message = message
+
+
+@tornado.web.stream_request_body
+class APIHandler(tornado.web.RequestHandler):
+    daemon: Daemon
+
+    def initialize(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._too_large = False
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        self.daemon.request_started()
+        self._counted = True
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            try:
+                too_large = int(length) > MAX_BODY_SIZE
+            except ValueError:
+                raise APIError(400, "bad_request", "invalid Content-Length") from None
+            if too_large:
+                raise APIError(413, "payload_too_large", f"body exceeds {MAX_BODY_SIZE} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(chunk)
+        if self._received > MAX_BODY_SIZE:
+            self._too_large = True
+            self._chunks = []
+            return
+        self._chunks.append(chunk)
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self.daemon.request_finished()
+            self._counted = False
+
+    def check_body_size(self) -> None:
+        """Call first in every method that reads a body (chunked bodies are only known late)."""
+        if self._too_large:
+            raise APIError(413, "payload_too_large", f"body exceeds {MAX_BODY_SIZE} bytes")
+
+    def json_body(self) -> Any:
+        self.check_body_size()
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "invalid_json", "request body is not valid JSON") from None
+
+    def verify_ghl_signature(self, kind: str) -> str:
+        """401 unless the raw body carries a valid GHL signature; the scheme that verified."""
+        self.check_body_size()
+        scheme = self.daemon.verifier.verify(self.body, self.request.headers)
+        if scheme is None:
+            self.daemon.metrics.webhooks.labels(kind, "bad_signature").inc()
+            present = [
+                h for h in ("X-GHL-Signature", "X-WH-Signature") if h in self.request.headers
+            ]
+            raise APIError(
+                401,
+                "invalid_signature",
+                f"{' / '.join(present)} does not verify against GHL's keys"
+                if present
+                else "missing X-GHL-Signature (or X-WH-Signature) header",
+            )
+        return scheme
+
+    def write_json(self, status: int, doc: Any) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(doc))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            code, message = exc.code, exc.message
+        else:
+            code = _ERROR_CODES.get(status_code, "error")
+            try:
+                message = http.HTTPStatus(status_code).phrase
+            except ValueError:
+                message = "error"
+            if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
+                message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"error": code, "message": message}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            if value.status_code >= 500:
+                app_log.warning("%s %s: %s", self.request.method, self.request.path, value)
+            return
+        app_log.error(
+            "uncaught exception in %s %s",
+            self.request.method,
+            self.request.path,
+            exc_info=(typ, value, tb),
+        )
+
+
+class NotFoundHandler(APIHandler):
+    """Answers every unknown path with a JSON 404, whatever the method."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise APIError(404, "not_found", f"no such path: {self.request.path}")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log line without query values that may carry secrets (OAuth codes, state)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    access_log.log(
+        level,
+        "%d %s %s remote=%s ms=%.1f",
+        status,
+        request.method,
+        scrub(request.uri or ""),
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )

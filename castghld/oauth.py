@@ -1,0 +1,72 @@
+"""The OAuth install URL and its signed `state` parameter.
+
+Guarantees: a `state` made here verifies only with the same `ghl.client_secret`, only until it
+expires (`STATE_LIFETIME`), and cannot be altered without detection (HMAC-SHA256). The URL carries
+no secret: the state is a MAC, not the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import time
+from urllib.parse import urlencode
+
+from castghld.config import Config
+
+SCOPES = (
+    "conversations/message.write",
+    "conversations/message.readonly",
+    "conversations.write",
+    "conversations.readonly",
+    "contacts.readonly",
+    "contacts.write",
+)
+STATE_LIFETIME = 15 * 60
+
+
+def _state_key(config: Config) -> bytes:
+    return hmac.new(
+        config.ghl.client_secret.value.encode("utf-8"), b"castghld oauth state", hashlib.sha256
+    ).digest()
+
+
+def _mac(config: Config, payload: str) -> str:
+    digest = hmac.new(_state_key(config), payload.encode("ascii"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:18]).decode("ascii")
+
+
+def make_state(config: Config, now: float | None = None) -> str:
+    expires = int((time.time() if now is None else now) + STATE_LIFETIME)
+    payload = f"{expires}.{base64.urlsafe_b64encode(os.urandom(9)).decode('ascii')}"
+    return f"{payload}.{_mac(config, payload)}"
+
+
+def verify_state(config: Config, state: str, now: float | None = None) -> str | None:
+    """None if `state` is authentic and fresh, else the reason it is not."""
+    payload, _, mac = state.rpartition(".")
+    expires, _, _ = payload.partition(".")
+    try:
+        valid = hmac.compare_digest(mac.encode("ascii"), _mac(config, payload).encode("ascii"))
+    except (UnicodeEncodeError, ValueError):
+        valid = False
+    if not valid or not expires.isdigit():
+        return "the install link's state parameter is invalid"
+    if int(expires) < (time.time() if now is None else now):
+        return "the install link has expired; start the install again"
+    return None
+
+
+def build_install_url(config: Config, now: float | None = None) -> str:
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": config.ghl.client_id,
+            "redirect_uri": config.redirect_uri,
+            "scope": " ".join(SCOPES),
+            "state": make_state(config, now),
+        }
+    )
+    return f"{config.ghl.auth_base}/v2/oauth/chooselocation?{query}"

@@ -1,0 +1,112 @@
+"""Rate limiting and retry timing shared by both upstream clients.
+
+``SlidingWindowLimiter`` guarantees that no more than ``limit`` acquisitions complete in any
+window of ``period`` seconds (measured on the monotonic clock of this process): it is how we stay
+under Cast's per-account and per-IP limits and GHL's per-location limit instead of discovering them
+through 429s. Waiters are served in FIFO order. ``pause_until`` lets an upstream's 429 or
+``X-RateLimit-Remaining: 0`` hold everyone back until a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import random
+import time
+
+
+class SlidingWindowLimiter:
+    def __init__(self, limit: int, period: float):
+        if limit < 1 or period <= 0:
+            raise ValueError("limit must be >= 1 and period > 0")
+        self.limit = limit
+        self.period = period
+        self._times: collections.deque[float] = collections.deque()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause_until(self, moment: float) -> None:
+        self._paused_until = max(self._paused_until, moment)
+
+    def _delay(self, now: float) -> float:
+        while self._times and self._times[0] <= now - self.period:
+            self._times.popleft()
+        delay = max(0.0, self._paused_until - now)
+        if len(self._times) >= self.limit:
+            delay = max(delay, self._times[0] + self.period - now)
+        return delay
+
+    async def acquire(self) -> None:
+        # The lock makes waiters FIFO: only the head of the queue looks at the window.
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                delay = self._delay(now)
+                if delay <= 0:
+                    self._times.append(now)
+                    return
+                # A hair over the computed delay so the window has surely moved on.
+                await asyncio.sleep(delay + 0.001)
+
+    def idle(self) -> bool:
+        return not self._times or self._times[-1] <= time.monotonic() - self.period
+
+
+class LimiterMap:
+    """One limiter per key (location, Cast account); idle ones are dropped to bound memory."""
+
+    MAX_IDLE_SCAN = 1000
+
+    def __init__(self, limit: int, period: float):
+        self.limit = limit
+        self.period = period
+        self._limiters: dict[str, SlidingWindowLimiter] = {}
+
+    def get(self, key: str) -> SlidingWindowLimiter:
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            if len(self._limiters) >= self.MAX_IDLE_SCAN:
+                self._drop_idle()
+            limiter = self._limiters[key] = SlidingWindowLimiter(self.limit, self.period)
+        return limiter
+
+    def _drop_idle(self) -> None:
+        for key in [k for k, v in self._limiters.items() if v.idle() and not v._lock.locked()]:
+            del self._limiters[key]
+
+    def __len__(self) -> int:
+        return len(self._limiters)
+
+
+def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_delay(
+    attempt: int, retry_after: float | None, base: float = 1.0, cap: float = 300.0
+) -> float:
+    """The wait before retry ``attempt`` (0-based), never shorter than Retry-After."""
+    delay = backoff_delay(attempt, base, cap)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 3600.0))
+    return delay
