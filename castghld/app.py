@@ -27,11 +27,15 @@ import tornado.netutil
 import tornado.web
 
 from castghld import __version__, sdnotify
+from castghld.cast import CastClient
 from castghld.config import Config
 from castghld.ghl import GHLClient
-from castghld.handlers import app_webhook, health, oauth
+from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
+from castghld.inbound import InboundDelivery
 from castghld.metrics import Metrics
+from castghld.outbound import OutboundDelivery
+from castghld.outbox import Outbox
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
 from castghld.state import KeyRing, StateError, StateStore
 from castghld.tokens import Installations
@@ -42,6 +46,9 @@ log = logging.getLogger("castghld")
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 10.0
 MAX_CLIENTS = 64
+# How long shutdown waits for Cast sends in flight (after draining requests); with the default
+# server.shutdown_timeout (20 s) the whole stop stays under the unit's TimeoutStopSec (30 s).
+SEND_DRAIN_SECONDS = 5.0
 _http_client_configured = False
 
 
@@ -84,6 +91,27 @@ def configure_http_client() -> str:
     return "curl" if impl else "simple"
 
 
+class Delivery:
+    """The outbox and its pipelines as one component: stop lets Cast sends in flight finish."""
+
+    def __init__(self, outbox: Outbox, cast: CastClient):
+        self.outbox = outbox
+        self.cast = cast
+
+    async def start(self) -> None:
+        await self.outbox.start()
+
+    async def stop(self) -> None:
+        if not await self.cast.wait_sends_idle(SEND_DRAIN_SECONDS):
+            log.warning(
+                "%d Cast send(s) still in flight after %.0fs; they resume (same idempotency key) "
+                "at the next start",
+                self.cast.sends_in_flight,
+                SEND_DRAIN_SECONDS,
+            )
+        await self.outbox.stop()
+
+
 class Daemon:
     """Everything one castghld process holds; tests run it in-process on loopback."""
 
@@ -121,6 +149,21 @@ class Daemon:
         self.ghl = GHLClient(config, self.metrics)
         self.installations = Installations(config, self.state, self.ghl, self.metrics)
         self.components.append(self.installations)
+        self.cast = CastClient(config, self.metrics)
+        self.outbox = Outbox(
+            config.state.dir, self.keyring, self.metrics, config.delivery.seen_retention
+        )
+        self.outbox.pipelines["outbound"] = OutboundDelivery(
+            config, self.cast, self.ghl, self.installations, self.metrics
+        )
+        self.outbox.pipelines["inbound"] = InboundDelivery(
+            config, self.ghl, self.installations, self.metrics
+        )
+        try:
+            self.outbox.load()
+        except (StateError, OSError) as e:
+            raise StartupError([str(e)]) from None
+        self.components.append(Delivery(self.outbox, self.cast))
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -139,6 +182,8 @@ class Daemon:
         handlers += health.default_handlers
         handlers += oauth.default_handlers
         handlers += app_webhook.default_handlers
+        handlers += messages.default_handlers
+        handlers += inbound.default_handlers
         return tornado.web.Application(
             [(pattern, cls, {"daemon": self}) for pattern, cls in handlers],
             default_handler_class=NotFoundHandler,

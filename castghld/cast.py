@@ -1,0 +1,223 @@
+"""The Cast SMS API client: sends and delivery-status lookups, paced and retried.
+
+Guarantees:
+- Every send carries ``X-Idempotency-Key`` = the GHL message id. The caller passes the same key on
+  every retry and after a restart, and Cast replays its first answer for 24 h, so no retry can
+  send an SMS twice.
+- Sends are paced per Cast account (``cast.messages_per_second``; a location with its own
+  ``api_key`` is its own account) and every Cast request of the process is paced under
+  ``cast.requests_per_second`` (Cast's per-IP limit). We stay under the limits rather than
+  discovering them through 429s; a 429 still pauses that account for its ``Retry-After``.
+- ``send`` retries what SPEC §5 calls transient (429, 500, 502, 503, timeouts, connection errors)
+  with exponential backoff and full jitter, never sooner than ``Retry-After`` and never past the
+  deadline; anything else raises ``CastError`` with Cast's ``error_code`` for the GHL report.
+- The API key never appears in an error, a log line or a metric label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from castghld.config import Config
+from castghld.metrics import Metrics
+from castghld.pacing import LimiterMap, SlidingWindowLimiter, parse_retry_after, retry_delay
+
+log = logging.getLogger("castghld.cast")
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
+# The windows are a little longer than Cast's one second: requests measured here leave a few
+# milliseconds apart from when Cast counts them, and jitter must not push 11 into one second.
+WINDOW = 1.05
+MAX_MESSAGE_CHARS = 10_000
+
+
+class CastError(Exception):
+    """A Cast answer other than success (status 599: no answer)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(f"Cast {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUSES
+
+
+@dataclasses.dataclass(frozen=True)
+class CastAccount:
+    """The Cast API key and sender ID a location sends with."""
+
+    api_key: str = dataclasses.field(repr=False)
+    sender_id: str
+
+    @property
+    def name(self) -> str:
+        """A stable, non-secret name for pacing and logs."""
+        return "acct-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:10]
+
+
+class CastClient:
+    def __init__(self, config: Config, metrics: Metrics):
+        self.config = config
+        self.base = config.cast.api_base.rstrip("/")
+        self.metrics = metrics
+        self.send_limiters = LimiterMap(config.cast.messages_per_second, WINDOW)
+        self.ip_limiter = SlidingWindowLimiter(config.cast.requests_per_second, WINDOW)
+        self.concurrency = asyncio.Semaphore(config.delivery.concurrency)
+        # Sends whose answer we may not have yet: shutdown waits for them (bounded).
+        self.sends_in_flight = 0
+        self._sends_idle = asyncio.Event()
+        self._sends_idle.set()
+
+    async def wait_sends_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._sends_idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def account_for(self, location_id: str) -> CastAccount:
+        cast = self.config.cast
+        override = cast.locations.get(location_id)
+        api_key = cast.api_key.value
+        sender_id = cast.sender_id
+        if override is not None:
+            if override.api_key is not None:
+                api_key = override.api_key.value
+            if override.sender_id is not None:
+                sender_id = override.sender_id
+        return CastAccount(api_key, sender_id)
+
+    # -- one exchange --------------------------------------------------------------------------
+
+    async def _request(
+        self, account: CastAccount, method: str, path: str, body: Any = None, **headers: str
+    ) -> dict[str, Any]:
+        await self.ip_limiter.acquire()
+        request = HTTPRequest(
+            self.base + path,
+            method=method,
+            headers={"X-API-Key": account.api_key, "Accept": "application/json", **headers},
+            body=None if body is None else json.dumps(body),
+        )
+        if body is not None:
+            request.headers["Content-Type"] = "application/json"
+        started = time.monotonic()
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except (OSError, HTTPClientError) as e:
+            raise CastError(599, "NO_ANSWER", f"no answer from Cast: {type(e).__name__}") from None
+        finally:
+            self.metrics.upstream_seconds.labels("cast").observe(time.monotonic() - started)
+        if response.code == 599:
+            raise CastError(
+                599, "NO_ANSWER", f"no answer from Cast: {type(response.error).__name__}"
+            )
+        try:
+            answer = json.loads(response.body) if response.body else {}
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise CastError(
+                502 if response.code < 500 else response.code,
+                "BAD_ANSWER",
+                f"Cast answered {method} {path} with HTTP {response.code} and a body that is not "
+                "a JSON object",
+            )
+        if 200 <= response.code < 300 and answer.get("success", True) is not False:
+            return answer
+        raise CastError(
+            response.code if response.code >= 400 else 502,
+            str(answer.get("error_code") or f"HTTP_{response.code}")[:64],
+            str(answer.get("error") or response.reason or "error")[:500],
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+
+    # -- sends ---------------------------------------------------------------------------------
+
+    async def send_once(
+        self, account: CastAccount, to: str, message: str, idempotency_key: str
+    ) -> dict[str, Any]:
+        limiter = self.send_limiters.get(account.name)
+        body: dict[str, Any] = {"to": to, "message": message}
+        if account.sender_id:
+            body["sender_id"] = account.sender_id
+        async with self.concurrency:
+            await limiter.acquire()
+            self.sends_in_flight += 1
+            self._sends_idle.clear()
+            try:
+                answer = await self._request(
+                    account,
+                    "POST",
+                    "/api/v1/sms/send",
+                    body,
+                    **{"X-Idempotency-Key": idempotency_key},
+                )
+            except CastError as e:
+                if e.status == 429:
+                    limiter.pause_until(time.monotonic() + (e.retry_after or 1.0))
+                raise
+            finally:
+                self.sends_in_flight -= 1
+                if self.sends_in_flight == 0:
+                    self._sends_idle.set()
+        if not isinstance(answer.get("message_id"), str) or not answer["message_id"]:
+            raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
+        return answer
+
+    async def send(
+        self,
+        account: CastAccount,
+        to: str,
+        message: str,
+        idempotency_key: str,
+        *,
+        deadline: float,
+        context: str = "",
+    ) -> dict[str, Any]:
+        """Send until Cast accepts, a final error, or `deadline` (a `time.monotonic()` value)."""
+        attempt = 0
+        while True:
+            try:
+                answer = await self.send_once(account, to, message, idempotency_key)
+            except CastError as e:
+                if not e.retryable:
+                    self.metrics.sends.labels("failed").inc()
+                    raise
+                delay = retry_delay(attempt, e.retry_after, base=1.0, cap=300.0)
+                if time.monotonic() + delay > deadline:
+                    self.metrics.sends.labels("gave_up").inc()
+                    raise
+                self.metrics.sends.labels("retry").inc()
+                log.warning(
+                    "Cast %d %s %s attempt=%d; retrying in %.1fs",
+                    e.status,
+                    e.code,
+                    context,
+                    attempt + 1,
+                    delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self.metrics.sends.labels("sent").inc()
+            return answer
+
+    # -- delivery status -----------------------------------------------------------------------
+
+    async def status(self, account: CastAccount, cast_message_id: str) -> dict[str, Any]:
+        path = "/api/v1/sms/status/" + quote(cast_message_id, safe="")
+        return await self._request(account, "GET", path)

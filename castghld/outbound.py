@@ -1,0 +1,221 @@
+"""Outbound SMS: a GHL ``ProviderOutboundMessage`` from the outbox to Cast, and its status to GHL.
+
+Each record moves through stages, and every stage change is in the outbox journal before the
+next step starts, so a restart resumes where the process stopped:
+
+``new`` -> (validate, send through Cast) -> ``sent`` -> (report ``pending``) -> ``polling`` ->
+(poll Cast's delivery status) -> ``report`` -> (report the final status) -> finished.
+A message we cannot send goes ``new`` -> ``report`` with status ``failed`` and a reason.
+
+Exactly one SMS: the Cast send carries ``X-Idempotency-Key`` = GHL ``messageId`` on every attempt,
+including the one after a crash between Cast's answer and the ``sent`` record; Cast replays its
+first answer, so the worst a crash costs is a repeated request, never a repeated SMS.
+Never stuck "pending" silently: a message still undecided after the last poll is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from castghld.cast import MAX_MESSAGE_CHARS, CastClient, CastError
+from castghld.config import Config
+from castghld.ghl import GHLClient, GHLError
+from castghld.metrics import Metrics
+from castghld.outbox import Outbox, Record
+from castghld.phone import InvalidNumber, normalize_mobile
+from castghld.tokens import Installations, TokenUnavailable
+
+log = logging.getLogger("castghld.outbound")
+
+KIND = "outbound"
+FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
+NO_PROVIDER = "no conversation provider"
+
+
+def record_id(message_id: str) -> str:
+    return "out:" + message_id
+
+
+def new_record(payload: dict[str, Any]) -> Record:
+    """The outbox record of an authentic, well-formed webhook (fields validated by the handler)."""
+    return {
+        "kind": KIND,
+        "stage": "new",
+        "message_id": payload["messageId"],
+        "location_id": payload["locationId"],
+        "type": payload.get("type", "SMS"),
+        "phone": payload.get("phone") or "",
+        "message": payload.get("message") or "",
+        "attachments": list(payload.get("attachments") or []),
+        "received_at": time.time(),
+    }
+
+
+def sms_text(record: Record) -> str:
+    """The message with attachment URLs appended, one per line (Cast has no MMS)."""
+    parts = [record["message"]] if record["message"] else []
+    parts += record["attachments"]
+    return "\n".join(parts)
+
+
+def _is_no_provider(error: GHLError) -> bool:
+    return error.status == 403 and NO_PROVIDER in error.message.lower()
+
+
+class OutboundDelivery:
+    def __init__(
+        self,
+        config: Config,
+        cast: CastClient,
+        ghl: GHLClient,
+        installations: Installations,
+        metrics: Metrics,
+    ):
+        self.config = config
+        self.cast = cast
+        self.ghl = ghl
+        self.installations = installations
+        self.metrics = metrics
+        regions = config.delivery.allowed_regions
+        self.allowed_regions = None if "*" in regions else frozenset(regions)
+
+    def _deadline(self, since: float, budget: float) -> float:
+        """A wall-clock budget that survives restarts, as a `time.monotonic()` deadline."""
+        return time.monotonic() + (since + budget - time.time())
+
+    async def __call__(self, outbox: Outbox, rid: str) -> None:
+        record = outbox.records[rid]
+        context = f"message={record['message_id']} location={record['location_id']}"
+        if record["stage"] == "new":
+            await self._send(outbox, rid, record, context)
+        if record["stage"] == "sent":
+            await self._report(record, "pending", None, context)
+            await outbox.update(rid, stage="polling")
+        if record["stage"] == "polling":
+            await self._poll(outbox, rid, record, context)
+        if record["stage"] == "report":
+            await self._report(record, record["status"], record.get("error"), context)
+        await outbox.finish(rid)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _check(self, record: Record) -> tuple[str, str] | str:
+        """The E.164 number to send to, or (error code, reason) why we cannot send."""
+        if record["type"] != "SMS":
+            return ("UNSUPPORTED_TYPE", f"castghld sends SMS only, not {record['type']}")
+        text = sms_text(record)
+        if not text.strip():
+            return ("EMPTY_MESSAGE", "the message is empty")
+        if len(text) > MAX_MESSAGE_CHARS:
+            return ("MESSAGE_TOO_LONG", f"{len(text)} characters; Cast takes {MAX_MESSAGE_CHARS}")
+        try:
+            return normalize_mobile(record["phone"], "PH", self.allowed_regions)
+        except InvalidNumber as e:
+            return (e.code, f"{e.message}: {record['phone']!r}"[:300])
+
+    async def _send(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
+        checked = self._check(record)
+        if isinstance(checked, tuple):
+            code, reason = checked
+            log.warning("not sending %s: %s %s", context, code, reason)
+            self.metrics.sends.labels("rejected").inc()
+            await outbox.update(rid, stage="report", status="failed", error=_error(code, reason))
+            return
+        account = self.cast.account_for(record["location_id"])
+        deadline = self._deadline(record["received_at"], self.config.delivery.send_deadline)
+        try:
+            answer = await self.cast.send(
+                account,
+                checked,
+                sms_text(record),
+                record["message_id"],
+                deadline=deadline,
+                context=context,
+            )
+        except CastError as e:
+            log.error("Cast refused %s: %d %s %s", context, e.status, e.code, e.message)
+            await outbox.update(
+                rid, stage="report", status="failed", error=_error(e.code, e.message)
+            )
+            return
+        # No await between Cast's answer and queueing this entry (see Journal.append).
+        await outbox.update(
+            rid,
+            stage="sent",
+            cast_id=answer["message_id"],
+            sent_at=time.time(),
+            to=checked,
+            polls_done=0,
+        )
+        log.info("sent %s cast_id=%s parts=%s", context, answer["message_id"], answer.get("parts"))
+
+    # -- delivery status -----------------------------------------------------------------------
+
+    async def _poll(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
+        account = self.cast.account_for(record["location_id"])
+        polls = self.config.delivery.status_polls
+        for index in range(record.get("polls_done", 0), len(polls)):
+            wait = record["sent_at"] + polls[index] - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                answer = await self.cast.status(account, record["cast_id"])
+            except CastError as e:
+                log.warning("delivery status of %s: Cast %d %s", context, e.status, e.code)
+                answer = {}
+            status = FINAL_STATUSES.get(str(answer.get("status")))
+            if status == "delivered":
+                await outbox.update(rid, stage="report", status="delivered", polls_done=index + 1)
+                return
+            if status == "failed":
+                code = str(answer.get("dlr_status") or answer.get("status")).upper()[:64]
+                reason = str(answer.get("error_message") or "the carrier did not deliver it")
+                error = _error(code, reason[:300])
+                await outbox.update(
+                    rid, stage="report", status="failed", error=error, polls_done=index + 1
+                )
+                return
+            await outbox.update(rid, polls_done=index + 1)
+        log.warning(
+            "no delivery report for %s cast_id=%s after %d polls; GHL keeps showing pending",
+            context,
+            record["cast_id"],
+            len(polls),
+        )
+        await outbox.update(rid, stage="undecided")
+
+    # -- reporting to GHL ----------------------------------------------------------------------
+
+    async def _report(
+        self, record: Record, status: str, error: dict[str, str] | None, context: str
+    ) -> None:
+        body: dict[str, Any] = {"status": status}
+        if status == "failed" and error:
+            body["error"] = error
+        location_id = record["location_id"]
+        path = f"/conversations/messages/{record['message_id']}/status"
+        deadline = self._deadline(time.time(), self.config.delivery.report_deadline)
+        try:
+            await self.ghl.call(
+                self.installations,
+                location_id,
+                "PUT",
+                path,
+                json_body=body,
+                deadline=deadline,
+                retry_if=_is_no_provider,
+                context=context,
+            )
+        except (GHLError, TokenUnavailable) as e:
+            self.metrics.statuses.labels("report_failed").inc()
+            log.error("cannot report %s to GHL for %s: %s", status, context, e)
+            return
+        self.metrics.statuses.labels(status).inc()
+        log.info("reported %s to GHL for %s", status, context)
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "type": "saas", "message": message}

@@ -1,0 +1,362 @@
+"""The durable outbox: every message we accepted, until it is finished, encrypted on disk.
+
+Guarantees:
+- ``add`` returns only once the record is durably in the journal (``outbox.log`` in
+  ``state.dir``, 0600, each line one AES-GCM encrypted entry under the state key). A caller that
+  gets an ``OSError`` (disk full, I/O error) must not acknowledge the message: nothing was stored
+  and nothing will be sent.
+- Group commit: entries queued while one fsync runs are written and fsynced together by the next,
+  so durability costs one fsync per burst, not per message. Writes and fsyncs run off the IOLoop.
+- A failed write is cut back (``ftruncate``) so the journal never holds half a batch; a torn last
+  line (crash mid-write) is dropped on load. Any other damage is a startup error naming the file.
+- Ids are unique: an id that is live or finished within ``delivery.seen_retention`` (at least 24 h)
+  is reported as a duplicate and not added again, so GHL's and Cast's retries become one message.
+- On start, every unfinished record is handed to its pipeline again (at-least-once dispatch); the
+  pipelines make that exactly-once where the upstream allows it (Cast's idempotency key).
+- The journal is compacted (live records + seen ids, written atomically) when it has grown well
+  beyond what is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from castghld.metrics import Metrics
+from castghld.state import KeyRing, StateError, atomic_write, fsync_dir
+
+log = logging.getLogger("castghld.outbox")
+
+JOURNAL_FILENAME = "outbox.log"
+_CONTEXT = b"outbox"
+COMPACT_MIN_ENTRIES = 2000
+# Back-off while the journal cannot be written (a pipeline step that must persist its progress).
+PERSIST_RETRY = (1.0, 30.0)
+
+Record = dict[str, Any]
+Pipeline = Callable[["Outbox", str], Awaitable[None]]
+
+
+class Journal:
+    """An append-only file of encrypted JSON entries, one per line."""
+
+    def __init__(self, directory: str, keyring: KeyRing):
+        self.path = os.path.join(directory, JOURNAL_FILENAME)
+        self.keyring = keyring
+        self._fd: int | None = None
+        self._size = 0
+        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "castghld-outbox")
+        self.entries_written = 0
+        self.fsyncs = 0
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load(self) -> list[Record]:
+        """Every entry in order; a torn last line is cut away, other damage raises StateError."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot read the outbox: {e.strerror}") from None
+        entries = []
+        good_size = 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            last = number == len(lines)
+            if not line:
+                continue
+            try:
+                blob = base64.b64decode(line, validate=True)
+                entry = json.loads(self.keyring.decrypt(blob, self.path, _CONTEXT))
+            except (binascii.Error, ValueError, StateError) as e:
+                if last:  # no newline after it: a write that a crash cut short
+                    log.warning("outbox: dropping a torn last entry in %s", self.path)
+                    break
+                raise StateError(f"{self.path}: line {number}: {e}") from None
+            entries.append(entry)
+            good_size += len(line) + 1
+        if good_size != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_size)
+                os.fsync(f.fileno())
+        return entries
+
+    def open(self) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        fsync_dir(os.path.dirname(self.path))
+
+    def _encode(self, entry: Record) -> bytes:
+        plaintext = json.dumps(entry, separators=(",", ":")).encode("utf-8")
+        return base64.b64encode(self.keyring.encrypt(plaintext, _CONTEXT)) + b"\n"
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, entry: Record) -> asyncio.Future[None]:
+        """Queue `entry` now; the future resolves once it is on disk (or fails with OSError).
+
+        The entry is queued before this returns, so a caller cancelled while awaiting the future
+        does not take the write back.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((self._encode(entry), future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_queued())
+        return future
+
+    async def _write_queued(self) -> None:
+        async with self._lock:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                data = b"".join(line for line, _ in batch)
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self._executor, self._write_sync, data)
+                except OSError as e:
+                    log.error("outbox: cannot write %s: %s", self.path, e.strerror or e)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(OSError(e.errno, e.strerror))
+                    continue
+                self.entries_written += len(batch)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    def _write_sync(self, data: bytes) -> None:
+        assert self._fd is not None
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError:
+            # Never leave half a batch: the next line must start on a clean boundary.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                log.exception("outbox: cannot cut %s back after a failed write", self.path)
+            raise
+        self._size = start + len(data)
+        self.fsyncs += 1
+
+    async def rewrite(self, entries: list[Record]) -> None:
+        """Replace the journal atomically with `entries` (compaction)."""
+        async with self._lock:
+            data = b"".join(self._encode(entry) for entry in entries)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._rewrite_sync, data)
+
+    def _rewrite_sync(self, data: bytes) -> None:
+        atomic_write(self.path, data)
+        if self._fd is not None:
+            os.close(self._fd)
+        self.open()
+
+    async def close(self) -> None:
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._executor.shutdown(wait=True)
+
+
+class Outbox:
+    """Live records by id, the seen-id set, and one dispatch task per live record."""
+
+    def __init__(self, directory: str, keyring: KeyRing, metrics: Metrics, seen_retention: float):
+        self.journal = Journal(directory, keyring)
+        self.metrics = metrics
+        self.seen_retention = seen_retention
+        self.records: dict[str, Record] = {}
+        self.seen: dict[str, float] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self._adding: dict[str, asyncio.Future[None]] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._entries_since_compaction = 0
+        self._compacting = False
+        self.stopping = False
+        metrics.before_scrape.append(self.update_metrics)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Replay the journal (synchronous: at startup, before serving)."""
+        for entry in self.journal.load():
+            op, rid = entry.get("op"), entry.get("id")
+            if op == "put":
+                self.records[rid] = entry["record"]
+            elif op == "update" and rid in self.records:
+                self.records[rid].update(entry["fields"])
+            elif op == "done":
+                self.records.pop(rid, None)
+                self.seen[rid] = entry["at"]
+            elif op == "seen":
+                self.seen.update(entry["ids"])
+        self._entries_since_compaction = len(self.records) + len(self.seen)
+        self._prune_seen()
+        self.journal.open()
+
+    async def start(self) -> None:
+        await self.compact()
+        for rid in list(self.records):
+            self._dispatch(rid)
+        if self.records:
+            log.info("outbox: resuming %d unfinished message(s)", len(self.records))
+
+    async def stop(self) -> None:
+        """Stop every pipeline where it is (its progress is on disk) and close the journal.
+
+        The daemon first lets Cast sends in flight finish (bounded), so a stop rarely leaves a
+        message whose send Cast accepted but we did not record; if it does, the restart sends it
+        again with the same idempotency key and Cast replays its first answer.
+        """
+        self.stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.journal.close()
+
+    def update_metrics(self) -> None:
+        counts: dict[str, int] = {}
+        for record in self.records.values():
+            counts[record["kind"]] = counts.get(record["kind"], 0) + 1
+        for kind in ("outbound", "inbound"):
+            self.metrics.outbox_pending.labels(kind).set(counts.get(kind, 0))
+
+    # -- records -------------------------------------------------------------------------------
+
+    def known(self, rid: str) -> bool:
+        return rid in self.records or rid in self.seen
+
+    async def add(self, rid: str, record: Record) -> bool:
+        """Store `record` durably and dispatch it; False if `rid` is a duplicate.
+
+        Raises OSError if it could not be stored: then it is not kept and not dispatched.
+        """
+        pending = self._adding.get(rid)
+        if pending is not None:  # the same id arrived while its first copy is being written
+            await asyncio.shield(pending)
+            return False
+        if self.known(rid):
+            return False
+        self.records[rid] = record
+        future = self.journal.append({"op": "put", "id": rid, "record": record})
+        self._adding[rid] = future
+        try:
+            await asyncio.shield(future)
+        except OSError:
+            self.records.pop(rid, None)
+            raise
+        finally:
+            del self._adding[rid]
+        self._entries_since_compaction += 1
+        self._dispatch(rid)
+        return True
+
+    async def update(self, rid: str, **fields: Any) -> None:
+        """Merge `fields` into the record, durably; retried until the journal takes it."""
+        self.records[rid].update(fields)
+        await self._persist({"op": "update", "id": rid, "fields": fields})
+
+    async def finish(self, rid: str) -> None:
+        """The record is done: forget it, remember its id for `seen_retention`."""
+        now = time.time()
+        await self._persist({"op": "done", "id": rid, "at": now})
+        self.records.pop(rid, None)
+        self.seen[rid] = now
+        self._maybe_compact()
+
+    async def _persist(self, entry: Record) -> None:
+        delay = PERSIST_RETRY[0]
+        while True:
+            try:
+                await asyncio.shield(self.journal.append(entry))
+                self._entries_since_compaction += 1
+                return
+            except OSError as e:
+                log.error(
+                    "outbox: cannot persist progress of %s (%s); retrying in %.0fs",
+                    entry["id"],
+                    e.strerror,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PERSIST_RETRY[1])
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch(self, rid: str) -> None:
+        if self.stopping or rid in self._tasks:
+            return
+        pipeline = self.pipelines[self.records[rid]["kind"]]
+        task = asyncio.ensure_future(self._run(pipeline, rid))
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+
+    async def _run(self, pipeline: Pipeline, rid: str) -> None:
+        try:
+            await pipeline(self, rid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not lose the message: it stays in the outbox and resumes on restart.
+            log.exception("outbox: pipeline failed for %s; kept for the next start", rid)
+
+    def redispatch(self, kind: str, predicate: Callable[[Record], bool]) -> int:
+        """Start pipelines again for live records of `kind` that are idle and match."""
+        count = 0
+        for rid, record in list(self.records.items()):
+            if record["kind"] == kind and rid not in self._tasks and predicate(record):
+                self._dispatch(rid)
+                count += 1
+        return count
+
+    async def wait_idle(self) -> None:
+        """Wait until no pipeline runs (tests and the demo)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    # -- compaction ----------------------------------------------------------------------------
+
+    def _prune_seen(self) -> None:
+        horizon = time.time() - self.seen_retention
+        for rid in [rid for rid, at in self.seen.items() if at < horizon]:
+            del self.seen[rid]
+
+    def _maybe_compact(self) -> None:
+        live = len(self.records) + len(self.seen)
+        if self._compacting or self._entries_since_compaction < max(COMPACT_MIN_ENTRIES, 4 * live):
+            return
+        self._compacting = True
+        task = asyncio.ensure_future(self.compact())
+        task.add_done_callback(lambda _: setattr(self, "_compacting", False))
+
+    async def compact(self) -> None:
+        self._prune_seen()
+        entries: list[Record] = [{"op": "seen", "ids": dict(self.seen)}] if self.seen else []
+        entries += [{"op": "put", "id": rid, "record": r} for rid, r in self.records.items()]
+        try:
+            await self.journal.rewrite(entries)
+        except OSError as e:
+            log.error("outbox: compaction failed (%s); the journal keeps growing", e.strerror)
+            return
+        self._entries_since_compaction = len(entries)
