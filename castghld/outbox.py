@@ -330,6 +330,11 @@ class Outbox:
                 count += 1
         return count
 
+    @property
+    def running(self) -> int:
+        """How many records have a pipeline running (the rest wait for a restart)."""
+        return len(self._tasks)
+
     async def wait_idle(self) -> None:
         """Wait until no pipeline runs (tests and the demo)."""
         while self._tasks:

@@ -11,6 +11,7 @@ import os
 import pytest
 import tornado.testing
 import yaml
+from tornado.httpclient import AsyncHTTPClient
 
 from castghld.app import Daemon, configure_http_client
 from castghld.config import load_config
@@ -92,3 +93,96 @@ def daemons(io_loop, config_dir):
     runner = DaemonRunner(io_loop, config_dir)
     yield runner
     runner.stop_all()
+
+
+class Bridge:
+    """A daemon wired to a fake GHL and a fake Cast on loopback, with helpers to drive it."""
+
+    def __init__(self, io_loop, config_dir: ConfigDir, runner: DaemonRunner, ghl, cast):
+        self.io_loop = io_loop
+        self.config_dir = config_dir
+        self.runner = runner
+        self.ghl = ghl
+        self.cast = cast
+        key_dir = config_dir.path / "webhook-keys"
+        key_dir.mkdir(exist_ok=True)
+        self.extra = {
+            "ghl": {
+                "api_base": ghl.url,
+                "webhook_public_keys": ghl.write_public_keys(key_dir),
+            },
+            "cast": {"api_base": cast.url},
+            "delivery": {"status_polls": [0.05, 0.1, 0.2]},
+        }
+        self.daemon: Daemon | None = None
+
+    async def start(self, extra: dict | None = None) -> Daemon:
+        """Start (or restart) the daemon on the test's loop; the runner stops it at teardown."""
+        daemon = Daemon(self.config_dir.load(merge(self.extra, extra or {})))
+        sock, _ = tornado.testing.bind_unused_port()
+        await daemon.start([sock])
+        self.runner.running.append(daemon)
+        self.daemon = daemon
+        return daemon
+
+    async def stop(self) -> None:
+        """Graceful stop (as on SIGTERM)."""
+        if self.daemon is not None:
+            await self.daemon.stop()
+            self.runner.running.remove(self.daemon)
+            self.daemon = None
+
+    async def install(self, location_id: str, company_id: str = "comp1") -> None:
+        """Install a location through the real OAuth callback."""
+        code = f"code-{location_id}"
+        self.ghl.add_auth_code(code, location_id=location_id, company_id=company_id)
+        response = await AsyncHTTPClient().fetch(
+            f"{self.daemon.url}/oauth/callback?code={code}", raise_error=False
+        )
+        assert response.code == 200, response.body
+
+    async def post_message(self, payload: dict | None = None, **fields):
+        """A signed ProviderOutboundMessage webhook; the response."""
+        body = {
+            "contactId": "contact-1",
+            "locationId": "loc1",
+            "messageId": "msg-1",
+            "type": "SMS",
+            "phone": "+639171234567",
+            "message": "Hello from GHL",
+            "attachments": [],
+            "userId": "user-1",
+        }
+        body.update(payload or {})
+        body.update(fields)
+        return await self.ghl.post_webhook(
+            self.daemon.url + "/api/ghl/v1/webhook/messages", body
+        )
+
+
+@pytest.fixture
+def fake_ghl(io_loop):
+    from castghld.fakes import FakeGHL
+
+    fake = FakeGHL()
+    io_loop.run_sync(fake.start)
+    yield fake
+    io_loop.run_sync(fake.stop)
+
+
+@pytest.fixture
+def fake_cast(io_loop):
+    from castghld.fakes import FakeCast
+
+    fake = FakeCast()
+    io_loop.run_sync(fake.start)
+    yield fake
+    io_loop.run_sync(fake.stop)
+
+
+@pytest.fixture
+def bridge(io_loop, config_dir, daemons, fake_ghl, fake_cast):
+    """Fakes started, daemon not yet: call `bridge.start(extra)` in the test."""
+    yield Bridge(io_loop, config_dir, daemons, fake_ghl, fake_cast)
+    assert fake_ghl.violations == []
+    assert fake_cast.violations == []

@@ -1,0 +1,973 @@
+"""Fake GHL and fake Cast: real Tornado servers on loopback for tests, demos and benchmarks.
+
+They hold the daemon to SPEC §4 and §5, not to what the daemon happens to send. Guarantees:
+
+- Every request is logged in ``calls`` (a `Call`) before anything else happens: rejected, hung
+  and slow requests included.
+- Every contract breach the fakes detect (missing or wrong header, wrong ``Version``, wrong content
+  type, a body field that is missing, mistyped or unknown, a wrong client secret, an unknown route,
+  going over a rate limit) is appended to ``violations`` as one line of text and answered with the
+  error status the real service would give. ``violations == []`` at the end of a test means every
+  request the daemon made was one the contract allows.
+- What a correct client can meet is answered like the real service but is no violation: an expired
+  access token, a reused, revoked or unknown refresh token (``refresh_reuse`` counts reuses), a
+  spent authorization code, a suspended location, an unknown API key.
+- GHL refresh tokens and authorization codes are single-use. A Cast ``X-Idempotency-Key`` seen
+  again for the same account replays the first answer and never sends twice.
+- Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
+  ``location_token``, ``status``, ``upsert``, ``inbound``; Cast ``send``, ``sms_status``. A scripted
+  failure is spent by the next request to its route that passed the contract and authentication
+  checks, and changes no state (no token consumed, no idempotency key stored). Status 599 drops the
+  connection without an answer.
+- `stop` releases hung and slow requests, lets them answer, then closes every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import functools
+import inspect
+import json
+import math
+import re
+import secrets
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl
+
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+
+GHL_VERSION = "2021-04-15"
+GHL_VERSION_CONTACTS = "2021-07-28"  # /contacts/* and /oauth/locationToken
+GHL_SCOPES = (
+    "conversations/message.write conversations/message.readonly conversations.write "
+    "conversations.readonly contacts.readonly contacts.write"
+)
+GHL_RATE_MAX = 100
+GHL_RATE_WINDOW = 10.0
+DROP_CONNECTION = 599
+FORM = "application/x-www-form-urlencoded"
+E164 = re.compile(r"\+[1-9]\d{6,14}")
+PH_MOBILE = re.compile(r"\+639\d{9}|09\d{9}")
+# Body fields the GHL OpenAPI files (shared/reference) define; anything else is a violation.
+STATUS_FIELDS = frozenset("status error emailMessageId recipients".split())
+UPSERT_FIELDS = frozenset(
+    "firstName lastName name email locationId gender phone address1 city state postalCode website "
+    "timezone dnd dndSettings inboundDndSettings tags customFields source dateOfBirth country "
+    "companyName assignedTo createNewIfDuplicateAllowed".split()
+)
+INBOUND_FIELDS = frozenset(
+    "type attachments message conversationId contactId conversationProviderId altId date".split()
+)
+CAST_SEND_FIELDS = frozenset(("to", "message", "sender_id"))
+CAST_ERROR_CODES = {
+    400: "VALIDATION_ERROR",
+    401: "INVALID_API_KEY",
+    402: "INSUFFICIENT_CREDITS",
+    403: "API_KEY_REVOKED",
+    404: "NOT_FOUND",
+    422: "VALIDATION_ERROR",
+    429: "RATE_LIMIT_EXCEEDED",
+    500: "INTERNAL_ERROR",
+    502: "PROVIDER_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+DEFAULT_DLR = {"delivered": "DELIVRD", "undelivered": "UNDELIV", "failed": "UNDELIV"}
+
+
+@dataclass
+class Call:
+    """One request as the fake received it. ``headers`` is case-insensitive."""
+
+    method: str
+    path: str
+    headers: HTTPHeaders
+    body: bytes
+    json: Any | None
+    form: dict[str, str] | None
+    time: float
+
+
+@dataclass
+class Answer:
+    """A response: a dict/list ``body`` is sent as JSON, bytes/str as they are, None as empty."""
+
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Reject(Exception):
+    def __init__(self, answer: Answer):
+        super().__init__(answer.status)
+        self.answer = answer
+
+
+@dataclass
+class _Failure:
+    answer: Answer
+    times: int
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01
+) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"still false after {timeout:.1f}s: {_describe(predicate)}")
+        await asyncio.sleep(interval)
+
+
+def _describe(predicate: Callable[[], Any]) -> str:
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return repr(predicate)
+
+
+def _parse_call(request: HTTPServerRequest) -> Call:
+    content_type = request.headers.get("Content-Type", "")
+    body = request.body or b""
+    parsed_json = parsed_form = None
+    if content_type.startswith("application/json"):
+        try:
+            parsed_json = json.loads(body)
+        except ValueError:
+            parsed_json = None
+    elif content_type.startswith(FORM):
+        parsed_form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    method, headers, now = request.method or "", HTTPHeaders(request.headers), time.monotonic()
+    return Call(method, request.path, headers, body, parsed_json, parsed_form, now)
+
+
+def _prune(times: deque[float], window: float, now: float) -> None:
+    while times and times[0] <= now - window:
+        times.popleft()
+
+
+class _Endpoint(tornado.web.RequestHandler):
+    """Hands every request, whatever its method, to the fake and writes the `Answer`."""
+
+    def initialize(self, fake: _FakeServer) -> None:
+        self.fake = fake
+
+    async def _serve(self, *args: str) -> None:
+        answer = await self.fake._handle(self.request)
+        self.set_status(answer.status)
+        if answer.status == DROP_CONNECTION:  # Tornado's writes to a closed stream are no-ops
+            self.request.connection.stream.close()  # type: ignore[attr-defined]
+            return
+        for name, value in answer.headers.items():
+            self.set_header(name, value)
+        if isinstance(answer.body, bytes | str):
+            self.finish(answer.body)
+        elif answer.body is not None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(answer.body))
+
+    get = post = put = patch = delete = _serve
+
+
+class _FakeServer:
+    """Listening, the call log, violations, and scripted failures, latency and hangs."""
+
+    routes: tuple[tuple[str, str, str, str], ...] = ()  # (method, path regex, route, attribute)
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.violations: list[str] = []
+        self.latency = 0.0
+        self.url = ""
+        self._failures: defaultdict[str, deque[_Failure]] = defaultdict(deque)
+        self._hangs: dict[str, asyncio.Event] = {}
+        self._hung: Counter[str] = Counter()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._server: tornado.httpserver.HTTPServer | None = None
+        self._routes = [(m, re.compile(p), n, getattr(self, a)) for m, p, n, a in self.routes]
+
+    async def start(self) -> None:
+        self._stopping.clear()
+        sock, port = tornado.testing.bind_unused_port()
+        app = tornado.web.Application([(r"/.*", _Endpoint, {"fake": self})])
+        self._server = tornado.httpserver.HTTPServer(app)
+        self._server.add_sockets([sock])
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.stop()
+        self._stopping.set()
+        for route in list(self._hangs):
+            self.release(route)
+        if self._in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+        await self._server.close_all_connections()
+        self._server = None
+
+    # -- scripting -----------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        route: str,
+        status: int,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` valid requests to `route` with `status` (599: drop them)."""
+        if route not in {name for _, _, name, _ in self.routes}:
+            raise ValueError(f"unknown route {route!r}")
+        if body is None:
+            body = self._error_body(status, f"scripted failure {status}")
+        self._failures[route].append(_Failure(Answer(status, body, dict(headers or {})), times))
+
+    def hang(self, route: str) -> None:
+        """Hold requests to `route` (logged in `calls`) until `release(route)` or `stop()`."""
+        self._hangs.setdefault(route, asyncio.Event())
+
+    def release(self, route: str) -> None:
+        event = self._hangs.pop(route, None)
+        if event is not None:
+            event.set()
+
+    def hung(self, route: str) -> int:
+        """How many requests to `route` are being held right now."""
+        return self._hung[route]
+
+    def calls_to(self, method: str, path: str | re.Pattern[str]) -> list[Call]:
+        """Calls with this method whose path starts with `path` (or matches it, if a regex)."""
+        if isinstance(path, re.Pattern):
+            return [c for c in self.calls if c.method == method and path.search(c.path)]
+        return [c for c in self.calls if c.method == method and c.path.startswith(path)]
+
+    def _error_body(self, status: int, message: str) -> Any:
+        raise NotImplementedError
+
+    # -- request pipeline ----------------------------------------------------------------------
+
+    async def _handle(self, request: HTTPServerRequest) -> Answer:
+        call = _parse_call(request)
+        self.calls.append(call)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if self.latency > 0:
+                await self._pause(self.latency)
+            route, action, params = self._route(call)
+            await self._hold(route)
+            return action(call, **params)
+        except _Reject as e:
+            return e.answer
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _hold(self, route: str) -> None:
+        event = self._hangs.get(route)
+        if event is None:
+            return
+        self._hung[route] += 1
+        try:
+            await event.wait()
+        finally:
+            self._hung[route] -= 1
+
+    def _route(self, call: Call) -> tuple[str, Callable[..., Answer], dict[str, str]]:
+        path_known = False
+        for method, pattern, route, action in self._routes:
+            match = pattern.fullmatch(call.path)
+            if match and method == call.method:
+                return route, action, match.groupdict()
+            path_known = path_known or match is not None
+        if path_known:
+            self._violate(call, 405, "method not allowed")
+        self._violate(call, 404, "unknown route")
+
+    def _violate(
+        self,
+        call: Call,
+        status: int,
+        text: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> NoReturn:
+        """Record a contract violation and answer it (body: the service's usual error body)."""
+        self.violations.append(f"{call.method} {call.path}: {text}")
+        answer_body = self._error_body(status, text) if body is None else body
+        raise _Reject(Answer(status, answer_body, dict(headers or {})))
+
+    def _take_failure(self, route: str) -> None:
+        queue = self._failures[route]
+        if not queue:
+            return
+        failure = queue[0]
+        failure.times -= 1
+        if failure.times <= 0:
+            queue.popleft()
+        answer = failure.answer
+        raise _Reject(Answer(answer.status, copy.deepcopy(answer.body), dict(answer.headers)))
+
+
+# -- GHL ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Grant:
+    """What a GHL token pair stands for."""
+
+    user_type: str
+    company_id: str
+    location_id: str | None = None
+    approved_locations: list[str] = field(default_factory=list)
+    user_id: str = field(default_factory=lambda: "user-" + secrets.token_hex(4))
+    redirect_uri: str | None = None
+
+    @property
+    def subject(self) -> str:
+        """The id the pair belongs to: its location, or its company for an agency pair."""
+        return (self.location_id or "") if self.user_type == "Location" else self.company_id
+
+
+@functools.lru_cache(maxsize=1)
+def _signing_keys() -> dict[str, Any]:
+    """One set of webhook signing keys per process (RSA key generation is slow)."""
+    return {
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ecdsa": ec.generate_private_key(ec.SECP256R1()),
+    }
+
+
+def _ghl_error(status: int, message: str) -> Answer:
+    return Answer(status, {"statusCode": status, "message": message})
+
+
+def _oauth_error(error: str, description: str) -> dict[str, str]:
+    return {"error": error, "error_description": description}
+
+
+def _invalid_grant(description: str) -> Answer:
+    return Answer(400, _oauth_error("invalid_grant", f"Invalid grant: {description}"))
+
+
+class FakeGHL(_FakeServer):
+    """GHL's OAuth token endpoints and the conversation and contact routes castghld uses."""
+
+    routes = (
+        ("POST", r"/oauth/token", "token", "_token"),
+        ("POST", r"/oauth/locationToken", "location_token", "_location_token"),
+        ("PUT", r"/conversations/messages/(?P<message_id>[^/]+)/status", "status", "_status"),
+        ("POST", r"/contacts/upsert", "upsert", "_upsert"),
+        ("POST", r"/conversations/messages/inbound", "inbound", "_inbound"),
+    )
+
+    def __init__(
+        self,
+        client_id: str = "test-client",
+        client_secret: str = "test-secret",  # noqa: S107
+        token_lifetime: int = 86399,
+    ) -> None:
+        super().__init__()
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_lifetime = token_lifetime
+        self.refresh_count: Counter[str] = Counter()  # successful refreshes by location/company
+        self.refresh_reuse = 0
+        self.statuses: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.contacts: dict[tuple[str, str], dict[str, Any]] = {}  # (location, phone) -> contact
+        self.upserts = 0
+        self.inbound_messages: list[dict[str, Any]] = []
+        self.webhook_messages: dict[str, str] = {}  # messageId -> locationId, from post_webhook
+        self._codes: dict[str, _Grant] = {}
+        self._access: dict[str, tuple[_Grant, float]] = {}  # token -> (grant, expires, epoch s)
+        self._refresh: dict[str, _Grant] = {}
+        self._spent_refresh: set[str] = set()
+        self._company_locations: defaultdict[str, set[str]] = defaultdict(set)
+        self._inactive: set[str] = set()
+        self._no_provider: Counter[str] = Counter()
+        self._rate: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._conversations: dict[str, str] = {}
+
+    def _error_body(self, status: int, message: str) -> Any:
+        return {"statusCode": status, "message": message}
+
+    # -- seeding and state changes -------------------------------------------------------------
+
+    def add_auth_code(
+        self,
+        code: str,
+        location_id: str | None = None,
+        company_id: str = "comp1",
+        user_type: str = "Location",
+        approved_locations: list[str] | None = None,
+        redirect_uri: str | None = None,
+    ) -> None:
+        """Register a one-time code, as GHL does when a user approves the install."""
+        if user_type not in ("Location", "Company"):
+            raise ValueError("user_type must be Location or Company")
+        if user_type == "Location" and not location_id:
+            raise ValueError("a Location code needs a location_id")
+        approved = list(approved_locations or ([location_id] if location_id else []))
+        for location in approved:
+            self.add_company_location(company_id, location)
+        if user_type == "Company":
+            location_id = None
+        grant = _Grant(user_type, company_id, location_id, approved, redirect_uri=redirect_uri)
+        self._codes[code] = grant
+
+    def add_company_location(self, company_id: str, location_id: str) -> None:
+        """Let the company's agency token mint tokens for this location."""
+        self._company_locations[company_id].add(location_id)
+
+    def issue_tokens(
+        self, location_id: str, company_id: str = "comp1", expires_in: int = 86399
+    ) -> dict[str, Any]:
+        """A valid Location pair, shaped like the token endpoint's answer (to seed state)."""
+        self.add_company_location(company_id, location_id)
+        return self._issue(_Grant("Location", company_id, location_id, [location_id]), expires_in)
+
+    def issue_company_tokens(
+        self, company_id: str, approved_locations: list[str], expires_in: int = 86399
+    ) -> dict[str, Any]:
+        """A valid Company (agency) pair that may mint tokens for `approved_locations`."""
+        for location in approved_locations:
+            self.add_company_location(company_id, location)
+        grant = _Grant("Company", company_id, None, list(approved_locations))
+        return self._issue(grant, expires_in)
+
+    def deactivate(self, location_id: str) -> None:
+        """Refreshes and location tokens for it get 400 "Location is not active" (none spent)."""
+        self._inactive.add(location_id)
+
+    def reactivate(self, location_id: str) -> None:
+        self._inactive.discard(location_id)
+
+    def revoke(self, location_id: str) -> None:
+        """Its live refresh tokens (location or company id) get invalid_grant (not a reuse)."""
+        for token, grant in list(self._refresh.items()):
+            if grant.subject == location_id:
+                del self._refresh[token]
+
+    def expire_access_tokens(self, location_id: str | None = None) -> None:
+        """Access tokens issued so far (for one location or company, or all) now get 401."""
+        for token, (grant, _) in list(self._access.items()):
+            if location_id is None or grant.subject == location_id:
+                del self._access[token]
+
+    def no_provider_for(self, message_id: str, times: int) -> None:
+        """The next `times` status updates of this message get GHL's transient 403."""
+        self._no_provider[message_id] += times
+
+    def _issue(self, grant: _Grant, expires_in: int | None = None) -> dict[str, Any]:
+        lifetime = self.token_lifetime if expires_in is None else expires_in
+        access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        self._access[access] = (grant, time.time() + lifetime)
+        self._refresh[refresh] = grant
+        answer: dict[str, Any] = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "refresh_token": refresh,
+            "scope": GHL_SCOPES,
+            "userType": grant.user_type,
+            "companyId": grant.company_id,
+            "isBulkInstallation": grant.user_type == "Company",
+            "userId": grant.user_id,
+        }
+        if grant.user_type == "Location":
+            answer["locationId"] = grant.location_id
+        else:
+            answer["approvedLocations"] = list(grant.approved_locations)
+        return answer
+
+    # -- /oauth/token --------------------------------------------------------------------------
+
+    def _token(self, call: Call) -> Answer:
+        form = self._client_form(call)
+        if form.get("user_type") not in ("Location", "Company"):
+            self._violate(call, 422, f"user_type {form.get('user_type')!r} is not Location/Company")
+        if form.get("grant_type") == "authorization_code":
+            return self._exchange_code(call, form)
+        if form.get("grant_type") == "refresh_token":
+            return self._refresh_grant(call, form)
+        body = _oauth_error("unsupported_grant_type", "grant_type not supported")
+        self._violate(call, 400, f"grant_type {form.get('grant_type')!r}", body)
+
+    def _client_form(self, call: Call) -> dict[str, str]:
+        if call.form is None:
+            body = _oauth_error("invalid_request", "form-encoded body expected")
+            self._violate(call, 400, f"Content-Type {call.headers.get('Content-Type')!r}", body)
+        credentials = (call.form.get("client_id"), call.form.get("client_secret"))
+        if credentials != (self.client_id, self.client_secret):
+            body = _oauth_error("invalid_client", "client authentication failed")
+            self._violate(call, 401, "wrong client_id or client_secret", body)
+        return call.form
+
+    def _exchange_code(self, call: Call, form: dict[str, str]) -> Answer:
+        if not form.get("code") or not form.get("redirect_uri"):
+            body = _oauth_error("invalid_request", "code and redirect_uri are required")
+            self._violate(call, 400, "code and redirect_uri are required", body)
+        self._take_failure("token")
+        grant = self._codes.get(form["code"])
+        if grant is None:
+            return _invalid_grant("authorization code is invalid")
+        if grant.redirect_uri is not None and form["redirect_uri"] != grant.redirect_uri:
+            body = _invalid_grant("redirect_uri does not match").body
+            self._violate(call, 400, f"redirect_uri {form['redirect_uri']!r} not registered", body)
+        del self._codes[form["code"]]
+        return Answer(200, self._issue(grant))
+
+    def _refresh_grant(self, call: Call, form: dict[str, str]) -> Answer:
+        token = form.get("refresh_token", "")
+        if not token:
+            body = _oauth_error("invalid_request", "refresh_token is required")
+            self._violate(call, 400, "refresh_token is required", body)
+        self._take_failure("token")
+        grant = self._refresh.get(token)
+        if grant is None:
+            if token in self._spent_refresh:
+                self.refresh_reuse += 1
+            return _invalid_grant("refresh token is invalid")
+        if form["user_type"] != grant.user_type:
+            body = _invalid_grant("user_type does not match the token").body
+            self._violate(call, 400, f"user_type {form['user_type']} for a {grant.user_type}", body)
+        if grant.subject in self._inactive:
+            return _ghl_error(400, "Location is not active")
+        del self._refresh[token]
+        self._spent_refresh.add(token)
+        self.refresh_count[grant.subject] += 1
+        return Answer(200, self._issue(grant))
+
+    # -- /oauth/locationToken ------------------------------------------------------------------
+
+    def _location_token(self, call: Call) -> Answer:
+        grant = self._bearer_grant(call, GHL_VERSION_CONTACTS)
+        form = call.form
+        if form is None:
+            self._violate(call, 422, f"Content-Type {call.headers.get('Content-Type')!r}")
+        if grant.user_type != "Company" or form.get("companyId") != grant.company_id:
+            self._violate(call, 401, "needs the agency token of the form's companyId")
+        location_id = form.get("locationId", "")
+        self._take_failure("location_token")
+        if location_id not in self._company_locations[grant.company_id]:
+            return _ghl_error(400, "Location not found for this company")
+        if location_id in self._inactive:
+            return _ghl_error(400, "Location is not active")
+        return Answer(200, self._issue(_Grant("Location", grant.company_id, location_id)))
+
+    # -- location API: version, auth, rate limit, JSON body ------------------------------------
+
+    def _bearer_grant(self, call: Call, version: str) -> _Grant:
+        if call.headers.get("Version") != version:
+            self._violate(call, 400, f"Version {call.headers.get('Version')!r}, not {version}")
+        authorization = call.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
+            self._violate(call, 401, "no Authorization: Bearer header")
+        grant, expires = self._access.get(authorization[len("Bearer ") :], (None, 0.0))
+        if grant is None or expires <= time.time():
+            raise _Reject(_ghl_error(401, "Invalid JWT"))
+        return grant
+
+    def _count_rate(self, call: Call, location_id: str) -> dict[str, str]:
+        now = time.monotonic()
+        times = self._rate[location_id]
+        _prune(times, GHL_RATE_WINDOW, now)
+        headers = {
+            "X-RateLimit-Max": str(GHL_RATE_MAX),
+            "X-RateLimit-Interval-Milliseconds": str(int(GHL_RATE_WINDOW * 1000)),
+            "X-RateLimit-Remaining": "0",
+        }
+        if len(times) >= GHL_RATE_MAX:
+            self._violate(call, 429, "rate limit exceeded", headers=headers)
+        times.append(now)
+        headers["X-RateLimit-Remaining"] = str(GHL_RATE_MAX - len(times))
+        return headers
+
+    def _api_call(self, call: Call, version: str, act: Callable[..., Answer], *args: str) -> Answer:
+        """Version, token, rate limit, JSON object body; then `act(call, body, location, *args)`."""
+        grant = self._bearer_grant(call, version)
+        if grant.user_type != "Location":
+            self._violate(call, 401, "agency token used on a location route")
+        headers = self._count_rate(call, grant.subject)
+        try:
+            if not isinstance(call.json, dict):
+                self._violate(call, 422, "body is not a JSON object (Content-Type json)")
+            answer = act(call, call.json, grant.subject, *args)
+        except _Reject as e:
+            answer = e.answer
+        answer.headers = {**headers, **answer.headers}  # a scripted failure's headers win
+        return answer
+
+    def _check_fields(self, call: Call, body: dict[str, Any], allowed: frozenset[str]) -> None:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            self._violate(call, 422, f"unknown fields {unknown}")
+
+    # -- PUT /conversations/messages/{id}/status -----------------------------------------------
+
+    def _status(self, call: Call, message_id: str) -> Answer:
+        return self._api_call(call, GHL_VERSION, self._update_status, message_id)
+
+    def _update_status(
+        self, call: Call, body: dict[str, Any], location_id: str, message_id: str
+    ) -> Answer:
+        self._check_fields(call, body, STATUS_FIELDS)
+        status = body.get("status")
+        if status not in ("delivered", "failed", "pending", "read"):
+            self._violate(call, 422, f"status {status!r} is not delivered|failed|pending|read")
+        if "error" in body:
+            self._check_status_error(call, status, body["error"])
+        owner = self.webhook_messages.get(message_id)
+        if owner is not None and owner != location_id:
+            self._violate(call, 403, f"message of location {owner} updated as {location_id}")
+        self._take_failure("status")
+        if self._no_provider[message_id] > 0:
+            self._no_provider[message_id] -= 1
+            return _ghl_error(403, "No conversation provider found for this message")
+        self.statuses[message_id].append(body)
+        conversation_id = self._conversation(location_id, message_id)
+        return Answer(
+            200, {"conversationId": conversation_id, "messageId": message_id, "status": status}
+        )
+
+    def _check_status_error(self, call: Call, status: Any, error: Any) -> None:
+        if status != "failed":
+            self._violate(call, 422, f"error given with status {status!r} (only with failed)")
+        if not isinstance(error, dict) or set(error) - {"code", "type", "message"}:
+            self._violate(call, 422, "error must be an object {code, type?, message}")
+        for key in ("code", "message"):
+            if not isinstance(error.get(key), str) or not error[key]:
+                self._violate(call, 422, f"error.{key} must be a non-empty string")
+        if not isinstance(error.get("type", ""), str):
+            self._violate(call, 422, "error.type must be a string")
+
+    def _conversation(self, location_id: str, contact_or_message: str) -> str:
+        key = f"{location_id}/{contact_or_message}"
+        return self._conversations.setdefault(key, "conv-" + secrets.token_hex(6))
+
+    # -- POST /contacts/upsert -----------------------------------------------------------------
+
+    def _upsert(self, call: Call) -> Answer:
+        return self._api_call(call, GHL_VERSION_CONTACTS, self._upsert_contact)
+
+    def _upsert_contact(self, call: Call, body: dict[str, Any], location_id: str) -> Answer:
+        self._check_fields(call, body, UPSERT_FIELDS)
+        if body.get("locationId") != location_id:
+            self._violate(call, 403, f"locationId {body.get('locationId')!r} is not the token's")
+        phone = body.get("phone")
+        if not isinstance(phone, str) or not E164.fullmatch(phone):
+            self._violate(call, 422, f"phone {phone!r} is not an E.164 string")
+        self._take_failure("upsert")
+        self.upserts += 1
+        is_new = (location_id, phone) not in self.contacts
+        contact = self.contacts.setdefault(
+            (location_id, phone),
+            {"id": "contact-" + secrets.token_hex(6), "locationId": location_id, "phone": phone},
+        )
+        return Answer(
+            200, {"new": is_new, "contact": dict(contact), "traceId": secrets.token_hex(8)}
+        )
+
+    # -- POST /conversations/messages/inbound --------------------------------------------------
+
+    def _inbound(self, call: Call) -> Answer:
+        return self._api_call(call, GHL_VERSION, self._add_inbound)
+
+    def _add_inbound(self, call: Call, body: dict[str, Any], location_id: str) -> Answer:
+        self._check_inbound(call, body, location_id)
+        self._take_failure("inbound")
+        self.inbound_messages.append({**body, "locationId": location_id})
+        return Answer(
+            200,
+            {
+                "success": True,
+                "conversationId": self._conversation(location_id, body["contactId"]),
+                "messageId": "msg-" + secrets.token_hex(6),
+                "message": "Message added successfully",
+                "contactId": body["contactId"],
+            },
+        )
+
+    def _check_inbound(self, call: Call, body: dict[str, Any], location_id: str) -> None:
+        self._check_fields(call, body, INBOUND_FIELDS)
+        if body.get("type") != "SMS":
+            self._violate(call, 422, f"type {body.get('type')!r}, expected 'SMS'")
+        contact_ids = {c["id"] for (loc, _), c in self.contacts.items() if loc == location_id}
+        if body.get("contactId") not in contact_ids:
+            self._violate(call, 422, f"contactId {body.get('contactId')!r} is not a contact here")
+        for key in ("message", "altId", "date"):
+            if not isinstance(body.get(key), str):
+                self._violate(call, 422, f"{key} must be a string")
+        try:
+            datetime.fromisoformat(body["date"].replace("Z", "+00:00"))
+        except ValueError:
+            self._violate(call, 422, f"date {body['date']!r} is not ISO 8601")
+        attachments = body.get("attachments", [])
+        if not isinstance(attachments, list) or not all(isinstance(a, str) for a in attachments):
+            self._violate(call, 422, "attachments must be a list of URL strings")
+        if not isinstance(body.get("conversationProviderId", ""), str):
+            self._violate(call, 422, "conversationProviderId must be a string")
+
+    # -- webhooks, GHL -> castghld -------------------------------------------------------------
+
+    def write_public_keys(self, directory: str | Path) -> list[str]:
+        """Write the three public keys as PEM (SubjectPublicKeyInfo); their paths."""
+        paths = []
+        for alg, key in _signing_keys().items():
+            path = Path(directory) / f"fake-ghl-{alg}.pem"
+            pem = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            path.write_bytes(pem)
+            paths.append(str(path))
+        return paths
+
+    def sign(self, body: bytes, alg: str = "ed25519") -> dict[str, str]:
+        """Headers signing `body`: X-GHL-Signature (ed25519) or X-WH-Signature (rsa, ecdsa)."""
+        key = _signing_keys()[alg]
+        if alg == "ed25519":
+            return {"X-GHL-Signature": base64.b64encode(key.sign(body)).decode("ascii")}
+        if alg == "rsa":
+            signature = key.sign(body, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            signature = key.sign(body, ec.ECDSA(hashes.SHA256()))
+        return {"X-WH-Signature": base64.b64encode(signature).decode("ascii")}
+
+    async def post_webhook(
+        self,
+        url: str,
+        payload: dict[str, Any] | bytes,
+        alg: str = "ed25519",
+        headers: dict[str, str] | None = None,
+        raise_error: bool = False,
+    ) -> HTTPResponse:
+        """POST a signed JSON webhook; `headers` go last (to tamper with or blank a signature)."""
+        if isinstance(payload, dict) and payload.get("messageId") and payload.get("locationId"):
+            self.webhook_messages[str(payload["messageId"])] = str(payload["locationId"])
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+        signed = {"Content-Type": "application/json", **self.sign(body, alg), **(headers or {})}
+        request = HTTPRequest(url, method="POST", body=body, headers=signed)
+        return await AsyncHTTPClient().fetch(request, raise_error=raise_error)
+
+
+# -- Cast --------------------------------------------------------------------------------------
+
+
+def _cast_error(status: int, error: str, code: str | None = None) -> dict[str, Any]:
+    code = code or CAST_ERROR_CODES.get(status, "INTERNAL_ERROR")
+    return {"success": False, "error": error, "error_code": code}
+
+
+def _ph_key(number: str) -> str:
+    """+63 form of a PH number in any form, to match numbers across forms."""
+    digits = re.sub(r"\D", "", number)
+    return "+63" + digits[1:] if digits.startswith("0") else "+" + digits
+
+
+class FakeCast(_FakeServer):
+    """Cast's send and delivery-status API, with idempotency keys and rate limits."""
+
+    routes = (
+        ("POST", r"/api/v1/sms/send", "send", "_send"),
+        ("GET", r"/api/v1/sms/status/(?P<message_id>[^/]+)", "sms_status", "_sms_status"),
+    )
+
+    def __init__(
+        self,
+        api_keys: dict[str, str] | None = None,
+        messages_per_second: int = 10,
+        requests_per_second: int = 30,
+        default_delivery: str = "delivered",
+        delivery_delay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.api_keys = dict(api_keys or {"cast_test_key": "acct"})  # API key -> account
+        self.messages_per_second = messages_per_second
+        self.requests_per_second = requests_per_second
+        self.default_delivery = default_delivery
+        self.delivery_delay = delivery_delay
+        self.sent: list[dict[str, Any]] = []
+        self.replays = 0
+        self.status_polls: Counter[str] = Counter()
+        self._answers: dict[tuple[str, str], tuple[dict[str, Any], Answer]] = {}
+        self._by_id: dict[str, dict[str, Any]] = {}
+        self._deliveries: dict[str, tuple[str, str | None, str | None]] = {}
+        self._requests: deque[float] = deque()
+        self._send_times: defaultdict[str, deque[float]] = defaultdict(deque)
+
+    def _error_body(self, status: int, message: str) -> Any:
+        return _cast_error(status, message)
+
+    def set_delivery(
+        self,
+        message_id_or_to: str,
+        status: str,
+        dlr_status: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        """Delivery status of one Cast message id, or of every message to a number (any form)."""
+        key = message_id_or_to if message_id_or_to.startswith("CAST") else _ph_key(message_id_or_to)
+        self._deliveries[key] = (status, dlr_status or DEFAULT_DLR.get(status), error_message)
+
+    def max_sends_in_window(self, window: float = 1.0, account: str | None = None) -> int:
+        """The most sends (of `account`, or of all) that fell within any `window` seconds."""
+        times = sorted(s["time"] for s in self.sent if account is None or s["account"] == account)
+        best = start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= window:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    async def post_inbound(
+        self, url: str, secret: str, payload: dict[str, Any], raise_error: bool = False
+    ) -> HTTPResponse:
+        """POST a received SMS to castghld as Cast does (SPEC §5 Inbound)."""
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"}
+        request = HTTPRequest(url, method="POST", body=json.dumps(payload), headers=headers)
+        return await AsyncHTTPClient().fetch(request, raise_error=raise_error)
+
+    def _account(self, call: Call) -> str:
+        """The per-IP request limit, then the API key; the key's account."""
+        now = time.monotonic()
+        _prune(self._requests, 1.0, now)
+        self._requests.append(now)
+        if len(self._requests) > self.requests_per_second:
+            text = f"more than {self.requests_per_second} requests in 1 s"
+            self._violate(call, 429, text, headers={"Retry-After": "1"})
+        key = call.headers.get("X-API-Key")
+        if not key:
+            self._violate(call, 401, "no X-API-Key header", _cast_error(401, "Invalid API key"))
+        if key not in self.api_keys:
+            raise _Reject(Answer(401, _cast_error(401, "Invalid API key")))
+        return self.api_keys[key]
+
+    # -- POST /api/v1/sms/send -----------------------------------------------------------------
+
+    def _send(self, call: Call) -> Answer:
+        account = self._account(call)
+        body = self._send_body(call)
+        key = call.headers.get("X-Idempotency-Key", "")
+        if not key:
+            error = _cast_error(400, "X-Idempotency-Key is required", "INVALID_REQUEST")
+            self._violate(call, 400, "no X-Idempotency-Key header", error)
+        self._take_failure("send")
+        first = self._answers.get((account, key))
+        if first is not None:
+            return self._replay(call, body, *first)
+        self._check_send_rate(call, account)
+        answer = self._deliver(account, key, body)
+        self._answers[(account, key)] = (body, answer)
+        return answer
+
+    def _send_body(self, call: Call) -> dict[str, Any]:
+        body = call.json
+        if not isinstance(body, dict):
+            text = "body is not a JSON object (Content-Type json)"
+            self._violate(call, 400, text, _cast_error(400, text, "INVALID_REQUEST"))
+        unknown = sorted(set(body) - CAST_SEND_FIELDS)
+        problems = [f"unknown fields {unknown}"] if unknown else []
+        to, message = body.get("to"), body.get("message")
+        if not isinstance(to, str) or not PH_MOBILE.fullmatch(to):
+            problems.append(f"to {to!r} is not +639XXXXXXXXX or 09XXXXXXXXX")
+        if not isinstance(message, str) or not 0 < len(message) <= 10000:
+            problems.append("message must be a non-empty string of at most 10000 characters")
+        sender_id = body.get("sender_id", "given")
+        if not isinstance(sender_id, str) or not sender_id:
+            problems.append("sender_id, when given, must be a non-empty string")
+        if problems:
+            self._violate(call, 400, "; ".join(problems))
+        return body
+
+    def _replay(self, call: Call, body: dict[str, Any], first_body: Any, first: Answer) -> Answer:
+        if body != first_body:
+            self._violate(call, 422, "idempotency key reused with a different body")
+        self.replays += 1
+        return Answer(first.status, copy.deepcopy(first.body), dict(first.headers))
+
+    def _check_send_rate(self, call: Call, account: str) -> None:
+        times = self._send_times[account]
+        _prune(times, 1.0, time.monotonic())
+        if len(times) >= self.messages_per_second:
+            text = f"more than {self.messages_per_second} sends in 1 s for {account}"
+            self._violate(call, 429, text, headers={"Retry-After": "1"})
+
+    def _deliver(self, account: str, key: str, body: dict[str, Any]) -> Answer:
+        message_id = "CAST" + secrets.token_hex(8).upper()
+        record = {
+            "to": body["to"],
+            "message": body["message"],
+            "sender_id": body.get("sender_id"),
+            "account": account,
+            "idempotency_key": key,
+            "message_id": message_id,
+            "time": time.monotonic(),
+        }
+        self.sent.append(record)
+        self._by_id[message_id] = record
+        self._send_times[account].append(record["time"])
+        parts = math.ceil(len(body["message"]) / 160)
+        return Answer(200, {"success": True, "message_id": message_id, "parts": parts})
+
+    # -- GET /api/v1/sms/status/{id} -----------------------------------------------------------
+
+    def _sms_status(self, call: Call, message_id: str) -> Answer:
+        account = self._account(call)
+        self.status_polls[message_id] += 1
+        self._take_failure("sms_status")
+        record = self._by_id.get(message_id)
+        if record is None:
+            return Answer(404, _cast_error(404, "Message not found"))
+        if record["account"] != account:
+            self._violate(call, 404, f"{record['account']}'s message asked as {account}")
+        status, dlr_status, error_message = self._delivery(record)
+        return Answer(
+            200,
+            {
+                "success": True,
+                "message_id": message_id,
+                "status": status,
+                "dlr_status": dlr_status,
+                "error_message": error_message,
+            },
+        )
+
+    def _delivery(self, record: dict[str, Any]) -> tuple[str, str | None, str | None]:
+        if time.monotonic() - record["time"] < self.delivery_delay:
+            return "sent", None, None
+        by_id = self._deliveries.get(record["message_id"])
+        chosen = by_id or self._deliveries.get(_ph_key(record["to"]))
+        if chosen is not None:
+            return chosen
+        return self.default_delivery, DEFAULT_DLR.get(self.default_delivery), None

@@ -1,0 +1,225 @@
+"""What survives kill -9 and a full disk: the daemon runs as a real `castghld serve` process.
+
+The fakes run in the test process; the daemon talks to them over loopback like production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tornado.testing
+from conftest import BASE_CONFIG, merge
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+from castghld.fakes import wait_for
+
+SEND = "/api/v1/sms/send"
+
+
+class ServeProcess:
+    """`castghld serve` in a subprocess on a fixed port, restartable on the same state."""
+
+    def __init__(self, config_dir, ghl, cast, log_to_file: bool = True):
+        sock, self.port = tornado.testing.bind_unused_port()
+        sock.close()
+        (config_dir.path / "webhook-keys").mkdir(exist_ok=True)
+        keys = ghl.write_public_keys(config_dir.path / "webhook-keys")
+        self.config_path = config_dir.write(
+            merge(
+                {
+                    "server": {"port": self.port, "shutdown_timeout": "5s"},
+                    "ghl": {"api_base": ghl.url, "webhook_public_keys": keys},
+                    "cast": {"api_base": cast.url},
+                    "delivery": {"status_polls": [0.05, 0.1, 0.2]},
+                    "logging": {"level": "info"},
+                },
+                {},
+            )
+        )
+        self.log_path = config_dir.path / "serve.log"
+        self.log_to_file = log_to_file
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.ghl = ghl
+        assert BASE_CONFIG["server"]["host"] == "127.0.0.1"
+
+    async def start(self) -> None:
+        stderr = open(self.log_path, "ab") if self.log_to_file else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "castghld", "--config", self.config_path, "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        finally:
+            if self.log_to_file:
+                stderr.close()
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited: {self.log()}"
+            try:
+                response = await AsyncHTTPClient().fetch(self.url + "/healthz", raise_error=False)
+            except (OSError, HTTPClientError):  # not listening yet
+                response = None
+            if response is not None and response.code == 200:
+                return
+            await asyncio.sleep(0.05)  # polling for readiness, bounded by the deadline
+        raise AssertionError(f"daemon did not become healthy: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    async def install(self, location_id: str) -> None:
+        code = f"code-{location_id}"
+        self.ghl.add_auth_code(code, location_id=location_id)
+        response = await AsyncHTTPClient().fetch(f"{self.url}/oauth/callback?code={code}")
+        assert response.code == 200
+
+    async def post_message(self, message_id: str, **fields):
+        body = {
+            "locationId": "loc1",
+            "messageId": message_id,
+            "contactId": "c1",
+            "type": "SMS",
+            "phone": "09171234567",
+            "message": f"hello {message_id}",
+            **fields,
+        }
+        return await self.ghl.post_webhook(self.url + "/api/ghl/v1/webhook/messages", body)
+
+
+@pytest.fixture
+def serve(config_dir, fake_ghl, fake_cast):
+    process = ServeProcess(config_dir, fake_ghl, fake_cast)
+    yield process
+    process.close()
+    assert fake_ghl.violations == []
+    assert fake_cast.violations == []
+
+
+def statuses(ghl, message_id):
+    return [report["status"] for report in ghl.statuses.get(message_id, [])]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_kill9_during_send_resends_with_same_key_and_reports(serve, fake_cast, fake_ghl):
+    await serve.start()
+    await serve.install("loc1")
+    fake_cast.hang("send")
+    response = await serve.post_message("m-crash")
+    assert response.code == 200
+    await wait_for(lambda: fake_cast.hung("send") == 1)
+    serve.kill9()
+    fake_cast.release("send")  # Cast now sends it: the daemon died before it could know
+    await wait_for(lambda: len(fake_cast.sent) == 1)
+    await serve.start()
+    await wait_for(lambda: statuses(fake_ghl, "m-crash") == ["pending", "delivered"], timeout=20)
+    sends = fake_cast.calls_to("POST", SEND)
+    assert len(sends) == 2
+    assert {call.headers["X-Idempotency-Key"] for call in sends} == {"m-crash"}
+    assert len(fake_cast.sent) == 1
+    assert fake_cast.replays == 1
+    assert serve.terminate() == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_kill9_before_cast_answered_sends_after_restart(serve, fake_cast, fake_ghl):
+    await serve.start()
+    await serve.install("loc1")
+    fake_cast.fail_next("send", 599)  # the connection drops: the daemon backs off
+    response = await serve.post_message("m-wait")
+    assert response.code == 200
+    await wait_for(lambda: fake_cast.calls_to("POST", SEND))
+    serve.kill9()
+    assert fake_cast.sent == []
+    await serve.start()
+    await wait_for(lambda: statuses(fake_ghl, "m-wait") == ["pending", "delivered"], timeout=20)
+    assert len(fake_cast.sent) == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_kill9_before_ghl_answered_inbound_is_delivered_after_restart(
+    serve, fake_cast, fake_ghl
+):
+    await serve.start()
+    await serve.install("loc1")
+    fake_ghl.hang("upsert")
+    payload = {
+        "message_id": "CASTIN1",
+        "from": "09181234567",
+        "to": "09171234567",
+        "message": "yes please",
+        "received_at": "2026-11-26T09:00:00Z",
+    }
+    response = await fake_cast.post_inbound(
+        serve.url + "/api/cast/v1/webhook/inbound", "inbound-secret", payload
+    )
+    assert response.code == 200
+    await wait_for(lambda: fake_ghl.hung("upsert") == 1)
+    serve.kill9()
+    fake_ghl.release("upsert")
+    await serve.start()
+    await wait_for(lambda: len(fake_ghl.inbound_messages) == 1, timeout=20)
+    [message] = fake_ghl.inbound_messages
+    assert message["altId"] == "CASTIN1"
+    assert message["message"] == "yes please"
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_full_disk_answers_503_and_loses_nothing(config_dir, fake_ghl, fake_cast):
+    serve = ServeProcess(config_dir, fake_ghl, fake_cast, log_to_file=False)
+    try:
+        await serve.start()
+        await serve.install("loc1")
+        fake_cast.hang("send")  # nothing progresses: only the webhooks write to the journal
+        journal = config_dir.path / "state" / "outbox.log"
+        limit = journal.stat().st_size + 4000
+        # The file size limit makes every write past it fail (EFBIG), as a full disk does.
+        resource.prlimit(serve.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        answers = {}
+        for n in range(30):
+            response = await serve.post_message(f"m{n}")
+            answers[f"m{n}"] = response.code
+            if response.code == 503:
+                assert json.loads(response.body)["error"] == "store_failed"
+        accepted = sorted(m for m, code in answers.items() if code == 200)
+        refused = sorted(m for m, code in answers.items() if code == 503)
+        assert accepted and refused, answers
+        assert set(answers.values()) == {200, 503}
+        assert os.path.getsize(journal) <= limit
+        serve.kill9()
+        fake_cast.release("send")
+        await serve.start()  # a fresh process: no limit
+        await wait_for(lambda: len(fake_cast.sent) == len(accepted), timeout=20)
+        for message_id in refused:  # GHL retries what we refused
+            assert (await serve.post_message(message_id)).code == 200
+        await wait_for(lambda: len(fake_cast.sent) == 30, timeout=30)
+        assert sorted(s["idempotency_key"] for s in fake_cast.sent) == sorted(answers)
+        await wait_for(lambda: all(statuses(fake_ghl, m)[-1:] == ["delivered"] for m in answers))
+    finally:
+        serve.close()
+    assert fake_ghl.violations == []
+    assert fake_cast.violations == []

@@ -1,0 +1,321 @@
+"""Outbound SMS end to end: signed webhook -> outbox -> fake Cast -> status reports to fake GHL."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from castghld.fakes import wait_for
+
+SEND = "/api/v1/sms/send"
+
+
+def body_of(response) -> dict:
+    return json.loads(response.body)
+
+
+def statuses(ghl, message_id: str) -> list[str]:
+    return [report["status"] for report in ghl.statuses.get(message_id, [])]
+
+
+async def ready(bridge, extra: dict | None = None, locations=("loc1",)):
+    await bridge.start(extra)
+    for location_id in locations:
+        await bridge.install(location_id)
+    return bridge.daemon
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_webhook_sends_one_sms_and_reports_pending_then_delivered(bridge):
+    await ready(bridge, {"cast": {"sender_id": "CASTDEMO"}})
+    response = await bridge.post_message(phone="09171234567", message="Your code is 1234")
+    assert response.code == 200
+    assert body_of(response) == {"status": "accepted", "messageId": "msg-1"}
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+    [sent] = bridge.cast.sent
+    assert sent["to"] == "+639171234567"
+    assert sent["message"] == "Your code is 1234"
+    assert sent["sender_id"] == "CASTDEMO"
+    assert sent["idempotency_key"] == "msg-1"
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_attachments_are_appended_as_links(bridge):
+    await ready(bridge)
+    await bridge.post_message(message="See", attachments=["https://x.example/a.png"])
+    await wait_for(lambda: bridge.cast.sent)
+    assert bridge.cast.sent[0]["message"] == "See\nhttps://x.example/a.png"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_ack_is_fast_while_cast_hangs(bridge):
+    await ready(bridge)
+    bridge.cast.hang("send")
+    started = time.monotonic()
+    response = await bridge.post_message()
+    elapsed = time.monotonic() - started
+    assert response.code == 200
+    assert elapsed < 0.1, f"ack took {elapsed * 1000:.0f} ms"
+    await wait_for(lambda: bridge.cast.hung("send") == 1)
+    bridge.cast.release("send")
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_duplicate_webhook_sends_one_sms(bridge):
+    await ready(bridge)
+    answers = [body_of(await bridge.post_message())["status"] for _ in range(3)]
+    assert answers[0] == "accepted"
+    assert answers[1:] == ["duplicate", "duplicate"]
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+    response = await bridge.post_message()  # a late GHL retry, after the message finished
+    assert body_of(response)["status"] == "duplicate"
+    assert len(bridge.cast.sent) == 1
+    assert len(bridge.cast.calls_to("POST", SEND)) == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_cast_429_is_retried_after_retry_after_with_same_key(bridge):
+    await ready(bridge)
+    bridge.cast.fail_next("send", 429, headers={"Retry-After": "1"})
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=10)
+    first, second = bridge.cast.calls_to("POST", SEND)
+    assert second.time - first.time >= 1.0
+    assert first.headers["X-Idempotency-Key"] == second.headers["X-Idempotency-Key"] == "msg-1"
+    assert len(bridge.cast.sent) == 1
+
+
+@pytest.mark.parametrize("status", [503, 500])
+@pytest.mark.gen_test(timeout=20)
+async def test_cast_server_errors_are_retried(bridge, status):
+    await ready(bridge, {"delivery": {"send_deadline": "30s"}})
+    bridge.cast.fail_next("send", status)
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=10)
+    assert len(bridge.cast.calls_to("POST", SEND)) == 2
+    assert len(bridge.cast.sent) == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_insufficient_credits_fails_without_retry(bridge):
+    await ready(bridge)
+    bridge.cast.fail_next(
+        "send",
+        402,
+        {"success": False, "error": "Not enough credits", "error_code": "INSUFFICIENT_CREDITS"},
+    )
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    report = bridge.ghl.statuses["msg-1"][0]
+    assert report["error"]["code"] == "INSUFFICIENT_CREDITS"
+    assert "credits" in report["error"]["message"]
+    assert len(bridge.cast.calls_to("POST", SEND)) == 1
+    assert bridge.cast.sent == []
+
+
+@pytest.mark.parametrize(
+    ("phone", "code"),
+    [
+        ("12345", "INVALID_NUMBER"),
+        ("+14155550123", "REGION_NOT_ALLOWED"),
+        ("+63 2 8527 8121", "NOT_MOBILE"),
+        ("not a number", "INVALID_NUMBER"),
+    ],
+)
+@pytest.mark.gen_test(timeout=20)
+async def test_invalid_number_fails_without_cast_call(bridge, phone, code):
+    await ready(bridge)
+    response = await bridge.post_message(phone=phone)
+    assert response.code == 200
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    assert bridge.ghl.statuses["msg-1"][0]["error"]["code"] == code
+    assert bridge.cast.calls_to("POST", SEND) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_overlong_and_empty_messages_fail_without_cast_call(bridge):
+    await ready(bridge)
+    await bridge.post_message(messageId="long", message="x" * 10_001)
+    await bridge.post_message(messageId="empty", message="")
+    await wait_for(lambda: statuses(bridge.ghl, "long") == ["failed"])
+    await wait_for(lambda: statuses(bridge.ghl, "empty") == ["failed"])
+    assert bridge.ghl.statuses["long"][0]["error"]["code"] == "MESSAGE_TOO_LONG"
+    assert bridge.ghl.statuses["empty"][0]["error"]["code"] == "EMPTY_MESSAGE"
+    assert bridge.cast.calls_to("POST", SEND) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_undelivered_report_becomes_failed_with_carrier_reason(bridge):
+    await ready(bridge)
+    bridge.cast.set_delivery(
+        "+639171234567", "undelivered", dlr_status="UNDELIV", error_message="Subscriber absent"
+    )
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "failed"])
+    error = bridge.ghl.statuses["msg-1"][1]["error"]
+    assert error["code"] == "UNDELIV"
+    assert error["message"] == "Subscriber absent"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_no_delivery_report_leaves_pending_and_finishes(bridge):
+    await ready(bridge)
+    bridge.cast.set_delivery("+639171234567", "sent")
+    await bridge.post_message()
+    await wait_for(lambda: bridge.cast.sent)
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+    assert statuses(bridge.ghl, "msg-1") == ["pending"]
+    assert sum(bridge.cast.status_polls.values()) == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_ghl_no_provider_403_is_retried_without_refresh(bridge):
+    await ready(bridge)
+    bridge.ghl.no_provider_for("msg-1", times=2)
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=20)
+    assert len(bridge.ghl.calls_to("PUT", "/conversations/messages/msg-1/status")) == 4
+    assert sum(bridge.ghl.refresh_count.values()) == 0
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_ghl_401_on_status_refreshes_once(bridge):
+    await ready(bridge)
+    bridge.ghl.expire_access_tokens("loc1")
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+    assert bridge.ghl.refresh_count["loc1"] == 1
+    assert bridge.ghl.refresh_reuse == 0
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_unknown_location_is_acknowledged_and_not_sent(bridge):
+    await ready(bridge)
+    response = await bridge.post_message(locationId="someone-else")
+    assert response.code == 200
+    assert body_of(response)["status"] == "ignored"
+    assert bridge.daemon.outbox.records == {}
+    assert bridge.cast.calls == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_email_type_is_acknowledged_reported_failed_and_not_sent(bridge):
+    await ready(bridge)
+    response = await bridge.post_message(type="Email")
+    assert response.code == 200
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    assert bridge.ghl.statuses["msg-1"][0]["error"]["code"] == "UNSUPPORTED_TYPE"
+    assert bridge.cast.calls == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-GHL-Signature": ""}, {"X-GHL-Signature": "AAAA"}, {"X-GHL-Signature": "not base64!"}],
+)
+@pytest.mark.gen_test(timeout=20)
+async def test_bad_signature_is_401_and_nothing_stored(bridge, headers):
+    await ready(bridge)
+    response = await bridge.ghl.post_webhook(
+        bridge.daemon.url + "/api/ghl/v1/webhook/messages",
+        {
+            "messageId": "m",
+            "locationId": "loc1",
+            "type": "SMS",
+            "phone": "+639171234567",
+            "message": "hi",
+        },
+        headers=headers,
+    )
+    assert response.code == 401
+    assert body_of(response)["error"] == "invalid_signature"
+    assert bridge.daemon.outbox.records == {}
+    assert not bridge.daemon.outbox.known("out:m")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_body_altered_after_signing_is_401(bridge):
+    await ready(bridge)
+    body = json.dumps({"messageId": "m", "locationId": "loc1", "phone": "+639171234567"})
+    headers = bridge.ghl.sign(body.encode())
+    tampered = body.replace("+639171234567", "+639179999999")
+    response = await bridge.ghl.post_webhook(
+        bridge.daemon.url + "/api/ghl/v1/webhook/messages", tampered.encode(), headers=headers
+    )
+    assert response.code == 401
+
+
+@pytest.mark.parametrize("alg", ["rsa", "ecdsa"])
+@pytest.mark.gen_test(timeout=20)
+async def test_legacy_signatures_are_accepted(bridge, alg):
+    await ready(bridge)
+    response = await bridge.ghl.post_webhook(
+        bridge.daemon.url + "/api/ghl/v1/webhook/messages",
+        {
+            "messageId": "m-" + alg,
+            "locationId": "loc1",
+            "type": "SMS",
+            "phone": "+639171234567",
+            "message": "hi",
+        },
+        alg=alg,
+    )
+    assert response.code == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"messageId": 5}, "messageId"),
+        ({"locationId": ""}, "locationId"),
+        ({"phone": ["+639171234567"]}, "phone"),
+        ({"attachments": "https://x"}, "attachments"),
+    ],
+)
+@pytest.mark.gen_test(timeout=20)
+async def test_wrong_field_types_are_400(bridge, payload, field):
+    await ready(bridge)
+    response = await bridge.post_message(payload)
+    assert response.code == 400
+    assert field in body_of(response)["message"]
+    assert bridge.daemon.outbox.records == {}
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_malformed_json_is_400(bridge):
+    await ready(bridge)
+    response = await bridge.ghl.post_webhook(
+        bridge.daemon.url + "/api/ghl/v1/webhook/messages", b"{not json"
+    )
+    assert response.code == 400
+    assert body_of(response)["error"] == "invalid_json"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_pacing_never_exceeds_messages_per_second(bridge):
+    locations = ("loc1", "loc2", "loc3", "loc4")
+    await ready(bridge, {"cast": {"messages_per_second": 10}}, locations)
+    for n in range(40):
+        response = await bridge.post_message(
+            messageId=f"m{n}", locationId=locations[n % 4], phone=f"+63917123{n:04d}"
+        )
+        assert response.code == 200
+    await wait_for(lambda: len(bridge.cast.sent) == 40, timeout=15)
+    assert bridge.cast.max_sends_in_window(1.0) <= 10
+    assert len(bridge.cast.calls_to("POST", SEND)) == 40  # no 429 to discover the limit
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_graceful_stop_keeps_unsent_messages_and_restart_sends_them(bridge):
+    await ready(bridge)
+    bridge.cast.fail_next("send", 503, times=3)  # keeps the message in backoff
+    await bridge.post_message()
+    await wait_for(lambda: len(bridge.cast.calls_to("POST", SEND)) >= 1)
+    await bridge.stop()
+    assert bridge.cast.sent == []
+    await bridge.start()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=15)
+    assert len(bridge.cast.sent) == 1
