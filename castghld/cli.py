@@ -171,6 +171,8 @@ def check_config(config: Config) -> int:
         print(f"webhook keys:  {len(daemon.verifier.keys)} (built in + ghl.webhook_public_keys)")
         print(f"state key:     {config.state.key_file} ({len(daemon.keyring.key_ids)} key(s))")
         print(f"state file:    {state.path} ({state.count('installs')} installation(s))")
+        outbox = daemon.outbox
+        print(f"outbox:        {outbox.journal.path} ({len(outbox.records)} unfinished)")
         print("ok")
     finally:
         daemon.state.close()

@@ -53,6 +53,7 @@ class Journal:
         self.keyring = keyring
         self._fd: int | None = None
         self._size = 0
+        self._valid_size: int | None = None  # where a torn last line starts, set by load()
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -63,7 +64,8 @@ class Journal:
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> list[Record]:
-        """Every entry in order; a torn last line is cut away, other damage raises StateError."""
+        """Every entry in order; a torn last line is skipped (and cut away by `open`), other
+        damage raises StateError. Reading never writes: `check-config` and `installs` use it."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -88,16 +90,18 @@ class Journal:
                 raise StateError(f"{self.path}: line {number}: {e}") from None
             entries.append(entry)
             good_size += len(line) + 1
-        if good_size != len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_size)
-                os.fsync(f.fileno())
+        self._valid_size = good_size
         return entries
 
     def open(self) -> None:
+        """Open for appending (creating it 0600), first cutting away a torn last line."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o600)
         self._size = os.fstat(self._fd).st_size
+        if self._valid_size is not None and self._size > self._valid_size:
+            os.ftruncate(self._fd, self._valid_size)
+            os.fsync(self._fd)
+            self._size = self._valid_size
         fsync_dir(os.path.dirname(self.path))
 
     def _encode(self, entry: Record) -> bytes:
@@ -165,6 +169,7 @@ class Journal:
 
     def _rewrite_sync(self, data: bytes) -> None:
         atomic_write(self.path, data)
+        self._valid_size = len(data)
         if self._fd is not None:
             os.close(self._fd)
         self.open()
@@ -198,7 +203,7 @@ class Outbox:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Replay the journal (synchronous: at startup, before serving)."""
+        """Replay the journal (synchronous, read-only: at startup, before serving)."""
         for entry in self.journal.load():
             op, rid = entry.get("op"), entry.get("id")
             if op == "put":
@@ -212,9 +217,9 @@ class Outbox:
                 self.seen.update(entry["ids"])
         self._entries_since_compaction = len(self.records) + len(self.seen)
         self._prune_seen()
-        self.journal.open()
 
     async def start(self) -> None:
+        self.journal.open()
         await self.compact()
         for rid in list(self.records):
             self._dispatch(rid)
@@ -348,8 +353,10 @@ class Outbox:
             del self.seen[rid]
 
     def _maybe_compact(self) -> None:
-        live = len(self.records) + len(self.seen)
-        if self._compacting or self._entries_since_compaction < max(COMPACT_MIN_ENTRIES, 4 * live):
+        # A compaction writes every live record and every seen id (a few dozen bytes each): run
+        # it when the journal has grown by several times what it would write.
+        threshold = max(COMPACT_MIN_ENTRIES, 4 * len(self.records), len(self.seen) // 4)
+        if self._compacting or self._entries_since_compaction < threshold:
             return
         self._compacting = True
         task = asyncio.ensure_future(self.compact())

@@ -83,9 +83,11 @@ class ServeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def terminate(self) -> int:
+    async def terminate(self) -> int:
+        """SIGTERM, then wait without blocking the loop (the fakes must keep answering)."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        await wait_for(lambda: self.proc.poll() is not None, timeout=30)
+        return self.proc.returncode
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -142,7 +144,7 @@ async def test_kill9_during_send_resends_with_same_key_and_reports(serve, fake_c
     assert {call.headers["X-Idempotency-Key"] for call in sends} == {"m-crash"}
     assert len(fake_cast.sent) == 1
     assert fake_cast.replays == 1
-    assert serve.terminate() == 0
+    assert await serve.terminate() == 0
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -223,3 +225,19 @@ async def test_full_disk_answers_503_and_loses_nothing(config_dir, fake_ghl, fak
         serve.close()
     assert fake_ghl.violations == []
     assert fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_lets_a_send_in_flight_finish_and_records_it(serve, fake_cast, fake_ghl):
+    await serve.start()
+    await serve.install("loc1")
+    fake_cast.latency = 1.0
+    response = await serve.post_message("m-term")
+    assert response.code == 200
+    await wait_for(lambda: fake_cast.calls_to("POST", SEND))
+    assert await serve.terminate() == 0
+    assert len(fake_cast.sent) == 1
+    fake_cast.latency = 0.0
+    await serve.start()
+    await wait_for(lambda: statuses(fake_ghl, "m-term") == ["pending", "delivered"], timeout=20)
+    assert len(fake_cast.calls_to("POST", SEND)) == 1  # recorded as sent: not asked again

@@ -1,0 +1,203 @@
+"""The outbox journal on its own: durability, encryption, group commit, recovery, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import pytest
+
+from castghld.fakes import wait_for
+from castghld.metrics import Metrics
+from castghld.outbox import JOURNAL_FILENAME, Outbox
+from castghld.state import KeyRing, StateError, new_key_line
+
+
+def keyring(line: str | None = None) -> KeyRing:
+    import base64
+
+    return KeyRing([base64.urlsafe_b64decode((line or new_key_line()).strip())])
+
+
+class Recorder:
+    """A pipeline that remembers what it was given and finishes each record."""
+
+    def __init__(self, finish: bool = True):
+        self.seen: list[str] = []
+        self.finish = finish
+
+    async def __call__(self, outbox: Outbox, rid: str) -> None:
+        self.seen.append(rid)
+        if self.finish:
+            await outbox.finish(rid)
+
+
+def make_outbox(directory, keys: KeyRing, pipeline=None, retention=86400.0) -> Outbox:
+    outbox = Outbox(str(directory), keys, Metrics(), retention)
+    outbox.pipelines["outbound"] = pipeline or Recorder(finish=False)
+    outbox.load()
+    return outbox
+
+
+def record(n: int = 0) -> dict:
+    return {"kind": "outbound", "phone": "+639171234567", "message": f"secret text {n}"}
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_added_records_survive_a_restart_encrypted_and_private(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    assert await outbox.add("out:1", record(1)) is True
+    await outbox.update("out:1", stage="sent")
+    await outbox.stop()
+    path = tmp_path / JOURNAL_FILENAME
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    data = path.read_bytes()
+    assert b"secret text" not in data
+    assert b"+639171234567" not in data
+    again = make_outbox(tmp_path, keys)
+    assert again.records == {"out:1": {**record(1), "stage": "sent"}}
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_unfinished_records_are_dispatched_again_on_start(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    await outbox.add("out:1", record(1))
+    await outbox.stop()
+    recorder = Recorder()
+    again = make_outbox(tmp_path, keys, recorder)
+    await again.start()
+    await again.wait_idle()
+    assert recorder.seen == ["out:1"]
+    assert again.records == {}
+    assert again.known("out:1")
+    await again.stop()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_finished_ids_stay_known_across_restarts_until_retention(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys, Recorder())
+    await outbox.start()
+    await outbox.add("out:1", record())
+    await outbox.wait_idle()
+    await outbox.stop()
+    again = make_outbox(tmp_path, keys, Recorder())
+    assert again.known("out:1")
+    assert await again.add("out:1", record()) is False
+    expired = make_outbox(tmp_path, keys, Recorder(), retention=0.0)
+    assert not expired.known("out:1")
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_concurrent_adds_share_fsyncs(tmp_path):
+    outbox = make_outbox(tmp_path, keyring())
+    await outbox.start()
+    before = outbox.journal.fsyncs
+    results = await asyncio.gather(*(outbox.add(f"out:{n}", record(n)) for n in range(200)))
+    assert all(results)
+    fsyncs = outbox.journal.fsyncs - before
+    assert fsyncs < 50, f"{fsyncs} fsyncs for 200 records"
+    await outbox.stop()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_same_id_while_first_is_being_written_is_a_duplicate(tmp_path):
+    outbox = make_outbox(tmp_path, keyring())
+    await outbox.start()
+    first, second = await asyncio.gather(
+        outbox.add("out:1", record()), outbox.add("out:1", record())
+    )
+    assert (first, second) == (True, False)
+    await outbox.stop()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_torn_last_line_is_dropped_and_cut_away(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    await outbox.add("out:1", record(1))
+    await outbox.add("out:2", record(2))
+    await outbox.stop()
+    path = tmp_path / JOURNAL_FILENAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])  # a crash in the middle of the last write
+    again = make_outbox(tmp_path, keys)
+    assert list(again.records) == ["out:1"]
+    await again.start()
+    await again.add("out:3", record(3))
+    await again.stop()
+    assert list(make_outbox(tmp_path, keys).records) == ["out:1", "out:3"]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_damage_before_the_last_line_is_a_startup_error(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    for n in range(3):
+        await outbox.add(f"out:{n}", record(n))
+    await outbox.stop()
+    path = tmp_path / JOURNAL_FILENAME
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:10] + (b"A" if lines[1][10:11] != b"A" else b"B") + lines[1][11:]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(StateError, match=f"{JOURNAL_FILENAME}: line 2"):
+        make_outbox(tmp_path, keys)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_wrong_key_is_a_startup_error(tmp_path):
+    outbox = make_outbox(tmp_path, keyring())
+    await outbox.start()
+    await outbox.add("out:1", record())
+    await outbox.add("out:2", record())
+    await outbox.stop()
+    with pytest.raises(StateError, match="not in"):
+        make_outbox(tmp_path, keyring())
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_failed_write_is_refused_and_leaves_no_partial_entry(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    await outbox.add("out:1", record(1))
+    size = os.path.getsize(tmp_path / JOURNAL_FILENAME)
+    os.close(outbox.journal._fd)
+    # The journal's descriptor now points at a device that is always full.
+    outbox.journal._fd = os.open("/dev/full", os.O_WRONLY)
+    with pytest.raises(OSError):
+        await outbox.add("out:2", record(2))
+    assert "out:2" not in outbox.records
+    assert not outbox.known("out:2")
+    await outbox.stop()
+    assert os.path.getsize(tmp_path / JOURNAL_FILENAME) == size
+    assert list(make_outbox(tmp_path, keys).records) == ["out:1"]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_compaction_keeps_live_records_and_seen_ids(tmp_path, monkeypatch):
+    import castghld.outbox as module
+
+    monkeypatch.setattr(module, "COMPACT_MIN_ENTRIES", 50)
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys, Recorder())
+    await outbox.start()
+    for n in range(100):
+        await outbox.add(f"out:{n}", record(n))
+    await outbox.wait_idle()
+    outbox.pipelines["outbound"] = Recorder(finish=False)
+    await outbox.add("out:live", record())
+    path = tmp_path / JOURNAL_FILENAME
+    await wait_for(lambda: len(path.read_bytes().splitlines()) < 110)
+    await outbox.stop()
+    assert len(path.read_bytes().splitlines()) < 110  # 201 entries before compaction
+    again = make_outbox(tmp_path, keys)
+    assert list(again.records) == ["out:live"]
+    assert all(again.known(f"out:{n}") for n in range(100))
