@@ -95,7 +95,7 @@ class InboundDelivery:
         phone = normalize_any(record["from"])
         if phone is None:
             self.metrics.inbound.labels("invalid_number").inc()
-            log.error("%s: sender %r is not a valid phone number; dropped", context, record["from"])
+            log.error("%s: the sender is not a valid phone number; dropped", context)
             await outbox.finish(rid)
             return
         deadline = time.monotonic() + self.config.delivery.report_deadline

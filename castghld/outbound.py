@@ -114,7 +114,7 @@ class OutboundDelivery:
         try:
             return normalize_mobile(record["phone"], "PH", self.allowed_regions)
         except InvalidNumber as e:
-            return (e.code, f"{e.message}: {record['phone']!r}"[:300])
+            return (e.code, e.message)  # not the number itself: logs stay free of personal data
 
     async def _send(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
         checked = self._check(record)
