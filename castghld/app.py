@@ -72,6 +72,10 @@ def configure_http_client() -> str:
     instance exists has no effect on that instance, so this runs before any client is made.
     """
     global _http_client_configured
+    # Tornado turns on libcurl's verbose trace when this logger is at DEBUG, and that trace holds
+    # every request header and body: bearer tokens, refresh tokens, the client secret, the Cast
+    # API key. Debug logging of castghld must never switch it on.
+    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
     defaults = {"connect_timeout": CONNECT_TIMEOUT, "request_timeout": REQUEST_TIMEOUT}
     try:
         import pycurl  # noqa: F401

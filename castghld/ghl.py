@@ -34,13 +34,6 @@ GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 
 
-def _no_curl_trace(curl: Any) -> None:
-    """Turn off libcurl's verbose trace for this request. Tornado enables it whenever the
-    `tornado.curl_httpclient` logger is at DEBUG, and it logs every request header and body:
-    our Authorization header, refresh tokens, codes and the client secret."""
-    curl.setopt(curl.VERBOSE, 0)
-
-
 class GHLError(Exception):
     """A GHL answer other than 2xx (status 599: no answer: timeout or connection error)."""
 
@@ -113,13 +106,7 @@ class GHLClient:
         limiter = self.limiters.get(pace_key) if pace_key else None
         if limiter is not None:
             await limiter.acquire()
-        request = HTTPRequest(
-            self.base + path,
-            method=method,
-            headers=headers,
-            body=body,
-            prepare_curl_callback=_no_curl_trace,
-        )
+        request = HTTPRequest(self.base + path, method=method, headers=headers, body=body)
         started = time.monotonic()
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
