@@ -50,6 +50,11 @@ class AppWebhookHandler(APIHandler):
         if isinstance(webhook_id, str) and webhook_id in seen:
             self.daemon.metrics.webhooks.labels("app", "duplicate").inc()
             return self.write_json(200, {"status": "duplicate"})
+        if isinstance(webhook_id, str):
+            # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
+            seen[webhook_id] = time.time()
+            while len(seen) > SEEN_WEBHOOK_IDS:
+                seen.popitem(last=False)
         kind = event.get("type")
         location_id = str(event.get("locationId") or "")
         company_id = str(event.get("companyId") or "")
@@ -65,10 +70,6 @@ class AppWebhookHandler(APIHandler):
                 outcome = "install failed; see log"
         else:
             outcome = "ignored"
-        if isinstance(webhook_id, str):
-            seen[webhook_id] = time.time()
-            while len(seen) > SEEN_WEBHOOK_IDS:
-                seen.popitem(last=False)
         log.info(
             "app webhook type=%s location=%s company=%s: %s",
             kind,
