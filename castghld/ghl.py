@@ -34,6 +34,20 @@ GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 
 
+class TokenUnavailable(Exception):
+    """No usable token for this location: not installed, needs reauth, or the refresh failed.
+
+    `retryable` is true when the cause may pass (GHL's token endpoint down or rate limited, the
+    state file momentarily not writable): `call()` then retries within its deadline.
+    """
+
+    def __init__(self, location_id: str, reason: str, retryable: bool = False):
+        super().__init__(f"no usable GHL token for location {location_id}: {reason}")
+        self.location_id = location_id
+        self.reason = reason
+        self.retryable = retryable
+
+
 class GHLError(Exception):
     """A GHL answer other than 2xx (status 599: no answer: timeout or connection error)."""
 
@@ -213,34 +227,46 @@ class GHLClient:
         refreshed = False
         attempt = 0
         while True:
-            token = await tokens.access_token(location_id)
             try:
-                return await self.request(
-                    method,
-                    path,
-                    version=version,
-                    token=token,
-                    json_body=json_body,
-                    pace_key=location_id,
-                )
-            except GHLError as e:
-                if e.status == 401 and not refreshed:
+                token = await tokens.access_token(location_id)
+                try:
+                    return await self.request(
+                        method,
+                        path,
+                        version=version,
+                        token=token,
+                        json_body=json_body,
+                        pace_key=location_id,
+                    )
+                except GHLError as e:
+                    if e.status != 401 or refreshed:
+                        raise
                     refreshed = True
                     log.info("GHL 401 location=%s %s; refreshing token once", location_id, context)
                     await tokens.refresh_after_401(location_id, token)
                     continue
+            except GHLError as e:
                 if not (e.retryable or (retry_if is not None and retry_if(e))):
                     raise
-                delay = retry_delay(attempt, e.retry_after, base=1.0, cap=120.0)
-                if time.monotonic() + delay > deadline:
+                error: Exception = e
+                problem, retry_after = f"GHL {e.status}", e.retry_after
+            except TokenUnavailable as e:
+                if not e.retryable:
                     raise
-                log.info(
-                    "GHL %d location=%s %s attempt=%d; retrying in %.1fs",
-                    e.status,
-                    location_id,
-                    context,
-                    attempt + 1,
-                    delay,
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
+                error, problem, retry_after = e, "token unavailable", None
+            except OSError as e:  # a refreshed pair could not be stored: it is not used
+                problem, retry_after = f"state not writable ({e.strerror})", None
+                error = TokenUnavailable(location_id, problem, retryable=True)
+            delay = retry_delay(attempt, retry_after, base=1.0, cap=120.0)
+            if time.monotonic() + delay > deadline:
+                raise error
+            log.info(
+                "%s location=%s %s attempt=%d; retrying in %.1fs",
+                problem,
+                location_id,
+                context,
+                attempt + 1,
+                delay,
+            )
+            attempt += 1
+            await asyncio.sleep(delay)

@@ -45,6 +45,14 @@ Record = dict[str, Any]
 Pipeline = Callable[["Outbox", str], Awaitable[None]]
 
 
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 class Journal:
     """An append-only file of encrypted JSON entries, one per line."""
 
@@ -96,8 +104,9 @@ class Journal:
     def open(self) -> None:
         """Open for appending (creating it 0600), first cutting away a torn last line."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags, 0o600)
-        self._size = os.fstat(self._fd).st_size
+        fd = os.open(self.path, flags, 0o600)
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
         if self._valid_size is not None and self._size > self._valid_size:
             os.ftruncate(self._fd, self._valid_size)
             os.fsync(self._fd)
@@ -142,6 +151,8 @@ class Journal:
                         future.set_result(None)
 
     def _write_sync(self, data: bytes) -> None:
+        if self._fd is None:  # a reopen failed earlier: try again, or refuse the write
+            self.open()
         assert self._fd is not None
         start = self._size
         try:
@@ -160,19 +171,30 @@ class Journal:
         self._size = start + len(data)
         self.fsyncs += 1
 
-    async def rewrite(self, entries: list[Record]) -> None:
-        """Replace the journal atomically with `entries` (compaction)."""
+    async def rewrite(self, snapshot: Callable[[], list[Record]]) -> int:
+        """Replace the journal atomically with the entries `snapshot()` returns (compaction).
+
+        `snapshot` runs once no batch is being written: every entry already written is reflected
+        in it (it reads memory, which is ahead of the disk), and entries still queued are appended
+        after the new file is in place. Replaying those twice is harmless: updates are merges.
+        """
         async with self._lock:
+            entries = snapshot()
             data = b"".join(self._encode(entry) for entry in entries)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._rewrite_sync, data)
+            return len(entries)
 
     def _rewrite_sync(self, data: bytes) -> None:
-        atomic_write(self.path, data)
-        self._valid_size = len(data)
-        if self._fd is not None:
-            os.close(self._fd)
-        self.open()
+        try:
+            atomic_write(self.path, data)
+        finally:
+            # Whether or not the rename happened, write only to the file now at `path`.
+            if self._fd is not None and not _same_file(self._fd, self.path):
+                os.close(self._fd)
+                self._fd = None
+                self._valid_size = len(data)
+                self.open()
 
     async def close(self) -> None:
         while self._writer is not None and not self._writer.done():
@@ -250,6 +272,9 @@ class Outbox:
     # -- records -------------------------------------------------------------------------------
 
     def known(self, rid: str) -> bool:
+        """True once `rid` is durably stored (live or finished); not while its write runs."""
+        if rid in self._adding:
+            return False
         return rid in self.records or rid in self.seen
 
     async def add(self, rid: str, record: Record) -> bool:
@@ -362,13 +387,16 @@ class Outbox:
         task = asyncio.ensure_future(self.compact())
         task.add_done_callback(lambda _: setattr(self, "_compacting", False))
 
-    async def compact(self) -> None:
+    def _snapshot(self) -> list[Record]:
         self._prune_seen()
         entries: list[Record] = [{"op": "seen", "ids": dict(self.seen)}] if self.seen else []
         entries += [{"op": "put", "id": rid, "record": r} for rid, r in self.records.items()]
+        return entries
+
+    async def compact(self) -> None:
         try:
-            await self.journal.rewrite(entries)
+            written = await self.journal.rewrite(self._snapshot)
         except OSError as e:
             log.error("outbox: compaction failed (%s); the journal keeps growing", e.strerror)
             return
-        self._entries_since_compaction = len(entries)
+        self._entries_since_compaction = written

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from castghld.config import Config
-from castghld.ghl import GHLClient, GHLError
+from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.metrics import Metrics
 from castghld.pacing import SlidingWindowLimiter
 from castghld.state import StateStore
@@ -45,15 +45,6 @@ STATUS_INACTIVE = "inactive"
 REFRESHES_PER_SECOND = 10
 SWEEP_CONCURRENCY = 8
 EXPIRY_SLACK = 120.0  # a token expiring sooner than this is refreshed before use
-
-
-class TokenUnavailable(Exception):
-    """No usable token for this location: not installed, needs reauth, or the refresh failed."""
-
-    def __init__(self, location_id: str, reason: str):
-        super().__init__(f"no usable GHL token for location {location_id}: {reason}")
-        self.location_id = location_id
-        self.reason = reason
 
 
 def _pair_from_answer(answer: dict[str, Any], now: float) -> dict[str, Any]:
@@ -255,7 +246,7 @@ class Installations:
             pair = _pair_from_answer(answer, time.time())
         except GHLError as e:
             await self._refresh_failed(section, key, e)
-            raise TokenUnavailable(key, f"refresh failed: {e.message}") from None
+            raise TokenUnavailable(key, f"refresh failed: {e.message}", e.retryable) from None
         current = self.state.get(section, key)
         if current is None:  # uninstalled while the refresh was in flight
             raise TokenUnavailable(key, "uninstalled")

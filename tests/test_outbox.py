@@ -201,3 +201,31 @@ async def test_compaction_keeps_live_records_and_seen_ids(tmp_path, monkeypatch)
     again = make_outbox(tmp_path, keys)
     assert list(again.records) == ["out:live"]
     assert all(again.known(f"out:{n}") for n in range(100))
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_compaction_during_writes_loses_nothing(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    first = [asyncio.ensure_future(outbox.add(f"out:{n}", record(n))) for n in range(100)]
+    await asyncio.sleep(0)  # the writer is now busy with the first batch
+    compaction = asyncio.ensure_future(outbox.compact())
+    await asyncio.sleep(0)
+    second = [asyncio.ensure_future(outbox.add(f"out:{n}", record(n))) for n in range(100, 200)]
+    assert all(await asyncio.gather(*first, *second))
+    await compaction
+    await outbox.stop()
+    assert len(make_outbox(tmp_path, keys).records) == 200
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_id_is_not_known_until_its_write_is_durable(tmp_path):
+    outbox = make_outbox(tmp_path, keyring())
+    await outbox.start()
+    adding = asyncio.ensure_future(outbox.add("out:1", record()))
+    await asyncio.sleep(0)
+    assert "out:1" in outbox.records and not outbox.known("out:1")
+    assert await adding is True
+    assert outbox.known("out:1")
+    await outbox.stop()
