@@ -6,8 +6,17 @@ Guarantees:
   send an SMS twice.
 - Sends are paced per Cast account (``cast.messages_per_second``; a location with its own
   ``api_key`` is its own account) and every Cast request of the process is paced under
-  ``cast.requests_per_second`` (Cast's per-IP limit). We stay under the limits rather than
-  discovering them through 429s; a 429 still pauses that account for its ``Retry-After``.
+  ``cast.requests_per_second`` (Cast's per-IP limit). A send takes its account slot and its IP
+  slot at the same instant, right before it leaves (``acquire_all``), so sends that waited do not
+  reach Cast in a bunch. Status polls take at most half of the per-IP budget, so sends always
+  keep the other half. We stay under the limits rather than discovering them through 429s; a 429
+  still pauses that account for its ``Retry-After``.
+- No head-of-line blocking: the sends of one account queue (FIFO) on that account's lock, which
+  is released as soon as the request has left; the ``delivery.concurrency`` semaphore is held
+  from then until the answer. A busy account therefore waits on its own pace and other accounts
+  share only the semaphore and the per-IP limit.
+- After ``begin_stop()`` no new send starts: ``send_once`` parks until its task is cancelled (the
+  outbox stop), and the message resumes at the next start.
 - ``send`` retries what SPEC §5 calls transient (429, 500, 502, 503, timeouts, connection errors)
   with exponential backoff and full jitter, never sooner than ``Retry-After`` and never past the
   deadline; anything else raises ``CastError`` with Cast's ``error_code`` for the GHL report.
@@ -22,14 +31,21 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from castghld.config import Config
 from castghld.metrics import Metrics
-from castghld.pacing import LimiterMap, SlidingWindowLimiter, parse_retry_after, retry_delay
+from castghld.pacing import (
+    LimiterMap,
+    SlidingWindowLimiter,
+    acquire_all,
+    parse_retry_after,
+    retry_delay,
+)
 
 log = logging.getLogger("castghld.cast")
 
@@ -75,11 +91,22 @@ class CastClient:
         self.metrics = metrics
         self.send_limiters = LimiterMap(config.cast.messages_per_second, WINDOW)
         self.ip_limiter = SlidingWindowLimiter(config.cast.requests_per_second, WINDOW)
+        # Status polls never take more than half of the per-IP budget: sends keep the rest.
+        self.poll_limiter = SlidingWindowLimiter(
+            max(1, config.cast.requests_per_second // 2), WINDOW
+        )
         self.concurrency = asyncio.Semaphore(config.delivery.concurrency)
+        # One FIFO lock per account with sends waiting or leaving: [lock, users]; dropped at 0.
+        self._account_locks: dict[str, list[Any]] = {}
+        self.stopping = False
         # Sends whose answer we may not have yet: shutdown waits for them (bounded).
         self.sends_in_flight = 0
         self._sends_idle = asyncio.Event()
         self._sends_idle.set()
+
+    def begin_stop(self) -> None:
+        """No new send starts from now on (those already sent still get their answer)."""
+        self.stopping = True
 
     async def wait_sends_idle(self, timeout: float) -> bool:
         try:
@@ -102,10 +129,14 @@ class CastClient:
 
     # -- one exchange --------------------------------------------------------------------------
 
-    async def _request(
+    def _start(
         self, account: CastAccount, method: str, path: str, body: Any = None, **headers: str
-    ) -> dict[str, Any]:
-        await self.ip_limiter.acquire()
+    ) -> Coroutine[Any, Any, dict[str, Any]]:
+        """Hand one request to the HTTP client now (the caller has taken the pacing slots).
+
+        Synchronous, so the request is on its way at the instant the caller recorded its slots;
+        await the result for Cast's answer.
+        """
         request = HTTPRequest(
             self.base + path,
             method=method,
@@ -115,8 +146,14 @@ class CastClient:
         if body is not None:
             request.headers["Content-Type"] = "application/json"
         started = time.monotonic()
+        fetch = AsyncHTTPClient().fetch(request, raise_error=False)
+        return self._answer(fetch, started, method, path)
+
+    async def _answer(
+        self, fetch: Awaitable[HTTPResponse], started: float, method: str, path: str
+    ) -> dict[str, Any]:
         try:
-            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+            response = await fetch
         except (OSError, HTTPClientError) as e:
             raise CastError(599, "NO_ANSWER", f"no answer from Cast: {type(e).__name__}") from None
         finally:
@@ -150,30 +187,51 @@ class CastClient:
     async def send_once(
         self, account: CastAccount, to: str, message: str, idempotency_key: str
     ) -> dict[str, Any]:
-        limiter = self.send_limiters.get(account.name)
         body: dict[str, Any] = {"to": to, "message": message}
         if account.sender_id:
             body["sender_id"] = account.sender_id
-        async with self.concurrency:
-            await limiter.acquire()
-            self.sends_in_flight += 1
-            self._sends_idle.clear()
-            try:
-                answer = await self._request(
-                    account,
-                    "POST",
-                    "/api/v1/sms/send",
-                    body,
-                    **{"X-Idempotency-Key": idempotency_key},
-                )
-            except CastError as e:
-                if e.status == 429:
-                    limiter.pause_until(time.monotonic() + (e.retry_after or 1.0))
-                raise
-            finally:
-                self.sends_in_flight -= 1
-                if self.sends_in_flight == 0:
-                    self._sends_idle.set()
+        if self.stopping:
+            await _park()
+        entry = self._account_locks.setdefault(account.name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:  # FIFO among this account's sends; others do not wait here
+                if self.stopping:
+                    await _park()
+                async with _Acquired(self.concurrency) as slot:
+                    # Looked up under the account lock: LimiterMap may drop an idle limiter, and
+                    # one send at a time of this account uses the current one.
+                    limiter = self.send_limiters.get(account.name)
+                    await acquire_all(limiter, self.ip_limiter)
+                    if self.stopping:
+                        slot.release()  # slots taken but nothing sent: harmless
+                        await _park()
+                    # No await from the slots' instant until the request is handed over.
+                    exchange = self._start(
+                        account,
+                        "POST",
+                        "/api/v1/sms/send",
+                        body,
+                        **{"X-Idempotency-Key": idempotency_key},
+                    )
+                    slot.keep()  # released when the answer is in, below
+                    self.sends_in_flight += 1
+                    self._sends_idle.clear()
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._account_locks.get(account.name) is entry:
+                del self._account_locks[account.name]
+        try:
+            answer = await exchange
+        except CastError as e:
+            if e.status == 429:
+                limiter.pause_until(time.monotonic() + (e.retry_after or 1.0))
+            raise
+        finally:
+            self.concurrency.release()
+            self.sends_in_flight -= 1
+            if self.sends_in_flight == 0:
+                self._sends_idle.set()
         if not isinstance(answer.get("message_id"), str) or not answer["message_id"]:
             raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
         return answer
@@ -220,4 +278,34 @@ class CastClient:
 
     async def status(self, account: CastAccount, cast_message_id: str) -> dict[str, Any]:
         path = "/api/v1/sms/status/" + quote(cast_message_id, safe="")
-        return await self._request(account, "GET", path)
+        await acquire_all(self.poll_limiter, self.ip_limiter)
+        return await self._start(account, "GET", path)
+
+
+async def _park() -> None:
+    """Wait forever: a send that must not start waits here until its task is cancelled."""
+    await asyncio.get_running_loop().create_future()
+
+
+class _Acquired:
+    """A semaphore slot released on leaving the block, unless `keep()` hands it on."""
+
+    def __init__(self, semaphore: asyncio.Semaphore):
+        self.semaphore = semaphore
+        self.held = False
+
+    async def __aenter__(self) -> _Acquired:
+        await self.semaphore.acquire()
+        self.held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
+    def keep(self) -> None:
+        self.held = False

@@ -5,6 +5,10 @@ window of ``period`` seconds (measured on the monotonic clock of this process): 
 under Cast's per-account and per-IP limits and GHL's per-location limit instead of discovering them
 through 429s. Waiters are served in FIFO order. ``pause_until`` lets an upstream's 429 or
 ``X-RateLimit-Remaining: 0`` hold everyone back until a moment.
+
+``acquire_all`` takes a slot in several limiters at the same instant (a Cast send counts against
+its account and against the per-IP limit): a request that waited for one limiter must not leave
+later than the moment the other one recorded, or the requests that waited leave in a bunch.
 """
 
 from __future__ import annotations
@@ -51,6 +55,45 @@ class SlidingWindowLimiter:
 
     def idle(self) -> bool:
         return not self._times or self._times[-1] <= time.monotonic() - self.period
+
+
+async def acquire_all(*limiters: SlidingWindowLimiter) -> float:
+    """Wait until every limiter has capacity, then take a slot in each at the same instant.
+
+    Returns that instant (``time.monotonic()``). Check and record happen with no await between
+    them, and every limiter is only ever recorded into while its lock is held (here and in
+    ``SlidingWindowLimiter.acquire``), so the limits hold when both are used on one limiter.
+
+    The locks are taken in the order given and each limiter is waited for while holding only the
+    locks before it: pass the most shared limiter last, so a caller waiting for its own (account)
+    limiter does not hold the shared (per-IP) one and block everyone else. Waiters are FIFO per
+    limiter. Pass the limiters in one consistent order everywhere (two calls taking the same two
+    locks in opposite orders could wait on each other).
+    """
+    order = list(dict.fromkeys(limiters))  # each limiter once, in the given order
+    held = 0  # order[:held] are locked by us
+    try:
+        while True:
+            now = time.monotonic()
+            blocked = next((i for i in range(held) if order[i]._delay(now) > 0), None)
+            if blocked is not None:
+                # Wait for it holding only the locks up to it: the later (more shared) limiters
+                # stay free for others meanwhile; a pause (429) on an earlier one lands here too.
+                while held > blocked + 1:
+                    held -= 1
+                    order[held]._lock.release()
+                await asyncio.sleep(order[blocked]._delay(now) + 0.001)
+                continue
+            if held == len(order):
+                for limiter in order:
+                    limiter._times.append(now)
+                return now
+            await order[held]._lock.acquire()
+            held += 1
+    finally:
+        while held:
+            held -= 1
+            order[held]._lock.release()
 
 
 class LimiterMap:
