@@ -38,17 +38,19 @@ from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
 from castghld.state import KeyRing, StateError, StateStore
-from castghld.tokens import Installations
+from castghld.tokens import STOP_WAIT, Installations
 
 log = logging.getLogger("castghld")
 
 # Upstream timeouts (JupyterHub's choice): fail fast and retry rather than hang on a dead peer.
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 10.0
-MAX_CLIENTS = 64
-# How long shutdown waits for Cast sends in flight (after draining requests); with the default
-# server.shutdown_timeout (20 s) the whole stop stays under the unit's TimeoutStopSec (30 s).
+MAX_CLIENTS = 256  # well above delivery.concurrency: a request must not queue in the client
+# The graceful stop fits in server.shutdown_timeout (default 20 s, under the unit's 30 s
+# TimeoutStopSec): requests get what the later phases leave, then Cast sends and GHL inbound posts
+# in flight get SEND_DRAIN_SECONDS, token refreshes in flight tokens.STOP_WAIT.
 SEND_DRAIN_SECONDS = 5.0
+RESERVED_FOR_LATER_PHASES = SEND_DRAIN_SECONDS + STOP_WAIT
 _http_client_configured = False
 
 
@@ -96,22 +98,35 @@ def configure_http_client() -> str:
 
 
 class Delivery:
-    """The outbox and its pipelines as one component: stop lets Cast sends in flight finish."""
+    """The outbox and its pipelines as one component.
 
-    def __init__(self, outbox: Outbox, cast: CastClient):
+    Stop: no new Cast send or GHL inbound post starts; those in flight get SEND_DRAIN_SECONDS to
+    finish and record their outcome; then every pipeline stops where it is (on disk).
+    """
+
+    def __init__(self, outbox: Outbox, cast: CastClient, inbound: InboundDelivery):
         self.outbox = outbox
         self.cast = cast
+        self.inbound = inbound
 
     async def start(self) -> None:
         await self.outbox.start()
 
     async def stop(self) -> None:
+        self.cast.begin_stop()
+        self.inbound.begin_stop()
+        deadline = time.monotonic() + SEND_DRAIN_SECONDS
         if not await self.cast.wait_sends_idle(SEND_DRAIN_SECONDS):
             log.warning(
                 "%d Cast send(s) still in flight after %.0fs; they resume (same idempotency key) "
                 "at the next start",
                 self.cast.sends_in_flight,
                 SEND_DRAIN_SECONDS,
+            )
+        if not await self.inbound.wait_posts_idle(max(0.0, deadline - time.monotonic())):
+            log.warning(
+                "%d GHL inbound post(s) still in flight; they are posted again at the next start",
+                self.inbound.posts_in_flight,
             )
         await self.outbox.stop()
 
@@ -160,14 +175,17 @@ class Daemon:
         self.outbox.pipelines["outbound"] = OutboundDelivery(
             config, self.cast, self.ghl, self.installations, self.metrics
         )
-        self.outbox.pipelines["inbound"] = InboundDelivery(
-            config, self.ghl, self.installations, self.metrics
+        self.inbound = InboundDelivery(config, self.ghl, self.installations, self.metrics)
+        self.outbox.pipelines["inbound"] = self.inbound
+        # Replies kept for want of an installed location go on once one is installed.
+        self.installations.on_usable.append(
+            lambda _location_id: self.outbox.redispatch("inbound", lambda _record: True)
         )
         try:
             self.outbox.load()
         except (StateError, OSError) as e:
             raise StartupError([str(e)]) from None
-        self.components.append(Delivery(self.outbox, self.cast))
+        self.components.append(Delivery(self.outbox, self.cast, self.inbound))
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -232,7 +250,8 @@ class Daemon:
         self.phase = "stopping"
         sdnotify.notify("STOPPING=1")
         log.info("stopping: no new connections; draining %d request(s)", self.in_flight)
-        deadline = time.monotonic() + self.config.server.shutdown_timeout
+        budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)
+        deadline = time.monotonic() + budget
         if self._server is not None:
             self._server.stop()
         if self.in_flight > 0:

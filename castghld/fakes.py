@@ -406,6 +406,7 @@ class FakeGHL(_FakeServer):
         self.refresh_reuse = 0
         self.statuses: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self.contacts: dict[tuple[str, str], dict[str, Any]] = {}  # (location, phone) -> contact
+        self.deleted_contacts: set[str] = set()
         self.upserts = 0
         self.inbound_messages: list[dict[str, Any]] = []
         self.webhook_messages: dict[str, str] = {}  # messageId -> locationId, from post_webhook
@@ -484,6 +485,11 @@ class FakeGHL(_FakeServer):
         for token, (grant, _) in list(self._access.items()):
             if location_id is None or grant.subject == location_id:
                 del self._access[token]
+
+    def delete_contact(self, location_id: str, phone: str) -> None:
+        """A GHL user deleted (or merged) this contact: its id now gets 400 "Contact not found"."""
+        contact = self.contacts.pop((location_id, phone))
+        self.deleted_contacts.add(contact["id"])
 
     def no_provider_for(self, message_id: str, times: int) -> None:
         """The next `times` status updates of this message get GHL's transient 403."""
@@ -724,6 +730,8 @@ class FakeGHL(_FakeServer):
         if body.get("type") != "SMS":
             self._violate(call, 422, f"type {body.get('type')!r}, expected 'SMS'")
         contact_ids = {c["id"] for (loc, _), c in self.contacts.items() if loc == location_id}
+        if body.get("contactId") in self.deleted_contacts:
+            raise _Reject(_ghl_error(400, "Contact not found"))
         if body.get("contactId") not in contact_ids:
             self._violate(call, 422, f"contactId {body.get('contactId')!r} is not a contact here")
         for key in ("message", "altId", "date"):

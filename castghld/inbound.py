@@ -2,33 +2,40 @@
 
 Routing: the Cast ``to`` (our number in any PH form, or a sender ID) selects the location through
 ``cast.locations.<id>.inbound_numbers``; when nothing maps it and exactly one location is
-installed, that one. A message no location claims stays in the outbox (logged, counted in
-``castghld_outbox_pending{kind="inbound"}``) and is routed again at the next start, so a mapping
-added to the config later still delivers it.
+installed, that one. A message no location claims, or whose location is not (or no longer)
+installed, stays in the outbox (logged, counted in ``castghld_outbox_pending{kind="inbound"}``):
+it is tried again when a location is installed and at every start, so a mapping added to the
+config later still delivers it.
 
 Delivery: ``from`` normalised to E.164, ``POST /contacts/upsert`` (the contact id is cached per
 location + phone, so a known number costs no upsert), then ``POST /conversations/messages/inbound``.
 GHL 429/5xx/timeouts are retried with backoff, a 401 refreshes the token once (``GHLClient.call``).
 
-Duplicates: GHL's inbound API has no idempotency key. The one window that can duplicate a message
-is a crash (or kill -9) after GHL accepted the POST and before the ``done`` entry is fsynced in
-the outbox journal: the restart posts it again. Nothing else is awaited in that window: the
-``done`` entry is queued in the same IOLoop step in which GHL's answer arrives.
+Duplicates: GHL's inbound API has no idempotency key, so a POST that GHL stored but whose answer
+we did not get is posted again. That happens in exactly two cases:
+- a crash (kill -9, power loss) after GHL stored the POST and before our ``done`` entry is fsynced
+  in the outbox journal; nothing else is awaited in that window (the entry is queued in the same
+  IOLoop step in which GHL's answer arrives), so it is one fsync long;
+- GHL's answer is lost (timeout, connection reset, a 5xx from its edge after the message was
+  stored): we cannot tell that from a POST that never arrived, and retrying is the only way not
+  to lose the reply.
+A graceful stop does not add a case: it lets inbound POSTs in flight finish (bounded) first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
 from typing import Any
 
 from castghld.config import Config
-from castghld.ghl import VERSION_OAUTH, GHLClient, GHLError
+from castghld.ghl import VERSION_OAUTH, GHLClient, GHLError, TokenUnavailable
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.phone import normalize_any
-from castghld.tokens import Installations, TokenUnavailable
+from castghld.tokens import Installations
 
 log = logging.getLogger("castghld.inbound")
 
@@ -71,6 +78,21 @@ class InboundDelivery:
             for number in override.inbound_numbers:
                 self.routes[number_key(number)] = location_id
         self.contacts: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self.stopping = False
+        self.posts_in_flight = 0
+        self._posts_idle = asyncio.Event()
+        self._posts_idle.set()
+
+    def begin_stop(self) -> None:
+        """No new POST to GHL starts from now on (the outbox keeps the records)."""
+        self.stopping = True
+
+    async def wait_posts_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._posts_idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def route(self, to: str) -> str | None:
         location_id = self.routes.get(number_key(to))
@@ -87,7 +109,7 @@ class InboundDelivery:
             self.metrics.inbound.labels("unrouted").inc()
             log.warning(
                 "%s: no location claims this number (set cast.locations.<id>.inbound_numbers); "
-                "kept in the outbox and routed again at the next start",
+                "kept in the outbox and routed again on the next install or start",
                 context,
             )
             return
@@ -100,16 +122,56 @@ class InboundDelivery:
             return
         deadline = time.monotonic() + self.config.delivery.report_deadline
         try:
+            await self._deliver(record, location_id, phone, deadline, context)
+        except TokenUnavailable as e:
+            # Not installed (any more), or needs reauthorisation: keep it for a (re)install.
+            self.metrics.inbound.labels("no_token").inc()
+            log.warning("%s: kept in the outbox until the location is installed: %s", context, e)
+            return
+        except GHLError as e:
+            self.metrics.inbound.labels("failed").inc()
+            log.error("%s: GHL did not take the message: %d %s", context, e.status, e.message)
+            await outbox.finish(rid)
+            return
+        # The duplicate window of the module docstring starts here: no await before the append.
+        await outbox.finish(rid)
+        self.metrics.inbound.labels("delivered").inc()
+        log.info("%s: delivered to GHL", context)
+
+    async def _deliver(
+        self, record: Record, location_id: str, phone: str, deadline: float, context: str
+    ) -> None:
+        """Upsert the contact (or use the cached id) and post the message; a cached contact that
+        GHL no longer knows (deleted, merged) is upserted again once."""
+        cached = (location_id, phone) in self.contacts
+        contact_id = await self._contact(location_id, phone, deadline, context)
+        try:
+            await self._post(record, location_id, contact_id, deadline, context)
+        except GHLError as e:
+            if not cached or e.status not in (400, 404, 422):
+                raise
+            log.info("%s: GHL refused the cached contact (%d); upserting again", context, e.status)
+            self.contacts.pop((location_id, phone), None)
             contact_id = await self._contact(location_id, phone, deadline, context)
-            body: dict[str, Any] = {
-                "type": "SMS",
-                "contactId": contact_id,
-                "message": record["message"],
-                "altId": record["cast_id"],
-                "date": record["received_at"],
-            }
-            if self.config.ghl.conversation_provider_id:
-                body["conversationProviderId"] = self.config.ghl.conversation_provider_id
+            await self._post(record, location_id, contact_id, deadline, context)
+
+    async def _post(
+        self, record: Record, location_id: str, contact_id: str, deadline: float, context: str
+    ) -> None:
+        if self.stopping:  # park: the outbox cancels this task and keeps the record
+            await asyncio.get_running_loop().create_future()
+        body: dict[str, Any] = {
+            "type": "SMS",
+            "contactId": contact_id,
+            "message": record["message"],
+            "altId": record["cast_id"],
+            "date": record["received_at"],
+        }
+        if self.config.ghl.conversation_provider_id:
+            body["conversationProviderId"] = self.config.ghl.conversation_provider_id
+        self.posts_in_flight += 1
+        self._posts_idle.clear()
+        try:
             await self.ghl.call(
                 self.installations,
                 location_id,
@@ -119,15 +181,10 @@ class InboundDelivery:
                 deadline=deadline,
                 context=context,
             )
-        except (GHLError, TokenUnavailable) as e:
-            self.metrics.inbound.labels("failed").inc()
-            log.error("%s: GHL did not take the message: %s", context, e)
-            await outbox.finish(rid)
-            return
-        # The duplicate window of the module docstring starts here: no await before the append.
-        await outbox.finish(rid)
-        self.metrics.inbound.labels("delivered").inc()
-        log.info("%s: delivered to GHL", context)
+        finally:
+            self.posts_in_flight -= 1
+            if self.posts_in_flight == 0:
+                self._posts_idle.set()
 
     async def _contact(self, location_id: str, phone: str, deadline: float, context: str) -> str:
         key = (location_id, phone)

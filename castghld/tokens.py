@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from castghld.config import Config
@@ -44,6 +45,7 @@ STATUS_NEEDS_REAUTH = "needs_reauth"
 STATUS_INACTIVE = "inactive"
 REFRESHES_PER_SECOND = 10
 SWEEP_CONCURRENCY = 8
+STOP_WAIT = 2.0  # shutdown waits this long for refreshes in flight (their pair must land)
 EXPIRY_SLACK = 120.0  # a token expiring sooner than this is refreshed before use
 
 
@@ -74,6 +76,9 @@ class Installations:
         self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
         self._sweep_task: asyncio.Task | None = None
         self._limiter = SlidingWindowLimiter(REFRESHES_PER_SECOND, 1.0)
+        # Called with a location id once its pair is on disk and usable (install, reinstall,
+        # recovery from inactive): work that waited for the location can go on.
+        self.on_usable: list[Callable[[str], None]] = []
         metrics.before_scrape.append(self.update_metrics)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -98,8 +103,14 @@ class Installations:
     async def _store(self, section: str, key: str, record: dict[str, Any]) -> None:
         """Put and fsync `record`. Callers reach here straight from GHL's answer, with no other
         await in between: that is the whole of the window in which a crash loses a pair."""
+        previous = self.state.get(section, key)
         self.state.put(section, key, record)
         await self.state.commit()
+        was_usable = previous is not None and previous.get("status", STATUS_OK) == STATUS_OK
+        usable = record.get("status", STATUS_OK) == STATUS_OK
+        if section == INSTALLS and usable and not was_usable:
+            for callback in self.on_usable:
+                callback(key)
 
     # -- install ------------------------------------------------------------------------------
 
@@ -334,4 +345,4 @@ class Installations:
                 pass
         # Let refreshes whose answers may be on the way finish storing them.
         if self._in_flight:
-            await asyncio.wait(list(self._in_flight.values()), timeout=10)
+            await asyncio.wait(list(self._in_flight.values()), timeout=STOP_WAIT)

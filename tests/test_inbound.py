@@ -168,3 +168,44 @@ async def test_ghl_401_refreshes_once_and_delivers(bridge):
     await post(bridge, reply())
     await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1)
     assert bridge.ghl.refresh_count["loc1"] == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_reply_before_any_install_is_delivered_once_a_location_installs(bridge):
+    await bridge.start()
+    assert (await post(bridge, reply())).code == 200
+    await wait_for(lambda: bridge.daemon.outbox.records and bridge.daemon.outbox.running == 0)
+    assert bridge.ghl.inbound_messages == []
+    await bridge.install("loc1")
+    await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1)
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_cached_contact_deleted_in_ghl_is_upserted_again(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    await post(bridge, reply("C1"))
+    await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1)
+    bridge.ghl.delete_contact("loc1", "+639181234567")
+    await post(bridge, reply("C2"))
+    await wait_for(lambda: len(bridge.ghl.inbound_messages) == 2)
+    assert bridge.ghl.upserts == 2
+    new_contact = bridge.ghl.contacts[("loc1", "+639181234567")]["id"]
+    assert bridge.ghl.inbound_messages[1]["contactId"] == new_contact
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_graceful_stop_lets_an_inbound_post_finish_without_duplicate(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    bridge.ghl.latency = 0.5
+    await post(bridge, reply())
+    await wait_for(lambda: bridge.ghl.calls_to("POST", "/conversations/messages/inbound"))
+    await bridge.stop()
+    assert len(bridge.ghl.inbound_messages) == 1
+    bridge.ghl.latency = 0.0
+    await bridge.start()
+    await wait_for(lambda: bridge.daemon.outbox.running == 0)
+    assert bridge.daemon.outbox.records == {}
+    assert len(bridge.ghl.inbound_messages) == 1
