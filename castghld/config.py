@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+# A send may be retried until this long after GHL handed us the message; a later attempt could
+# fall outside Cast's 24 h idempotency window and send twice (see outbound.py).
+MAX_SEND_DEADLINE = 12 * 3600.0
 DEFAULT_CONFIG_PATH = "/etc/castghld/castghld.yaml"
 CONFIG_ENV = "CASTGHLD_CONFIG"
 
@@ -271,7 +274,16 @@ class _Reader:
 
         return self.typed(key, raw, name, default, conv)
 
-    def duration(self, key: str, raw: dict, name: str, default: float, minimum: float = 0) -> float:
+    def duration(
+        self,
+        key: str,
+        raw: dict,
+        name: str,
+        default: float,
+        minimum: float = 0,
+        maximum: float | None = None,
+        why: str = "",
+    ) -> float:
         def conv(v: Any) -> float:
             try:
                 seconds = parse_duration(v)
@@ -279,6 +291,8 @@ class _Reader:
                 raise ValueError(f"must be a duration like 30s, 5m, 1h or 7d, got {v!r}") from None
             if seconds < minimum:
                 raise ValueError(f"must be at least {minimum:g}s, got {v!r}")
+            if maximum is not None and seconds > maximum:
+                raise ValueError(f"must be at most {maximum:g}s{why}, got {v!r}")
             return seconds
 
         return self.typed(key, raw, name, default, conv)
@@ -422,7 +436,15 @@ def build_config(path: str, raw: Any) -> Config:
 
     d = r.section("delivery", top.get("delivery"), _fields(DeliveryConfig))
     delivery = DeliveryConfig(
-        send_deadline=r.duration("delivery", d, "send_deadline", 3600.0, minimum=1),
+        send_deadline=r.duration(
+            "delivery",
+            d,
+            "send_deadline",
+            3600.0,
+            minimum=1,
+            maximum=MAX_SEND_DEADLINE,
+            why=" (Cast remembers idempotency keys for 24h)",
+        ),
         report_deadline=r.duration("delivery", d, "report_deadline", 3600.0, minimum=1),
         status_polls=_status_polls(r, d),
         allowed_regions=_regions(r, d),

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from castghld.config import Config
+from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.pacing import LimiterMap, parse_retry_after, retry_delay
 
@@ -82,7 +83,7 @@ def _message_of(body: Any, fallback: str) -> str:
             if isinstance(value, list):
                 value = "; ".join(str(v) for v in value)
             if value:
-                return str(value)[:500]
+                return redact_numbers(str(value))[:500]
     return fallback
 
 

@@ -25,6 +25,16 @@ SCRUB_KEYS = (
     "inbound_secret",
     "password",
 )
+# 9 to 15 digits, optionally "+"-prefixed and grouped by spaces or dashes: a phone number.
+_PHONE_RE = re.compile(r"(?<![\w.])\+?\d(?:[ -]?\d){8,14}(?![\w.:])")
+
+
+def redact_numbers(text: str) -> str:
+    """`text` with phone numbers replaced by ``[number]``: upstream error messages may echo the
+    number they refused, and logs and metrics must stay free of personal data."""
+    return _PHONE_RE.sub("[number]", text)
+
+
 _KV_RE = re.compile(
     r"(?i)([\"']?\b(?:" + "|".join(SCRUB_KEYS) + r")\b[\"']?\s*[=:]\s*[\"']?)([^\s&\"',}]+)"
 )

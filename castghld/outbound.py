@@ -9,7 +9,11 @@ A message we cannot send goes ``new`` -> ``report`` with status ``failed`` and a
 
 Exactly one SMS: the Cast send carries ``X-Idempotency-Key`` = GHL ``messageId`` on every attempt,
 including the one after a crash between Cast's answer and the ``sent`` record; Cast replays its
-first answer, so the worst a crash costs is a repeated request, never a repeated SMS.
+first answer, so the worst a crash costs is a repeated request, never a repeated SMS. That
+holds for 24 h (Cast's replay window): ``attempted`` is recorded before the first attempt, a
+message never attempted within ``delivery.send_deadline`` (at most 12 h) is reported ``failed``
+(``EXPIRED``) instead of sent late, and one attempted but still unresolved 23 h after it arrived
+(the daemon was down that long) is reported ``failed`` (``OUTCOME_UNKNOWN``) rather than risked.
 Never stuck "pending" silently: a message still undecided after the last poll is logged.
 """
 
@@ -22,17 +26,20 @@ from typing import Any
 
 from castghld.cast import MAX_MESSAGE_CHARS, CastClient, CastError
 from castghld.config import Config
-from castghld.ghl import GHLClient, GHLError
+from castghld.ghl import GHLClient, GHLError, TokenUnavailable
+from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.phone import InvalidNumber, normalize_mobile
-from castghld.tokens import Installations, TokenUnavailable
+from castghld.tokens import Installations
 
 log = logging.getLogger("castghld.outbound")
 
 KIND = "outbound"
 FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
 NO_PROVIDER = "no conversation provider"
+# Cast replays the answer to an idempotency key for 24 h: a retry younger than this is safe.
+SAFE_RESEND_AGE = 23 * 3600.0
 
 
 def record_id(message_id: str) -> str:
@@ -116,13 +123,29 @@ class OutboundDelivery:
         except InvalidNumber as e:
             return (e.code, e.message)  # not the number itself: logs stay free of personal data
 
+    async def _reject(self, outbox: Outbox, rid: str, code: str, reason: str, context: str) -> None:
+        log.warning("not sending %s: %s %s", context, code, reason)
+        self.metrics.sends.labels("rejected").inc()
+        await outbox.update(rid, stage="report", status="failed", error=_error(code, reason))
+
     async def _send(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
         checked = self._check(record)
         if isinstance(checked, tuple):
-            code, reason = checked
-            log.warning("not sending %s: %s %s", context, code, reason)
-            self.metrics.sends.labels("rejected").inc()
-            await outbox.update(rid, stage="report", status="failed", error=_error(code, reason))
+            await self._reject(outbox, rid, *checked, context)
+            return
+        age = time.time() - record["received_at"]
+        if not record.get("attempted"):
+            if age > self.config.delivery.send_deadline:
+                # Down longer than the deadline before a first attempt: too late to text now.
+                reason = "not sent: castghld could not reach Cast within the send deadline"
+                await self._reject(outbox, rid, "EXPIRED", reason, context)
+                return
+            await outbox.update(rid, attempted=True)
+        elif age > SAFE_RESEND_AGE:
+            # Cast may have taken an earlier attempt, and no longer remembers its idempotency
+            # key: a retry could send a second SMS. Say so rather than guess.
+            reason = "castghld was down too long to retry safely; the SMS may have been sent"
+            await self._reject(outbox, rid, "OUTCOME_UNKNOWN", reason, context)
             return
         account = self.cast.account_for(record["location_id"])
         deadline = self._deadline(record["received_at"], self.config.delivery.send_deadline)
@@ -136,10 +159,11 @@ class OutboundDelivery:
                 context=context,
             )
         except CastError as e:
-            log.error("Cast refused %s: %d %s %s", context, e.status, e.code, e.message)
-            await outbox.update(
-                rid, stage="report", status="failed", error=_error(e.code, e.message)
-            )
+            reason = redact_numbers(e.message)
+            if e.code == "NO_ANSWER":
+                reason = "Cast did not answer before the send deadline; the SMS may have been sent"
+            log.error("Cast refused %s: %d %s %s", context, e.status, e.code, reason)
+            await outbox.update(rid, stage="report", status="failed", error=_error(e.code, reason))
             return
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(
@@ -157,8 +181,14 @@ class OutboundDelivery:
     async def _poll(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
         account = self.cast.account_for(record["location_id"])
         polls = self.config.delivery.status_polls
-        for index in range(record.get("polls_done", 0), len(polls)):
-            wait = record["sent_at"] + polls[index] - time.time()
+        index = record.get("polls_done", 0)
+        while index < len(polls):
+            # Polls already overdue while a later one is due too (after a restart, or after a
+            # slow poll) are skipped: one poll at the latest due point, not several back to back.
+            now = time.time()
+            while index + 1 < len(polls) and record["sent_at"] + polls[index + 1] <= now:
+                index += 1
+            wait = record["sent_at"] + polls[index] - now
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
@@ -179,6 +209,7 @@ class OutboundDelivery:
                 )
                 return
             await outbox.update(rid, polls_done=index + 1)
+            index += 1
         log.warning(
             "no delivery report for %s cast_id=%s after %d polls; GHL keeps showing pending",
             context,

@@ -40,6 +40,8 @@ _CONTEXT = b"outbox"
 COMPACT_MIN_ENTRIES = 2000
 # Back-off while the journal cannot be written (a pipeline step that must persist its progress).
 PERSIST_RETRY = (1.0, 30.0)
+# Back-off of a pipeline that failed unexpectedly (a bug, or an upstream answer we did not foresee).
+PIPELINE_RETRY = (30.0, 600.0)
 
 Record = dict[str, Any]
 Pipeline = Callable[["Outbox", str], Awaitable[None]]
@@ -343,13 +345,21 @@ class Outbox:
         task.add_done_callback(lambda _: self._tasks.pop(rid, None))
 
     async def _run(self, pipeline: Pipeline, rid: str) -> None:
-        try:
-            await pipeline(self, rid)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug must not lose the message: it stays in the outbox and resumes on restart.
-            log.exception("outbox: pipeline failed for %s; kept for the next start", rid)
+        delay = PIPELINE_RETRY[0]
+        while True:
+            try:
+                await pipeline(self, rid)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Never lose the message to an unexpected error: it stays in the outbox and its
+                # pipeline resumes from its last recorded stage, here after a pause or at restart.
+                log.exception("outbox: pipeline failed for %s; retrying in %.0fs", rid, delay)
+            await asyncio.sleep(delay)
+            if rid not in self.records:
+                return
+            delay = min(delay * 2, PIPELINE_RETRY[1])
 
     def redispatch(self, kind: str, predicate: Callable[[Record], bool]) -> int:
         """Start pipelines again for live records of `kind` that are idle and match."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -319,3 +320,65 @@ async def test_graceful_stop_keeps_unsent_messages_and_restart_sends_them(bridge
     await bridge.start()
     await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=15)
     assert len(bridge.cast.sent) == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_message_not_attempted_before_the_deadline_is_reported_expired(bridge):
+    await ready(bridge)
+    await bridge.stop()
+    # Recorded by an earlier run that stopped before trying it, two hours ago.
+    record = {
+        "kind": "outbound",
+        "stage": "new",
+        "message_id": "old-1",
+        "location_id": "loc1",
+        "type": "SMS",
+        "phone": "+639171234567",
+        "message": "Your code is 1234",
+        "attachments": [],
+        "received_at": time.time() - 7200,
+    }
+    await write_outbox_record(bridge, "out:old-1", record)
+    await bridge.start()
+    await wait_for(lambda: statuses(bridge.ghl, "old-1") == ["failed"])
+    assert bridge.ghl.statuses["old-1"][0]["error"]["code"] == "EXPIRED"
+    assert bridge.cast.calls_to("POST", SEND) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_attempted_message_older_than_cast_replay_window_is_not_resent(bridge):
+    await ready(bridge)
+    await bridge.stop()
+    record = {
+        "kind": "outbound",
+        "stage": "new",
+        "attempted": True,
+        "message_id": "old-2",
+        "location_id": "loc1",
+        "type": "SMS",
+        "phone": "+639171234567",
+        "message": "Your code is 1234",
+        "attachments": [],
+        "received_at": time.time() - 23.5 * 3600,
+    }
+    await write_outbox_record(bridge, "out:old-2", record)
+    await bridge.start()
+    await wait_for(lambda: statuses(bridge.ghl, "old-2") == ["failed"])
+    assert bridge.ghl.statuses["old-2"][0]["error"]["code"] == "OUTCOME_UNKNOWN"
+    assert bridge.cast.calls_to("POST", SEND) == []
+
+
+async def write_outbox_record(bridge, rid: str, record: dict) -> None:
+    """Put a record into the stopped daemon's outbox through the outbox's own journal."""
+    from castghld.metrics import Metrics
+    from castghld.outbox import Outbox
+    from castghld.state import KeyRing
+
+    outbox = Outbox(
+        bridge.config_dir.state_dir, KeyRing.load(bridge.config_dir.key_path), Metrics(), 86400.0
+    )
+    outbox.load()
+    outbox.pipelines["outbound"] = lambda _outbox, _rid: asyncio.sleep(0)
+    outbox.journal.open()
+    await outbox.journal.append({"op": "put", "id": rid, "record": record})
+    await outbox.journal.close()

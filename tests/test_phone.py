@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from castghld.log import redact_numbers
 from castghld.phone import InvalidNumber, normalize_any, normalize_mobile
 
 
@@ -40,3 +41,16 @@ def test_other_regions_pass_when_allowed():
 def test_normalize_any_keeps_sender_ids_apart():
     assert normalize_any("09181234567") == "+639181234567"
     assert normalize_any("CASTDEMO") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Invalid number +639171234567", "Invalid number [number]"),
+        ("to 0917-123-4567 refused", "to [number] refused"),
+        ("at 2026-11-26 13:05:51", "at 2026-11-26 13:05:51"),
+        ("location ve9EPM428h8vShlRW1KT", "location ve9EPM428h8vShlRW1KT"),
+    ],
+)
+def test_upstream_messages_lose_phone_numbers(text, expected):
+    assert redact_numbers(text) == expected
