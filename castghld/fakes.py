@@ -136,6 +136,17 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+def max_in_window(times: list[float], window: float) -> int:
+    """The most of `times` (seconds) that fall within any `window` seconds."""
+    times = sorted(times)
+    best = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 def _describe(predicate: Callable[[], Any]) -> str:
     try:
         return inspect.getsource(predicate).strip()
@@ -850,13 +861,9 @@ class FakeCast(_FakeServer):
 
     def max_sends_in_window(self, window: float = 1.0, account: str | None = None) -> int:
         """The most sends (of `account`, or of all) that fell within any `window` seconds."""
-        times = sorted(s["time"] for s in self.sent if account is None or s["account"] == account)
-        best = start = 0
-        for end, t in enumerate(times):
-            while t - times[start] >= window:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return max_in_window(
+            [s["time"] for s in self.sent if account is None or s["account"] == account], window
+        )
 
     async def post_inbound(
         self, url: str, secret: str, payload: dict[str, Any], raise_error: bool = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import pytest
 import tornado.testing
@@ -141,6 +142,19 @@ class Bridge:
         )
         assert response.code == 200, response.body
 
+    async def update_status(self, location_id: str, message_id: str) -> None:
+        """A GHL call that needs the location's stored token (PUT message status), made through
+        `GHLClient.call` with its refresh-on-401 and retries; the fake checks whose token it is."""
+        daemon = self.daemon
+        await daemon.ghl.call(
+            daemon.installations,
+            location_id,
+            "PUT",
+            f"/conversations/messages/{message_id}/status",
+            json_body={"status": "delivered"},
+            deadline=time.monotonic() + 5,
+        )
+
     async def post_message(self, payload: dict | None = None, **fields):
         """A signed ProviderOutboundMessage webhook; the response."""
         body = {
@@ -155,9 +169,7 @@ class Bridge:
         }
         body.update(payload or {})
         body.update(fields)
-        return await self.ghl.post_webhook(
-            self.daemon.url + "/api/ghl/v1/webhook/messages", body
-        )
+        return await self.ghl.post_webhook(self.daemon.url + "/api/ghl/v1/webhook/messages", body)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from castghld.cast import CastClient, CastError
-from castghld.fakes import FakeCast, wait_for
+from castghld.fakes import FakeCast, max_in_window, wait_for
 from castghld.metrics import Metrics
 
 SEND = "/api/v1/sms/send"
@@ -33,16 +33,6 @@ def client_for(config_dir, fake: FakeCast, extra: dict | None = None) -> CastCli
     cast = {"api_base": fake.url, "locations": {"loc3": {"api_key": "key_b"}}}
     config = config_dir.load({"cast": cast, **(extra or {})})
     return CastClient(config, Metrics())
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best = start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def send(client: CastClient, location_id: str, key: str) -> dict:

@@ -76,15 +76,7 @@ def token_calls(fake_ghl, grant_type: str):
 
 async def status_update_succeeds(bridge, location_id: str, message_id: str) -> None:
     """Use the location's stored token on a real GHL route (the fake checks whose token it is)."""
-    daemon = bridge.daemon
-    await daemon.ghl.call(
-        daemon.installations,
-        location_id,
-        "PUT",
-        f"/conversations/messages/{message_id}/status",
-        json_body={"status": "delivered"},
-        deadline=time.monotonic() + 5,
-    )
+    await bridge.update_status(location_id, message_id)
     assert bridge.ghl.statuses[message_id] == [{"status": "delivered"}]
 
 

@@ -59,19 +59,6 @@ def bearer_tokens(fake_ghl, path: str) -> list[str]:
     ]
 
 
-async def update_status(bridge, location_id: str, message_id: str) -> None:
-    """A GHL call that needs the location's token (PUT message status), with `call`'s retries."""
-    daemon = bridge.daemon
-    await daemon.ghl.call(
-        daemon.installations,
-        location_id,
-        "PUT",
-        f"/conversations/messages/{message_id}/status",
-        json_body={"status": "delivered"},
-        deadline=time.monotonic() + 5,
-    )
-
-
 # -- refresh by the sweep ------------------------------------------------------------------------
 
 
@@ -104,7 +91,7 @@ async def test_pair_refreshed_at_startup_is_used_after_a_restart(bridge):
     await bridge.stop()
     daemon = await bridge.start(STARTUP_SWEEP_ONLY)
     new = daemon.installations.get("loc1")
-    await update_status(bridge, "loc1", "msg-1")
+    await bridge.update_status("loc1", "msg-1")
     assert bearer_tokens(bridge.ghl, "/conversations/messages/msg-1/status") == [
         new["access_token"]
     ]
@@ -125,7 +112,7 @@ async def test_periodic_sweep_refreshes_a_pair_near_expiry(bridge, config_dir):
     daemon = await bridge.start(STARTUP_SWEEP_ONLY)
     new = daemon.installations.get("loc1")
     assert new["access_token"] != old["access_token"]
-    await update_status(bridge, "loc1", "msg-1")
+    await bridge.update_status("loc1", "msg-1")
     assert bearer_tokens(bridge.ghl, "/conversations/messages/msg-1/status") == [
         new["access_token"]
     ]
@@ -176,7 +163,7 @@ async def test_twenty_concurrent_requests_needing_an_expired_token_refresh_once(
     await bridge.start(NO_SWEEP_REFRESH)
     old = await install_expiring(bridge, "loc1")
     bridge.ghl.hang("token")  # hold the refresh until every request waits for a token
-    requests = asyncio.gather(*(update_status(bridge, "loc1", f"msg-{i}") for i in range(20)))
+    requests = asyncio.gather(*(bridge.update_status("loc1", f"msg-{i}") for i in range(20)))
     await wait_for(lambda: bridge.ghl.hung("token") == 1)
     bridge.ghl.release("token")
     await requests
@@ -194,7 +181,7 @@ async def test_twenty_concurrent_requests_meeting_401_refresh_once(bridge):
     await bridge.start(NO_SWEEP_REFRESH)
     await bridge.install("loc1")
     bridge.ghl.expire_access_tokens("loc1")
-    await asyncio.gather(*(update_status(bridge, "loc1", f"msg-{i}") for i in range(20)))
+    await asyncio.gather(*(bridge.update_status("loc1", f"msg-{i}") for i in range(20)))
     assert bridge.ghl.refresh_count["loc1"] == 1
     assert bridge.ghl.refresh_reuse == 0
     assert all(bridge.ghl.statuses[f"msg-{i}"] == [{"status": "delivered"}] for i in range(20))
@@ -206,10 +193,10 @@ async def test_401_for_a_token_refreshed_meanwhile_does_not_refresh_again(bridge
     await bridge.install("loc1")
     bridge.ghl.expire_access_tokens("loc1")
     bridge.ghl.hang("token")
-    first = asyncio.ensure_future(update_status(bridge, "loc1", "msg-1"))  # 401, refreshing
+    first = asyncio.ensure_future(bridge.update_status("loc1", "msg-1"))  # 401, refreshing
     await wait_for(lambda: bridge.ghl.hung("token") == 1)
     bridge.ghl.hang("status")
-    second = asyncio.ensure_future(update_status(bridge, "loc1", "msg-2"))  # has the old token
+    second = asyncio.ensure_future(bridge.update_status("loc1", "msg-2"))  # has the old token
     await wait_for(lambda: bridge.ghl.hung("status") == 1)
     bridge.ghl.release("token")
     await wait_for(lambda: bridge.ghl.hung("status") == 2)  # + the first one's retry
@@ -226,7 +213,7 @@ async def test_401_refreshes_once_and_retries_the_call(bridge):
     await bridge.install("loc1")
     old = bridge.daemon.installations.get("loc1")
     bridge.ghl.expire_access_tokens("loc1")
-    await update_status(bridge, "loc1", "msg-1")
+    await bridge.update_status("loc1", "msg-1")
     new = bridge.daemon.installations.get("loc1")
     assert bearer_tokens(bridge.ghl, "/conversations/messages/msg-1/status") == [
         old["access_token"],
@@ -242,7 +229,7 @@ async def test_401_after_the_refresh_is_raised_without_another_refresh(bridge):
     await bridge.install("loc1")
     bridge.ghl.fail_next("status", 401, times=2)
     with pytest.raises(GHLError) as raised:
-        await update_status(bridge, "loc1", "msg-1")
+        await bridge.update_status("loc1", "msg-1")
     assert raised.value.status == 401
     assert len(bridge.ghl.calls_to("PUT", "/conversations/messages/msg-1/status")) == 2
     assert bridge.ghl.refresh_count["loc1"] == 1
@@ -277,7 +264,7 @@ async def test_needs_reauth_location_is_not_refreshed_again(bridge):
     with pytest.raises(TokenUnavailable):
         await installations.access_token("loc1")
     with pytest.raises(TokenUnavailable):
-        await update_status(bridge, "loc1", "msg-1")
+        await bridge.update_status("loc1", "msg-1")
     assert len(refresh_calls(bridge.ghl)) == attempts
     assert bridge.ghl.calls_to("PUT", "/conversations/messages/") == []
 
@@ -382,7 +369,7 @@ async def test_no_token_appears_in_any_log_record(bridge, caplog):
     await wait_for(lambda: bridge.ghl.refresh_count["loc1"] == 1)
     await wait_for(lambda: bridge.daemon.installations.get("loc2")["status"] == "needs_reauth")
     bridge.ghl.expire_access_tokens("locA")
-    await update_status(bridge, "locA", "msg-1")  # 401, refresh, retry
+    await bridge.update_status("locA", "msg-1")  # 401, refresh, retry
     secrets |= held_secrets(bridge.daemon)
     logged = [log_text(caplog, r) for r in caplog.records]
     assert any("refreshed token location=loc1" in text for text in logged)
@@ -411,7 +398,7 @@ async def test_no_token_appears_in_errors(bridge):
     errors = []
     for location_id in ("loc1", "loc2"):
         with pytest.raises((TokenUnavailable, GHLError)) as raised:
-            await update_status(bridge, location_id, "msg-1")
+            await bridge.update_status(location_id, "msg-1")
         errors.append(f"{raised.value} {raised.value!r}")
     bridge.ghl.fail_next("token", 400, {"error": "invalid_grant", "error_description": "bad"})
     bridge.ghl.add_auth_code("code-x", location_id="loc3")
