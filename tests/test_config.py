@@ -101,6 +101,14 @@ def test_bad_duration(config_dir, value):
     assert len(problems) == 1 and "tokens.refresh_interval: must be a duration" in problems[0]
 
 
+def test_send_deadline_beyond_cast_replay_window_is_refused(config_dir):
+    problems = problems_of(config_dir, {"delivery": {"send_deadline": "13h"}})
+    assert problems == [
+        f"{config_dir.config_path}: delivery.send_deadline: must be at most 43200s "
+        "(Cast remembers idempotency keys for 24h), got '13h'"
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [(30, 30), ("30", 30), ("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800), ("2.5s", 2.5)],
