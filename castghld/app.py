@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 import socket
 import time
@@ -37,8 +38,8 @@ from castghld.metrics import Metrics
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
-from castghld.state import KeyRing, StateError, StateStore
-from castghld.tokens import STOP_WAIT, Installations
+from castghld.state import KeyRing, StateError, StateStore, lock_directory
+from castghld.tokens import Installations
 
 log = logging.getLogger("castghld")
 
@@ -48,9 +49,11 @@ REQUEST_TIMEOUT = 10.0
 MAX_CLIENTS = 256  # well above delivery.concurrency: a request must not queue in the client
 # The graceful stop fits in server.shutdown_timeout (default 20 s, under the unit's 30 s
 # TimeoutStopSec): requests get what the later phases leave, then Cast sends and GHL inbound posts
-# in flight get SEND_DRAIN_SECONDS, token refreshes in flight tokens.STOP_WAIT.
+# in flight get SEND_DRAIN_SECONDS, and the final flushes FLUSH_SECONDS. Token refreshes in flight
+# get tokens.REFRESH_STOP_WAIT from the start of the stop, overlapping those phases.
 SEND_DRAIN_SECONDS = 5.0
-RESERVED_FOR_LATER_PHASES = SEND_DRAIN_SECONDS + STOP_WAIT
+FLUSH_SECONDS = 2.0
+RESERVED_FOR_LATER_PHASES = SEND_DRAIN_SECONDS + FLUSH_SECONDS
 _http_client_configured = False
 
 
@@ -139,6 +142,8 @@ class Daemon:
         self.metrics = Metrics()
         self.phase = "starting"
         self.in_flight = 0
+        self.exit_code = 0
+        self._lock_fd: int | None = None
         self._drained = asyncio.Event()  # set when in_flight drops to 0
         self.started_at = time.time()
         self.components: list[Component] = []
@@ -216,9 +221,25 @@ class Daemon:
         )
 
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
-        """Start components, then listen (on `sockets` if given, else on the configured address)."""
-        for component in self.components:
-            await component.start()
+        """Lock the state directory, bind, start components, then serve (on `sockets` if given,
+        else on the configured address); StartupError if any step cannot be done."""
+        try:
+            self._lock_fd = lock_directory(self.config.state.dir)
+        except StateError as e:
+            raise StartupError([str(e)]) from None
+        if sockets is None:
+            server = self.config.server
+            try:
+                sockets = tornado.netutil.bind_sockets(server.port, server.host)
+            except OSError as e:
+                raise StartupError(
+                    [f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"]
+                ) from None
+        try:
+            for component in self.components:
+                await component.start()
+        except (StateError, OSError) as e:
+            raise StartupError([str(e)]) from None
         self._server = tornado.httpserver.HTTPServer(
             self.make_app(),
             xheaders=self.config.server.xheaders,
@@ -228,8 +249,6 @@ class Daemon:
             idle_connection_timeout=60,
             body_timeout=30,
         )
-        if sockets is None:
-            sockets = tornado.netutil.bind_sockets(self.config.server.port, self.config.server.host)
         self._server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         self.phase = "serving"
@@ -250,6 +269,7 @@ class Daemon:
         self.phase = "stopping"
         sdnotify.notify("STOPPING=1")
         log.info("stopping: no new connections; draining %d request(s)", self.in_flight)
+        self.installations.begin_stop()
         budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)
         deadline = time.monotonic() + budget
         if self._server is not None:
@@ -258,7 +278,7 @@ class Daemon:
             self._drained.clear()
             try:
                 await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin on Python 3.10
                 pass
         if self.in_flight:
             log.warning("shutdown bound reached; cutting %d request(s)", self.in_flight)
@@ -271,8 +291,19 @@ class Daemon:
                 log.exception("error stopping %s", type(component).__name__)
         try:
             await self.state.commit()
+        except OSError as e:
+            self.exit_code = 1
+            log.error(
+                "could not save %s (%s): token pairs refreshed since its last write are lost; "
+                "those locations may need to reinstall",
+                self.state.path,
+                e.strerror,
+            )
         finally:
             self.state.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
         log.info("stopped")
 
 
@@ -285,12 +316,10 @@ async def run(config: Config) -> int:
         loop.add_signal_handler(sig, daemon.request_stop)
     try:
         await daemon.start()
-    except OSError as e:
+    except StartupError:
         await daemon.stop()
-        raise StartupError(
-            [f"cannot listen on {config.server.host}:{config.server.port}: {e.strerror or e}"]
-        ) from None
+        raise
     await daemon.wait_for_stop_request()
     log.info("stop requested")
     await daemon.stop()
-    return 0
+    return daemon.exit_code

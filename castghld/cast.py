@@ -111,7 +111,7 @@ class CastClient:
     async def wait_sends_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._sends_idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin on Python 3.10
             return False
         return True
 

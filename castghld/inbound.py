@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import logging
 import time
 from typing import Any
@@ -34,7 +35,7 @@ from castghld.config import Config
 from castghld.ghl import VERSION_OAUTH, GHLClient, GHLError, TokenUnavailable
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
-from castghld.phone import normalize_any
+from castghld.phone import normalize_any, route_key
 from castghld.tokens import Installations
 
 log = logging.getLogger("castghld.inbound")
@@ -54,15 +55,30 @@ def new_record(payload: dict[str, Any]) -> Record:
         "from": payload["from"],
         "to": payload["to"],
         "message": payload["message"],
-        "received_at": payload.get("received_at")
-        or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "received_at": received_at(payload.get("received_at")),
         "accepted_at": time.time(),
     }
 
 
-def number_key(value: str) -> str:
-    """How a `to` value is matched: E.164 for numbers, case-folded text for sender IDs."""
-    return normalize_any(value) or value.strip().casefold()
+# Cast is a Philippine service: a timestamp without an offset is read as Manila time.
+MANILA = datetime.timezone(datetime.timedelta(hours=8))
+
+
+def received_at(value: str | None) -> str:
+    """`value` as ISO 8601 UTC (``2026-11-26T01:00:00Z``); now, if it is missing or unreadable,
+    rather than a date GHL would refuse (which would drop the reply)."""
+    when = None
+    if value:
+        try:
+            when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            log.warning("inbound received_at %r is not ISO 8601; using the time we got it", value)
+    if when is None:
+        when = datetime.datetime.now(datetime.timezone.utc)
+    elif when.tzinfo is None:
+        when = when.replace(tzinfo=MANILA)
+    utc = when.astimezone(datetime.timezone.utc)
+    return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class InboundDelivery:
@@ -76,7 +92,7 @@ class InboundDelivery:
         self.routes: dict[str, str] = {}
         for location_id, override in config.cast.locations.items():
             for number in override.inbound_numbers:
-                self.routes[number_key(number)] = location_id
+                self.routes[route_key(number)] = location_id
         self.contacts: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.stopping = False
         self.posts_in_flight = 0
@@ -90,12 +106,12 @@ class InboundDelivery:
     async def wait_posts_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._posts_idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin on Python 3.10
             return False
         return True
 
     def route(self, to: str) -> str | None:
-        location_id = self.routes.get(number_key(to))
+        location_id = self.routes.get(route_key(to))
         if location_id is not None:
             return location_id
         installed = self.installations.location_ids()
@@ -124,6 +140,8 @@ class InboundDelivery:
         try:
             await self._deliver(record, location_id, phone, deadline, context)
         except TokenUnavailable as e:
+            if e.retryable:
+                raise  # past the deadline but passing: the outbox runs the pipeline again later
             # Not installed (any more), or needs reauthorisation: keep it for a (re)install.
             self.metrics.inbound.labels("no_token").inc()
             log.warning("%s: kept in the outbox until the location is installed: %s", context, e)

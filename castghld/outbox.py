@@ -243,7 +243,12 @@ class Outbox:
         self._prune_seen()
 
     async def start(self) -> None:
-        self.journal.open()
+        try:
+            self.journal.open()
+        except OSError as e:
+            raise StateError(
+                f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}"
+            ) from None
         await self.compact()
         for rid in list(self.records):
             self._dispatch(rid)

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import logging
@@ -175,6 +176,31 @@ def atomic_write(path: str, data: bytes | Callable[[Any], None]) -> None:
             pass
         raise
     fsync_dir(directory)
+
+
+LOCK_FILENAME = "lock"
+
+
+def lock_directory(directory: str) -> int:
+    """Hold an exclusive lock on `directory` for this process's life; the lock's descriptor.
+
+    Two daemons on one state directory would each rewrite the state file and the outbox from their
+    own memory, losing what the other acknowledged. The lock is released when the descriptor is
+    closed or the process dies (kill -9 included), so a stale lock never blocks a restart.
+    """
+    path = os.path.join(directory, LOCK_FILENAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StateError(f"{path}: cannot create the lock file: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(
+            f"{directory}: another castghld process is using this state directory"
+        ) from None
+    return fd
 
 
 class StateStore:

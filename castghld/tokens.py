@@ -45,7 +45,11 @@ STATUS_NEEDS_REAUTH = "needs_reauth"
 STATUS_INACTIVE = "inactive"
 REFRESHES_PER_SECOND = 10
 SWEEP_CONCURRENCY = 8
-STOP_WAIT = 2.0  # shutdown waits this long for refreshes in flight (their pair must land)
+MINT_CONCURRENCY = 8
+# At shutdown no new refresh starts; one already sent may have spent its single-use refresh token
+# at GHL, so its answer must be stored: we wait for it up to this long after the stop began
+# (longer than the HTTP request timeout, so such a refresh has either an answer or an error).
+REFRESH_STOP_WAIT = 12.0
 EXPIRY_SLACK = 120.0  # a token expiring sooner than this is refreshed before use
 
 
@@ -79,6 +83,7 @@ class Installations:
         # Called with a location id once its pair is on disk and usable (install, reinstall,
         # recovery from inactive): work that waited for the location can go on.
         self.on_usable: list[Callable[[str], None]] = []
+        self._stopping_since: float | None = None
         metrics.before_scrape.append(self.update_metrics)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -131,20 +136,30 @@ class Installations:
                 {**pair, "installed_at": now, "approved_locations": approved},
             )
             log.info("agency install company=%s locations=%d", company_id, len(approved))
-            failed = {}
-            installed = []
-            for location_id in approved:
-                try:
-                    await self.mint_location(company_id, location_id)
-                    installed.append(location_id)
-                except (GHLError, TokenUnavailable) as e:
-                    failed[location_id] = str(e)
-                    log.error(
-                        "minting token failed company=%s location=%s: %s",
-                        company_id,
-                        location_id,
-                        e,
-                    )
+            failed: dict[str, str] = {}
+            installed: list[str] = []
+            queue = list(approved)
+
+            # A few mints at a time: their state commits coalesce into one write per round, so
+            # a bulk install of hundreds of locations answers in seconds, not minutes.
+            async def mint_worker() -> None:
+                while queue:
+                    location_id = queue.pop(0)
+                    try:
+                        await self.mint_location(company_id, location_id)
+                        installed.append(location_id)
+                    except (GHLError, TokenUnavailable) as e:
+                        failed[location_id] = str(e)
+                        log.error(
+                            "minting token failed company=%s location=%s: %s",
+                            company_id,
+                            location_id,
+                            e,
+                        )
+
+            workers = min(MINT_CONCURRENCY, len(queue))
+            await asyncio.gather(*(mint_worker() for _ in range(workers)))
+            installed.sort(key=approved.index)
             return {"locations": installed, "company_id": company_id, "failed": failed}
         location_id = str(answer.get("locationId") or "")
         if not location_id:
@@ -210,10 +225,7 @@ class Installations:
             raise TokenUnavailable(location_id, "needs reauthorisation (reinstall the app)")
         if record["expires_at"] - time.time() < EXPIRY_SLACK:
             return await self._refresh(INSTALLS, location_id)
-        if self.state.dirty:
-            # The pair in memory may be one whose commit failed: never use it before it is on disk.
-            await self.state.commit()
-        return record["access_token"]
+        return await self._durable(record["access_token"])
 
     async def refresh_after_401(self, location_id: str, rejected_token: str) -> str:
         return await self._refresh(INSTALLS, location_id, rejected_token)
@@ -226,7 +238,14 @@ class Installations:
             raise TokenUnavailable(company_id, "agency token needs reauthorisation")
         if record["expires_at"] - time.time() < EXPIRY_SLACK:
             return await self._refresh(COMPANIES, company_id)
-        return record["access_token"]
+        return await self._durable(record["access_token"])
+
+    async def _durable(self, token: str) -> str:
+        """`token`, once the state is on disk: the pair in memory may be one whose commit failed,
+        and a pair is never used before it is durable (its refresh token is single-use)."""
+        if self.state.dirty:
+            await self.state.commit()
+        return token
 
     # -- refresh ------------------------------------------------------------------------------
 
@@ -239,7 +258,10 @@ class Installations:
             if record is None:
                 raise TokenUnavailable(key, "not installed")
             if rejected_token is not None and record["access_token"] != rejected_token:
-                return record["access_token"]  # someone refreshed it since the caller read it
+                # Someone refreshed it since the caller read it.
+                return await self._durable(record["access_token"])
+            if self._stopping_since is not None:
+                raise TokenUnavailable(key, "castghld is stopping", retryable=True)
             task = asyncio.ensure_future(self._refresh_now(section, key))
             self._in_flight[flight] = task
             task.add_done_callback(lambda _: self._in_flight.pop(flight, None))
@@ -336,7 +358,13 @@ class Installations:
     async def start(self) -> None:
         self._sweep_task = asyncio.ensure_future(self._sweep_forever())
 
+    def begin_stop(self) -> None:
+        """From now on no refresh starts (callers get a retryable TokenUnavailable)."""
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+
     async def stop(self) -> None:
+        self.begin_stop()
         if self._sweep_task is not None:
             self._sweep_task.cancel()
             try:
@@ -345,4 +373,6 @@ class Installations:
                 pass
         # Let refreshes whose answers may be on the way finish storing them.
         if self._in_flight:
-            await asyncio.wait(list(self._in_flight.values()), timeout=STOP_WAIT)
+            assert self._stopping_since is not None
+            wait = self._stopping_since + REFRESH_STOP_WAIT - time.monotonic()
+            await asyncio.wait(list(self._in_flight.values()), timeout=max(0.1, wait))

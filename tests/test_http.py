@@ -9,6 +9,9 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
+from castghld.app import Daemon, StartupError
+from castghld.fakes import wait_for
+
 
 async def fetch(url, **kwargs):
     return await AsyncHTTPClient().fetch(url, raise_error=False, **kwargs)
@@ -104,3 +107,27 @@ async def test_stop_refuses_new_connections(daemons, daemon):
     daemons.running.remove(daemon)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.gen_test
+async def test_second_daemon_on_the_same_state_dir_is_refused(daemons, daemon):
+    second = Daemon(daemons.config_dir.load())
+    with pytest.raises(StartupError) as info:
+        await second.start()
+    assert info.value.problems == [
+        f"{daemons.config_dir.state_dir}: another castghld process is using this state directory"
+    ]
+    await second.stop()
+    assert (await fetch(daemon.url + "/healthz")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_client_gone_mid_body_does_not_hold_up_shutdown(daemon):
+    sock = socket.create_connection(("127.0.0.1", daemon.port))
+    sock.sendall(
+        b"POST /api/ghl/v1/webhook/messages HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b"{" * 10
+    )
+    await wait_for(lambda: daemon.in_flight == 1)
+    sock.close()
+    await wait_for(lambda: daemon.in_flight == 0)

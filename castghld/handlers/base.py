@@ -93,6 +93,14 @@ class APIHandler(tornado.web.RequestHandler):
         self._chunks.append(chunk)
 
     def on_finish(self) -> None:
+        self._uncount()
+
+    def on_connection_close(self) -> None:
+        # A client that goes away mid-body never reaches on_finish: the request is over anyway.
+        self._uncount()
+        super().on_connection_close()
+
+    def _uncount(self) -> None:
         if getattr(self, "_counted", False):
             self.daemon.request_finished()
             self._counted = False
