@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -24,6 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from castghld.phone import route_key
 
 # A send may be retried until this long after GHL handed us the message; a later attempt could
 # fall outside Cast's 24 h idempotency window and send twice (see outbound.py).
@@ -144,6 +147,22 @@ def default_config_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: with plain YAML the last one
+    silently wins, and a second `cast:` section would replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from ``30``, ``2.5``, ``30s``, ``5m``, ``1h`` or ``7d``; ValueError otherwise."""
     if isinstance(value, bool):
@@ -155,8 +174,8 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError("not a duration")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("negative duration")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError("negative or infinite duration")
     return seconds
 
 
@@ -365,7 +384,7 @@ def load_config(path: str) -> Config:
     """Read, interpolate and validate the config at `path`; ConfigError lists every problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist (use --config PATH)"]) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -391,6 +410,8 @@ def build_config(path: str, raw: Any) -> Config:
         xheaders=r.boolean("server", s, "xheaders", ServerConfig.xheaders),
         shutdown_timeout=r.duration("server", s, "shutdown_timeout", 20.0, minimum=1),
     )
+    if not server.host.strip():
+        r.problem("server.host", "must not be empty (write 0.0.0.0 to listen on every interface)")
 
     g = r.section("ghl", top.get("ghl"), _with_file_variants(_fields(GHLConfig), {"client_secret"}))
     client_id = r.string("ghl", g, "client_id")
@@ -481,6 +502,7 @@ def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
     r.problems = [p for p in r.problems if not p.startswith(f"{r.path}: cast.locations.")]
     result = {}
     allowed = _with_file_variants(_fields(CastLocationConfig), {"api_key"})
+    routes: dict[str, str] = {}
     for location_id, value in locations.items():
         key = f"cast.locations.{location_id}"
         entry = r.section(key, value, allowed)
@@ -489,6 +511,14 @@ def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
             sender_id=r.string(key, entry, "sender_id", None) if "sender_id" in entry else None,
             inbound_numbers=r.string_list(key, entry, "inbound_numbers"),
         )
+        for number in result[str(location_id)].inbound_numbers:
+            other = routes.setdefault(route_key(number), str(location_id))
+            if other != str(location_id):
+                r.problem(
+                    f"{key}.inbound_numbers",
+                    f"{number!r} is also an inbound number of location {other}: "
+                    "a reply to it must go to one location",
+                )
     return result
 
 

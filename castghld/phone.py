@@ -58,6 +58,12 @@ def normalize_mobile(
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def route_key(value: str) -> str:
+    """How an inbound `to` is matched to a location: E.164 for a number in any PH form,
+    case-folded text for a sender ID."""
+    return normalize_any(value) or value.strip().casefold()
+
+
 def normalize_any(raw: str, default_region: str = "PH") -> str | None:
     """E.164 form of any valid number, or None (sender IDs and short codes stay as they are)."""
     try:

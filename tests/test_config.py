@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
+from conftest import BASE_CONFIG, merge
 
 from castghld.config import ConfigError, Secret, load_config, parse_duration
 
@@ -208,3 +210,41 @@ def test_example_config_is_valid():
     config = load_config(os.path.join(here, "..", "config", "castghld.example.yaml"))
     assert config.server.port == 8080
     assert config.state.key_file.endswith(os.path.join("var", "state.key"))
+
+
+def test_key_given_twice_is_an_error(config_dir):
+    raw = (
+        "server: {public_url: 'https://x.example'}\n"
+        "cast: {api_key: a, inbound_secret: s}\n"
+        "cast: {api_key: b, inbound_secret: s}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(config_dir.write(raw=raw))
+    [problem] = info.value.problems
+    assert "line 3" in problem and "'cast' appears twice" in problem
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_infinite_duration_is_refused(config_dir, value):
+    raw = yaml.safe_dump(merge(BASE_CONFIG, {})) + f"tokens: {{refresh_margin: {value}}}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_dir.write(raw=raw))
+    assert "tokens.refresh_margin: must be a duration" in info.value.problems[0]
+
+
+def test_empty_host_is_refused(config_dir):
+    problems = problems_of(config_dir, {"server": {"host": ""}})
+    assert problems == [
+        f"{config_dir.config_path}: server.host: "
+        "must not be empty (write 0.0.0.0 to listen on every interface)"
+    ]
+
+
+def test_one_inbound_number_for_two_locations_is_refused(config_dir):
+    locations = {
+        "locA": {"inbound_numbers": ["09171234567"]},
+        "locB": {"inbound_numbers": ["+639171234567"]},
+    }
+    problems = problems_of(config_dir, {"cast": {"locations": locations}})
+    assert len(problems) == 1
+    assert "cast.locations.locB.inbound_numbers: '+639171234567' is also" in problems[0]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from castghld.fakes import wait_for
+from castghld.inbound import received_at
 
 SECRET = "inbound-secret"  # tests/conftest.py BASE_CONFIG
 
@@ -209,3 +211,19 @@ async def test_graceful_stop_lets_an_inbound_post_finish_without_duplicate(bridg
     await wait_for(lambda: bridge.daemon.outbox.running == 0)
     assert bridge.daemon.outbox.records == {}
     assert len(bridge.ghl.inbound_messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-11-26T09:00:00Z", "2026-11-26T09:00:00Z"),
+        ("2026-11-26T17:00:00+08:00", "2026-11-26T09:00:00Z"),
+        ("2026-11-26 17:00:00", "2026-11-26T09:00:00Z"),  # no offset: Manila time
+    ],
+)
+def test_received_at_becomes_utc_iso8601(value, expected):
+    assert received_at(value) == expected
+
+
+def test_unreadable_received_at_becomes_now():
+    assert received_at("yesterday")[:4] == time.strftime("%Y", time.gmtime())

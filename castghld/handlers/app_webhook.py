@@ -36,6 +36,19 @@ def webhook_age(timestamp: object, now: float) -> float | None:
 
 
 class AppWebhookHandler(APIHandler):
+    async def act(self, kind: object, location_id: str, company_id: str) -> str:
+        installations = self.daemon.installations
+        if kind == "UNINSTALL":
+            removed = await installations.uninstall(location_id=location_id, company_id=company_id)
+            return f"uninstalled {len(removed)} location(s)"
+        if kind == "INSTALL" and location_id:
+            try:
+                return await installations.on_install_webhook(location_id, company_id)
+            except (GHLError, TokenUnavailable) as e:
+                log.error("INSTALL webhook location=%s: %s", location_id, e)
+                return "install failed; see log"
+        return "ignored"
+
     async def post(self) -> None:
         self.verify_ghl_signature("app")
         event = self.json_body()
@@ -58,18 +71,17 @@ class AppWebhookHandler(APIHandler):
         kind = event.get("type")
         location_id = str(event.get("locationId") or "")
         company_id = str(event.get("companyId") or "")
-        installations = self.daemon.installations
-        if kind == "UNINSTALL":
-            removed = await installations.uninstall(location_id=location_id, company_id=company_id)
-            outcome = f"uninstalled {len(removed)} location(s)"
-        elif kind == "INSTALL" and location_id:
-            try:
-                outcome = await installations.on_install_webhook(location_id, company_id)
-            except (GHLError, TokenUnavailable) as e:
-                log.error("INSTALL webhook location=%s: %s", location_id, e)
-                outcome = "install failed; see log"
-        else:
-            outcome = "ignored"
+        try:
+            outcome = await self.act(kind, location_id, company_id)
+        except BaseException as e:
+            # Not done: GHL's retry of this webhook must be acted on, not called a duplicate.
+            if isinstance(webhook_id, str):
+                seen.pop(webhook_id, None)
+            if isinstance(e, OSError):
+                raise APIError(
+                    503, "store_failed", f"cannot store the change ({e.strerror}); retry later"
+                ) from None
+            raise
         log.info(
             "app webhook type=%s location=%s company=%s: %s",
             kind,
