@@ -34,6 +34,7 @@ from castghld.ghl import GHLClient
 from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
 from castghld.inbound import InboundDelivery
+from castghld.inflight import InFlight
 from castghld.metrics import Metrics
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
@@ -119,17 +120,17 @@ class Delivery:
         self.cast.begin_stop()
         self.inbound.begin_stop()
         deadline = time.monotonic() + SEND_DRAIN_SECONDS
-        if not await self.cast.wait_sends_idle(SEND_DRAIN_SECONDS):
+        if not await self.cast.sends.wait_idle(SEND_DRAIN_SECONDS):
             log.warning(
                 "%d Cast send(s) still in flight after %.0fs; they resume (same idempotency key) "
                 "at the next start",
-                self.cast.sends_in_flight,
+                self.cast.sends.count,
                 SEND_DRAIN_SECONDS,
             )
-        if not await self.inbound.wait_posts_idle(max(0.0, deadline - time.monotonic())):
+        if not await self.inbound.posts.wait_idle(deadline - time.monotonic()):
             log.warning(
                 "%d GHL inbound post(s) still in flight; they are posted again at the next start",
-                self.inbound.posts_in_flight,
+                self.inbound.posts.count,
             )
         await self.outbox.stop()
 
@@ -141,10 +142,9 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.phase = "starting"
-        self.in_flight = 0
+        self.requests = InFlight()  # HTTP requests being answered
         self.exit_code = 0
         self._lock_fd: int | None = None
-        self._drained = asyncio.Event()  # set when in_flight drops to 0
         self.started_at = time.time()
         self.components: list[Component] = []
         self._server: tornado.httpserver.HTTPServer | None = None
@@ -191,14 +191,6 @@ class Daemon:
         except (StateError, OSError) as e:
             raise StartupError([str(e)]) from None
         self.components.append(Delivery(self.outbox, self.cast, self.inbound))
-
-    def request_started(self) -> None:
-        self.in_flight += 1
-
-    def request_finished(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._drained.set()
 
     @property
     def url(self) -> str:
@@ -268,20 +260,14 @@ class Daemon:
         self._stopped = True
         self.phase = "stopping"
         sdnotify.notify("STOPPING=1")
-        log.info("stopping: no new connections; draining %d request(s)", self.in_flight)
+        log.info("stopping: no new connections; draining %d request(s)", self.requests.count)
         self.installations.begin_stop()
         budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)
         deadline = time.monotonic() + budget
         if self._server is not None:
             self._server.stop()
-        if self.in_flight > 0:
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:  # not the builtin on Python 3.10
-                pass
-        if self.in_flight:
-            log.warning("shutdown bound reached; cutting %d request(s)", self.in_flight)
+        if not await self.requests.wait_idle(deadline - time.monotonic()):
+            log.warning("shutdown bound reached; cutting %d request(s)", self.requests.count)
         if self._server is not None:
             await self._server.close_all_connections()
         for component in reversed(self.components):

@@ -38,6 +38,7 @@ from urllib.parse import quote
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from castghld.config import Config
+from castghld.inflight import InFlight
 from castghld.metrics import Metrics
 from castghld.pacing import (
     LimiterMap,
@@ -100,20 +101,11 @@ class CastClient:
         self._account_locks: dict[str, list[Any]] = {}
         self.stopping = False
         # Sends whose answer we may not have yet: shutdown waits for them (bounded).
-        self.sends_in_flight = 0
-        self._sends_idle = asyncio.Event()
-        self._sends_idle.set()
+        self.sends = InFlight()
 
     def begin_stop(self) -> None:
         """No new send starts from now on (those already sent still get their answer)."""
         self.stopping = True
-
-    async def wait_sends_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._sends_idle.wait(), timeout)
-        except asyncio.TimeoutError:  # not the builtin on Python 3.10
-            return False
-        return True
 
     def account_for(self, location_id: str) -> CastAccount:
         cast = self.config.cast
@@ -215,8 +207,7 @@ class CastClient:
                         **{"X-Idempotency-Key": idempotency_key},
                     )
                     slot.keep()  # released when the answer is in, below
-                    self.sends_in_flight += 1
-                    self._sends_idle.clear()
+                    self.sends.enter()
         finally:
             entry[1] -= 1
             if entry[1] == 0 and self._account_locks.get(account.name) is entry:
@@ -229,9 +220,7 @@ class CastClient:
             raise
         finally:
             self.concurrency.release()
-            self.sends_in_flight -= 1
-            if self.sends_in_flight == 0:
-                self._sends_idle.set()
+            self.sends.leave()
         if not isinstance(answer.get("message_id"), str) or not answer["message_id"]:
             raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
         return answer

@@ -33,6 +33,7 @@ from typing import Any
 
 from castghld.config import Config
 from castghld.ghl import VERSION_OAUTH, GHLClient, GHLError, TokenUnavailable
+from castghld.inflight import InFlight
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.phone import normalize_any, route_key
@@ -95,20 +96,11 @@ class InboundDelivery:
                 self.routes[route_key(number)] = location_id
         self.contacts: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.stopping = False
-        self.posts_in_flight = 0
-        self._posts_idle = asyncio.Event()
-        self._posts_idle.set()
+        self.posts = InFlight()  # GHL inbound posts whose answer is not in yet
 
     def begin_stop(self) -> None:
         """No new POST to GHL starts from now on (the outbox keeps the records)."""
         self.stopping = True
-
-    async def wait_posts_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._posts_idle.wait(), timeout)
-        except asyncio.TimeoutError:  # not the builtin on Python 3.10
-            return False
-        return True
 
     def route(self, to: str) -> str | None:
         location_id = self.routes.get(route_key(to))
@@ -187,9 +179,7 @@ class InboundDelivery:
         }
         if self.config.ghl.conversation_provider_id:
             body["conversationProviderId"] = self.config.ghl.conversation_provider_id
-        self.posts_in_flight += 1
-        self._posts_idle.clear()
-        try:
+        with self.posts:
             await self.ghl.call(
                 self.installations,
                 location_id,
@@ -199,10 +189,6 @@ class InboundDelivery:
                 deadline=deadline,
                 context=context,
             )
-        finally:
-            self.posts_in_flight -= 1
-            if self.posts_in_flight == 0:
-                self._posts_idle.set()
 
     async def _contact(self, location_id: str, phone: str, deadline: float, context: str) -> str:
         key = (location_id, phone)

@@ -109,11 +109,11 @@ async def test_after_begin_stop_no_new_send_starts(config_dir, fake_cast):
         asyncio.ensure_future(send(client, "loc1", "m2")),  # waits for a concurrency slot
     ]
     await wait_for(lambda: fake_cast.hung("send") == 2)  # m1 and m3 in flight, m2 queued
-    assert client.sends_in_flight == 2
+    assert client.sends.count == 2
     client.begin_stop()
     later = asyncio.ensure_future(send(client, "loc3", "m4"))
     fake_cast.release("send")
-    assert await client.wait_sends_idle(5.0)
+    assert await client.sends.wait_idle(5.0)
     assert {s["idempotency_key"] for s in fake_cast.sent} == {"m1", "m3"}
     # m2 and m4 park instead of sending; the outbox stop cancels them.
     with pytest.raises(AssertionError):
@@ -124,7 +124,7 @@ async def test_after_begin_stop_no_new_send_starts(config_dir, fake_cast):
     await asyncio.gather(tasks[0], tasks[1])
     await asyncio.gather(tasks[2], later, return_exceptions=True)
     assert len(fake_cast.calls_to("POST", SEND)) == 2
-    assert client.sends_in_flight == 0
+    assert client.sends.count == 0
 
 
 @pytest.mark.gen_test(timeout=40)

@@ -128,6 +128,6 @@ async def test_client_gone_mid_body_does_not_hold_up_shutdown(daemon):
         b"POST /api/ghl/v1/webhook/messages HTTP/1.1\r\nHost: x\r\n"
         b"Content-Length: 1000\r\n\r\n" + b"{" * 10
     )
-    await wait_for(lambda: daemon.in_flight == 1)
+    await wait_for(lambda: daemon.requests.count == 1)
     sock.close()
-    await wait_for(lambda: daemon.in_flight == 0)
+    await wait_for(lambda: daemon.requests.count == 0)

@@ -71,7 +71,7 @@ class APIHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def prepare(self) -> None:
-        self.daemon.request_started()
+        self.daemon.requests.enter()
         self._counted = True
         length = self.request.headers.get("Content-Length")
         if length is not None:
@@ -102,7 +102,7 @@ class APIHandler(tornado.web.RequestHandler):
 
     def _uncount(self) -> None:
         if getattr(self, "_counted", False):
-            self.daemon.request_finished()
+            self.daemon.requests.leave()
             self._counted = False
 
     def check_body_size(self) -> None:
