@@ -183,9 +183,7 @@ class Daemon:
         self.inbound = InboundDelivery(config, self.ghl, self.installations, self.metrics)
         self.outbox.pipelines["inbound"] = self.inbound
         # Replies kept for want of an installed location go on once one is installed.
-        self.installations.on_usable.append(
-            lambda _location_id: self.outbox.redispatch("inbound", lambda _record: True)
-        )
+        self.installations.on_usable.append(lambda _location_id: self.outbox.redispatch("inbound"))
         try:
             self.outbox.load()
         except (StateError, OSError) as e:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 
 from castghld.config import Config
 from castghld.inflight import InFlight
+from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.pacing import (
     LimiterMap,
@@ -79,7 +81,7 @@ class CastAccount:
     api_key: str = dataclasses.field(repr=False)
     sender_id: str
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """A stable, non-secret name for pacing and logs."""
         return "acct-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:10]
@@ -170,7 +172,8 @@ class CastClient:
         raise CastError(
             response.code if response.code >= 400 else 502,
             str(answer.get("error_code") or f"HTTP_{response.code}")[:64],
-            str(answer.get("error") or response.reason or "error")[:500],
+            # Cast's text may echo the number it refused: it reaches logs and GHL without it.
+            redact_numbers(str(answer.get("error") or response.reason or "error"))[:500],
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
 
@@ -268,7 +271,10 @@ class CastClient:
     async def status(self, account: CastAccount, cast_message_id: str) -> dict[str, Any]:
         path = "/api/v1/sms/status/" + quote(cast_message_id, safe="")
         await acquire_all(self.poll_limiter, self.ip_limiter)
-        return await self._start(account, "GET", path)
+        answer = await self._start(account, "GET", path)
+        if answer.get("error_message"):
+            answer["error_message"] = redact_numbers(str(answer["error_message"]))
+        return answer
 
 
 async def _park() -> None:

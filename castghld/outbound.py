@@ -27,7 +27,6 @@ from typing import Any
 from castghld.cast import MAX_MESSAGE_CHARS, CastClient, CastError
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
-from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.phone import InvalidNumber, normalize_mobile
@@ -159,7 +158,7 @@ class OutboundDelivery:
                 context=context,
             )
         except CastError as e:
-            reason = redact_numbers(e.message)
+            reason = e.message
             if e.code == "NO_ANSWER":
                 reason = "Cast did not answer before the send deadline; the SMS may have been sent"
             log.error("Cast refused %s: %d %s %s", context, e.status, e.code, reason)
@@ -171,7 +170,6 @@ class OutboundDelivery:
             stage="sent",
             cast_id=answer["message_id"],
             sent_at=time.time(),
-            to=checked,
             polls_done=0,
         )
         log.info("sent %s cast_id=%s parts=%s", context, answer["message_id"], answer.get("parts"))

@@ -366,11 +366,11 @@ class Outbox:
                 return
             delay = min(delay * 2, PIPELINE_RETRY[1])
 
-    def redispatch(self, kind: str, predicate: Callable[[Record], bool]) -> int:
-        """Start pipelines again for live records of `kind` that are idle and match."""
+    def redispatch(self, kind: str) -> int:
+        """Start pipelines again for live records of `kind` that wait (for an install)."""
         count = 0
         for rid, record in list(self.records.items()):
-            if record["kind"] == kind and rid not in self._tasks and predicate(record):
+            if record["kind"] == kind and rid not in self._tasks:
                 self._dispatch(rid)
                 count += 1
         return count

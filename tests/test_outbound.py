@@ -382,3 +382,25 @@ async def write_outbox_record(bridge, rid: str, record: dict) -> None:
     outbox.journal.open()
     await outbox.journal.append({"op": "put", "id": rid, "record": record})
     await outbox.journal.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_cast_error_text_reaches_ghl_without_the_phone_number(bridge):
+    await ready(bridge)
+    bridge.cast.fail_next(
+        "send",
+        400,
+        {
+            "success": False,
+            "error": "Cannot send to +639171234567",
+            "error_code": "VALIDATION_ERROR",
+        },
+    )
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    error = bridge.ghl.statuses["msg-1"][0]["error"]
+    assert error == {
+        "code": "VALIDATION_ERROR",
+        "type": "saas",
+        "message": "Cannot send to [number]",
+    }
