@@ -19,7 +19,14 @@ Guarantees:
   outbox stop), and the message resumes at the next start.
 - ``send`` retries what SPEC §5 calls transient (429, 500, 502, 503, timeouts, connection errors)
   with exponential backoff and full jitter, never sooner than ``Retry-After`` and never past the
-  deadline; anything else raises ``CastError`` with Cast's ``error_code`` for the GHL report.
+  deadline; ``502 PROVIDER_ERROR`` (the carrier refused it) at most ``PROVIDER_ERROR_RETRIES``
+  times, so a rejected message is reported failed within minutes; anything else raises
+  ``CastError`` with Cast's ``error_code`` for the GHL report.
+- A send never leaves after its ``not_after`` (wall clock): that is checked after the pacing
+  slots are taken, at the instant the request would leave, and raises ``SendWindowClosed``
+  instead. A message that waited behind a backlog is not texted late, and one first attempted
+  before a crash is not resent once Cast may have forgotten its idempotency key.
+- A status poll answered 429 pauses that account's polls for its ``Retry-After``.
 - The API key never appears in an error, a log line or a metric label.
 """
 
@@ -57,6 +64,8 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 # milliseconds apart from when Cast counts them, and jitter must not push 11 into one second.
 WINDOW = 1.05
 MAX_MESSAGE_CHARS = 10_000
+# Cast's 502 PROVIDER_ERROR: the carrier refused the message; a few retries, not until the deadline.
+PROVIDER_ERROR_RETRIES = 3
 
 
 class CastError(Exception):
@@ -72,6 +81,10 @@ class CastError(Exception):
     @property
     def retryable(self) -> bool:
         return self.status in RETRYABLE_STATUSES
+
+
+class SendWindowClosed(Exception):
+    """The send's ``not_after`` passed before the request could leave: nothing was sent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +114,8 @@ class CastClient:
         self.concurrency = asyncio.Semaphore(config.delivery.concurrency)
         # One FIFO lock per account with sends waiting or leaving: [lock, users]; dropped at 0.
         self._account_locks: dict[str, list[Any]] = {}
+        # Status polls of an account that Cast answered 429: held back until this monotonic time.
+        self._polls_paused: dict[str, float] = {}
         self.stopping = False
         # Sends whose answer we may not have yet: shutdown waits for them (bounded).
         self.sends = InFlight()
@@ -120,6 +135,22 @@ class CastClient:
             if override.sender_id is not None:
                 sender_id = override.sender_id
         return CastAccount(api_key, sender_id)
+
+    def stored_account(self, name: str, sender_id: str) -> CastAccount | None:
+        """The configured account called `name` (see `CastAccount.name`) sending as `sender_id`.
+
+        A message keeps the account of its first attempt: Cast's idempotency key is scoped per
+        account, so a retry through another account (after a config change) could send twice.
+        None if no configured key has that name any more.
+        """
+        cast = self.config.cast
+        keys = [cast.api_key.value]
+        keys += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
+        for api_key in keys:
+            account = CastAccount(api_key, sender_id)
+            if account.name == name:
+                return account
+        return None
 
     # -- one exchange --------------------------------------------------------------------------
 
@@ -180,8 +211,14 @@ class CastClient:
     # -- sends ---------------------------------------------------------------------------------
 
     async def send_once(
-        self, account: CastAccount, to: str, message: str, idempotency_key: str
+        self,
+        account: CastAccount,
+        to: str,
+        message: str,
+        idempotency_key: str,
+        not_after: float | None = None,
     ) -> dict[str, Any]:
+        """One send attempt; raises `SendWindowClosed` rather than leave after `not_after`."""
         body: dict[str, Any] = {"to": to, "message": message}
         if account.sender_id:
             body["sender_id"] = account.sender_id
@@ -201,6 +238,8 @@ class CastClient:
                     if self.stopping:
                         slot.release()  # slots taken but nothing sent: harmless
                         await _park()
+                    if not_after is not None and time.time() > not_after:
+                        raise SendWindowClosed  # slots taken but nothing sent: harmless
                     # No await from the slots' instant until the request is handed over.
                     exchange = self._start(
                         account,
@@ -236,15 +275,30 @@ class CastClient:
         idempotency_key: str,
         *,
         deadline: float,
+        not_after: float | None = None,
         context: str = "",
     ) -> dict[str, Any]:
-        """Send until Cast accepts, a final error, or `deadline` (a `time.monotonic()` value)."""
+        """Send until Cast accepts, a final error, or `deadline` (a `time.monotonic()` value).
+
+        No attempt leaves after `not_after` (wall clock): the first raises `SendWindowClosed`,
+        a retry raises the error it was retrying (its outcome is what we know).
+        """
         attempt = 0
+        provider_errors = 0
+        last: CastError | None = None
         while True:
             try:
-                answer = await self.send_once(account, to, message, idempotency_key)
+                answer = await self.send_once(account, to, message, idempotency_key, not_after)
+            except SendWindowClosed:
+                if last is None:
+                    raise
+                self.metrics.sends.labels("gave_up").inc()
+                raise last from None
             except CastError as e:
-                if not e.retryable:
+                last = e
+                if e.code == "PROVIDER_ERROR":
+                    provider_errors += 1
+                if not e.retryable or provider_errors > PROVIDER_ERROR_RETRIES:
                     self.metrics.sends.labels("failed").inc()
                     raise
                 delay = retry_delay(attempt, e.retry_after, base=1.0, cap=300.0)
@@ -268,10 +322,33 @@ class CastClient:
 
     # -- delivery status -----------------------------------------------------------------------
 
+    def polls_paused(self, account: CastAccount) -> float:
+        """Seconds until this account's status polls may go again (0: now)."""
+        until = self._polls_paused.get(account.name)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._polls_paused[account.name]
+            return 0.0
+        return left
+
     async def status(self, account: CastAccount, cast_message_id: str) -> dict[str, Any]:
+        """One delivery-status lookup, after any 429 pause of this account's polls."""
         path = "/api/v1/sms/status/" + quote(cast_message_id, safe="")
+        pause = self.polls_paused(account)
+        if pause > 0:
+            await asyncio.sleep(pause)
         await acquire_all(self.poll_limiter, self.ip_limiter)
-        answer = await self._start(account, "GET", path)
+        try:
+            answer = await self._start(account, "GET", path)
+        except CastError as e:
+            if e.status == 429:
+                until = time.monotonic() + (e.retry_after or 1.0)
+                self._polls_paused[account.name] = max(
+                    until, self._polls_paused.get(account.name, 0.0)
+                )
+            raise
         if answer.get("error_message"):
             answer["error_message"] = redact_numbers(str(answer["error_message"]))
         return answer

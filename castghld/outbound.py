@@ -24,11 +24,18 @@ import logging
 import time
 from typing import Any
 
-from castghld.cast import MAX_MESSAGE_CHARS, CastClient, CastError
+from castghld.cast import (
+    MAX_MESSAGE_CHARS,
+    CastAccount,
+    CastClient,
+    CastError,
+    SendWindowClosed,
+)
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
+from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
 from castghld.tokens import Installations
 
@@ -39,6 +46,10 @@ FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "
 NO_PROVIDER = "no conversation provider"
 # Cast replays the answer to an idempotency key for 24 h: a retry younger than this is safe.
 SAFE_RESEND_AGE = 23 * 3600.0
+# How long after the last scheduled poll a Cast status outage is waited out.
+POLL_OUTAGE_LIMIT = 24 * 3600.0
+# Back-off (base, cap) of a status poll that failed (429, 5xx, no answer).
+POLL_RETRY = (0.5, 300.0)
 
 
 def record_id(message_id: str) -> str:
@@ -132,21 +143,30 @@ class OutboundDelivery:
         if isinstance(checked, tuple):
             await self._reject(outbox, rid, *checked, context)
             return
-        age = time.time() - record["received_at"]
-        if not record.get("attempted"):
-            if age > self.config.delivery.send_deadline:
-                # Down longer than the deadline before a first attempt: too late to text now.
-                reason = "not sent: castghld could not reach Cast within the send deadline"
-                await self._reject(outbox, rid, "EXPIRED", reason, context)
-                return
-            await outbox.update(rid, attempted=True)
-        elif age > SAFE_RESEND_AGE:
-            # Cast may have taken an earlier attempt, and no longer remembers its idempotency
-            # key: a retry could send a second SMS. Say so rather than guess.
-            reason = "castghld was down too long to retry safely; the SMS may have been sent"
+        resuming = bool(record.get("attempted"))
+        if resuming:
+            # A first attempt happened before a restart: Cast may have taken it. Resend (same key,
+            # same account) only while Cast still remembers the key.
+            not_after = record["received_at"] + SAFE_RESEND_AGE
+            account = self._account(record)
+        else:
+            not_after = record["received_at"] + self.config.delivery.send_deadline
+            account = self.cast.account_for(record["location_id"])
+        if time.time() > not_after:
+            await self._too_late(outbox, rid, resuming, context)
+            return
+        if account is None:
+            reason = (
+                "the Cast account of its first attempt is no longer configured; "
+                "the SMS may have been sent"
+            )
             await self._reject(outbox, rid, "OUTCOME_UNKNOWN", reason, context)
             return
-        account = self.cast.account_for(record["location_id"])
+        if not resuming:
+            # Durable before the first request may leave, with the account it leaves through.
+            await outbox.update(
+                rid, attempted=True, account=account.name, sender_id=account.sender_id
+            )
         deadline = self._deadline(record["received_at"], self.config.delivery.send_deadline)
         try:
             answer = await self.cast.send(
@@ -155,8 +175,12 @@ class OutboundDelivery:
                 sms_text(record),
                 record["message_id"],
                 deadline=deadline,
+                not_after=not_after,
                 context=context,
             )
+        except SendWindowClosed:
+            await self._too_late(outbox, rid, resuming, context)
+            return
         except CastError as e:
             reason = e.message
             if e.code == "NO_ANSWER":
@@ -174,13 +198,37 @@ class OutboundDelivery:
         )
         log.info("sent %s cast_id=%s parts=%s", context, answer["message_id"], answer.get("parts"))
 
+    async def _too_late(self, outbox: Outbox, rid: str, resuming: bool, context: str) -> None:
+        if resuming:
+            # Cast may have taken the earlier attempt and no longer remembers its idempotency
+            # key: a retry could send a second SMS. Say so rather than guess.
+            reason = "castghld was down too long to retry safely; the SMS may have been sent"
+            await self._reject(outbox, rid, "OUTCOME_UNKNOWN", reason, context)
+        else:
+            # Not sent before the deadline (a backlog, or castghld was down): too late to text.
+            reason = "not sent: castghld could not reach Cast within the send deadline"
+            await self._reject(outbox, rid, "EXPIRED", reason, context)
+
     # -- delivery status -----------------------------------------------------------------------
 
+    def _account(self, record: Record) -> CastAccount | None:
+        """The account the message was sent through (its Cast message id lives there)."""
+        if "account" in record:
+            return self.cast.stored_account(record["account"], record["sender_id"])
+        return self.cast.account_for(record["location_id"])
+
     async def _poll(self, outbox: Outbox, rid: str, record: Record, context: str) -> None:
-        account = self.cast.account_for(record["location_id"])
+        """Poll at the `status_polls` points; only polls Cast answered use one up.
+
+        A transient failure (429, 5xx, no answer) is retried with backoff at the same point, for
+        up to `POLL_OUTAGE_LIMIT` after the last one: a Cast status outage delays the report,
+        it does not leave the message pending in GHL.
+        """
+        account = self._account(record)
         polls = self.config.delivery.status_polls
         index = record.get("polls_done", 0)
-        while index < len(polls):
+        failures = 0
+        while account is not None and index < len(polls):
             # Polls already overdue while a later one is due too (after a restart, or after a
             # slow poll) are skipped: one poll at the latest due point, not several back to back.
             now = time.time()
@@ -193,7 +241,13 @@ class OutboundDelivery:
                 answer = await self.cast.status(account, record["cast_id"])
             except CastError as e:
                 log.warning("delivery status of %s: Cast %d %s", context, e.status, e.code)
+                give_up = record["sent_at"] + polls[-1] + POLL_OUTAGE_LIMIT
+                if e.retryable and time.time() < give_up:
+                    await asyncio.sleep(retry_delay(failures, e.retry_after, *POLL_RETRY))
+                    failures += 1
+                    continue
                 answer = {}
+            failures = 0
             status = FINAL_STATUSES.get(str(answer.get("status")))
             if status == "delivered":
                 await outbox.update(rid, stage="report", status="delivered", polls_done=index + 1)

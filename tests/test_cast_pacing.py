@@ -169,3 +169,20 @@ async def test_overdue_status_polls_are_skipped_for_the_latest_due_one(bridge):
     assert len(calls) == 3
     assert calls[1].time - sent_at < 1.2
     assert calls[2].time - sent_at >= 1.5 - 0.05
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_429_on_a_status_poll_pauses_that_accounts_polls(config_dir, fake_cast):
+    client = client_for(config_dir, fake_cast)
+    account = client.account_for("loc1")
+    [sent_id] = [(await send(client, "loc1", "m1"))["message_id"]]
+    fake_cast.fail_next("sms_status", 429, headers={"Retry-After": "1"})
+    with pytest.raises(CastError):
+        await client.status(account, sent_id)
+    other = client.account_for("loc3")
+    other_id = (await send(client, "loc3", "m2"))["message_id"]
+    await client.status(other, other_id)  # another account polls on at once
+    await client.status(account, sent_id)
+    first, other_poll, second = fake_cast.calls_to("GET", STATUS)
+    assert other_poll.time - first.time < 0.5
+    assert second.time - first.time >= 1.0

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from castghld.cast import PROVIDER_ERROR_RETRIES, CastAccount
 from castghld.fakes import wait_for
 
 SEND = "/api/v1/sms/send"
@@ -99,6 +100,49 @@ async def test_cast_server_errors_are_retried(bridge, status):
     await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=10)
     assert len(bridge.cast.calls_to("POST", SEND)) == 2
     assert len(bridge.cast.sent) == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_provider_error_is_retried_a_bounded_number_of_times(bridge):
+    await ready(bridge, {"delivery": {"send_deadline": "1h"}})
+    error = {"success": False, "error": "carrier rejected", "error_code": "PROVIDER_ERROR"}
+    bridge.cast.fail_next("send", 502, error, times=100)
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"], timeout=20)
+    assert bridge.ghl.statuses["msg-1"][0]["error"]["code"] == "PROVIDER_ERROR"
+    assert len(bridge.cast.calls_to("POST", SEND)) == 1 + PROVIDER_ERROR_RETRIES
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_send_deadline_is_checked_when_the_request_leaves(bridge):
+    # Cast takes 1 message/s: of 6 messages accepted at once, those that cannot leave within
+    # the 2 s deadline are reported expired instead of texted late.
+    await ready(bridge, {"cast": {"messages_per_second": 1}, "delivery": {"send_deadline": "2s"}})
+    accepted = {}
+    for n in range(6):
+        accepted[f"m{n}"] = time.monotonic()
+        assert (await bridge.post_message(messageId=f"m{n}", phone=f"+63917123{n:04d}")).code == 200
+    await wait_for(
+        lambda: all(statuses(bridge.ghl, m)[-1:] in (["delivered"], ["failed"]) for m in accepted),
+        timeout=20,
+    )
+    sent = {s["idempotency_key"]: s["time"] for s in bridge.cast.sent}
+    assert 1 <= len(sent) <= 4
+    for message_id, at in sent.items():
+        assert at - accepted[message_id] <= 2.0 + 0.1
+    for message_id in set(accepted) - set(sent):
+        assert bridge.ghl.statuses[message_id][-1]["error"]["code"] == "EXPIRED"
+    assert len(bridge.cast.calls_to("POST", SEND)) == len(sent)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_failed_status_polls_do_not_use_up_the_poll_schedule(bridge):
+    # Three polls scheduled; Cast's status API fails four times in a row, then answers.
+    await ready(bridge)
+    bridge.cast.fail_next("sms_status", 503, times=4)
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=25)
+    assert sum(bridge.cast.status_polls.values()) == 5
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -403,4 +447,52 @@ async def test_cast_error_text_reaches_ghl_without_the_phone_number(bridge):
         "code": "VALIDATION_ERROR",
         "type": "saas",
         "message": "Cannot send to [number]",
+    }
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_resent_message_keeps_the_account_of_its_first_attempt(bridge):
+    # First attempted through the default account as "OLDSENDER"; since then, loc1 got its own
+    # key and sender ID: the resend after the restart must stay in the first account's scope.
+    bridge.cast.api_keys["key_b"] = "acctB"
+    await bridge.start()
+    await bridge.install("loc1")
+    await bridge.stop()
+    default = CastAccount("cast_test_key", "OLDSENDER")
+    await write_outbox_record(bridge, "out:m1", attempted_record("m1", default.name, "OLDSENDER"))
+    extra = {"cast": {"locations": {"loc1": {"api_key": "key_b", "sender_id": "NEWSENDER"}}}}
+    await bridge.start(extra)
+    await wait_for(lambda: not bridge.daemon.outbox.records, timeout=10)
+    [sent] = bridge.cast.sent
+    assert (sent["account"], sent["sender_id"]) == ("acct", "OLDSENDER")
+    assert bridge.ghl.statuses["m1"][-1]["status"] == "delivered"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_message_whose_first_account_is_gone_is_not_resent(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    await bridge.stop()
+    gone = CastAccount("key_removed", "OLDSENDER")
+    await write_outbox_record(bridge, "out:m1", attempted_record("m1", gone.name, "OLDSENDER"))
+    await bridge.start()
+    await wait_for(lambda: not bridge.daemon.outbox.records, timeout=10)
+    assert bridge.cast.calls_to("POST", SEND) == []
+    assert bridge.ghl.statuses["m1"][-1]["error"]["code"] == "OUTCOME_UNKNOWN"
+
+
+def attempted_record(message_id: str, account: str, sender_id: str) -> dict:
+    return {
+        "kind": "outbound",
+        "stage": "new",
+        "attempted": True,
+        "account": account,
+        "sender_id": sender_id,
+        "message_id": message_id,
+        "location_id": "loc1",
+        "type": "SMS",
+        "phone": "+639171234567",
+        "message": "Your code is 1234",
+        "attachments": [],
+        "received_at": time.time() - 60,
     }
