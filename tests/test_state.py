@@ -216,3 +216,178 @@ def test_create_private_file_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         create_private_file(str(path), b"b")
     assert path.read_bytes() == b"a"
+
+
+def journal_files(state_dir) -> list[str]:
+    return sorted(name for name in os.listdir(state_dir) if ".journal." in name)
+
+
+def test_commit_appends_the_changed_record_not_the_whole_state(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    for i in range(2000):
+        store.put("installs", f"LOC{i}", {"access_token": "a" * 1000, "i": i})
+    save(store)
+    snapshot = pathlib.Path(state_dir, STATE_FILENAME).read_bytes()
+    store.put("installs", "LOC7", {"access_token": "new", "i": 7})
+    store.delete("installs", "LOC8")
+    save(store)
+    store.close()
+    assert pathlib.Path(state_dir, STATE_FILENAME).read_bytes() == snapshot
+    [journal] = journal_files(state_dir)
+    path = os.path.join(state_dir, journal)
+    assert os.path.getsize(path) < 300  # one frame: two short records, not 2 MB
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert b"new" not in pathlib.Path(path).read_bytes()
+    again = open_store(state_dir, key)
+    assert again.get("installs", "LOC7") == {"access_token": "new", "i": 7}
+    assert again.get("installs", "LOC8") is None
+    assert again.count("installs") == 1999
+    again.close()
+
+
+def test_compaction_folds_journals_into_a_new_snapshot(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    store.compact_min_bytes = 2000
+
+    async def refreshes():
+        for i in range(60):
+            store.put("installs", f"LOC{i % 5}", {"access_token": f"at-{i}" * 20})
+            await store.commit()
+        if store._compaction is not None:
+            await store._compaction
+
+    asyncio.run(refreshes())
+    assert store.compactions >= 2
+    store.close()
+    assert len(journal_files(state_dir)) <= 1
+    again = open_store(state_dir, key)
+    assert again.get("installs", "LOC4") == {"access_token": "at-59" * 20}
+    assert again.count("installs") == 5
+    again.close()
+
+
+def test_torn_last_commit_is_dropped_then_cut_away(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    store.put("installs", "LOC1", {"v": 1})
+    save(store)
+    store.put("installs", "LOC1", {"v": 2})
+    save(store)
+    store.put("installs", "LOC1", {"v": 3})
+    save(store)
+    store.close()
+    path = os.path.join(state_dir, journal_files(state_dir)[0])
+    data = pathlib.Path(path).read_bytes()
+    pathlib.Path(path).write_bytes(data[:-7])  # the crash hit the last append
+    store = open_store(state_dir, key)
+    assert store.get("installs", "LOC1") == {"v": 2}
+    store.put("installs", "LOC2", {"v": 1})
+    save(store)
+    store.close()
+    again = open_store(state_dir, key)
+    assert again.get("installs", "LOC1") == {"v": 2}
+    assert again.get("installs", "LOC2") == {"v": 1}
+    again.close()
+
+
+def test_tampered_journal_commit_is_refused_naming_it(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    for v in range(3):
+        store.put("installs", "LOC1", {"v": v})
+        save(store)
+    store.close()
+    path = os.path.join(state_dir, journal_files(state_dir)[0])
+    data = bytearray(pathlib.Path(path).read_bytes())
+    data[20 + 30] ^= 0x01  # inside the first frame, not the last
+    pathlib.Path(path).write_bytes(bytes(data))
+    with pytest.raises(StateError) as info:
+        open_store(state_dir, key)
+    assert str(info.value) == (
+        f"{path}: commit 1: authentication failed: the file is truncated or was altered"
+    )
+
+
+def test_snapshot_missing_under_a_journal_is_refused(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    for v in range(2):
+        store.put("installs", "LOC1", {"v": v})
+        save(store)
+    store.close()
+    os.unlink(os.path.join(state_dir, STATE_FILENAME))
+    with pytest.raises(StateError, match="restore the state file from a backup"):
+        open_store(state_dir, key)
+
+
+def test_key_rotation_reencrypts_the_journal_too(state_dir, tmp_path):
+    old = new_key_line()
+    store = open_store(state_dir, write_key_file(tmp_path / "k1", old))
+    for v in range(3):
+        store.put("installs", "LOC1", {"v": v})
+        save(store)
+    store.close()
+    assert journal_files(state_dir)
+    new = new_key_line()
+    store = open_store(state_dir, write_key_file(tmp_path / "k2", new, old))
+    assert store.dirty
+    save(store)
+    store.close()
+    assert journal_files(state_dir) == []
+    only_new = open_store(state_dir, write_key_file(tmp_path / "k3", new))
+    assert only_new.get("installs", "LOC1") == {"v": 2}
+    only_new.close()
+
+
+def test_format_1_state_file_still_loads_and_is_rewritten(state_dir, tmp_path):
+    key = write_key_file(tmp_path / "k", new_key_line())
+    keyring = KeyRing.load(key)
+    document = b'{"format":1,"sections":{"installs":{"LOC1":{"v":1}}}}'
+    atomic_write(os.path.join(state_dir, STATE_FILENAME), keyring.encrypt(document, b"state"))
+    store = open_store(state_dir, key)
+    assert store.get("installs", "LOC1") == {"v": 1}
+    assert store.dirty
+    save(store)
+    store.close()
+    assert not pathlib.Path(state_dir, STATE_FILENAME).read_bytes().startswith(b"CGS1")
+    assert open_store(state_dir, key).get("installs", "LOC1") == {"v": 1}
+
+
+def test_crash_during_compaction_loses_no_commit(state_dir, tmp_path):
+    """Killed as the new snapshot would replace the old: old snapshot + both journals remain."""
+    key = write_key_file(tmp_path / "k", new_key_line())
+    store = open_store(state_dir, key)
+    store.put("installs", "LOC0", {"v": 0})
+    save(store)
+    store.close()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, threading
+        from castghld.state import KeyRing, StateStore
+        store = StateStore({state_dir!r}, KeyRing.load({key!r}))
+        store.load()
+        store.compact_min_bytes = 0
+        replaced = os.replace
+        def die_in_compaction(*a):
+            if threading.current_thread().name.startswith("castghld-state-compact"):
+                os._exit(9)
+            replaced(*a)
+        os.replace = die_in_compaction
+        async def main():
+            for i in range(1, 40):
+                store.put("installs", f"LOC{{i}}", {{"v": i}})
+                await store.commit()
+                print(i, flush=True)
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
+    assert result.returncode == 9
+    acknowledged = result.stdout.split()
+    assert acknowledged
+    again = open_store(state_dir, key)
+    for i in [0, *map(int, acknowledged)]:
+        assert again.get("installs", f"LOC{i}") == {"v": i}
+    again.close()
