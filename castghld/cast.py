@@ -17,11 +17,11 @@ Guarantees:
   share only the semaphore and the per-IP limit.
 - After ``begin_stop()`` no new send starts: ``send_once`` parks until its task is cancelled (the
   outbox stop), and the message resumes at the next start.
-- ``send`` retries what SPEC §5 calls transient (429, 500, 502, 503, timeouts, connection errors)
-  with exponential backoff and full jitter, never sooner than ``Retry-After`` and never past the
-  deadline; ``502 PROVIDER_ERROR`` (the carrier refused it) at most ``PROVIDER_ERROR_RETRIES``
-  times, so a rejected message is reported failed within minutes; anything else raises
-  ``CastError`` with Cast's ``error_code`` for the GHL report.
+- ``send_once`` is one attempt; the caller (the outbound scheduler) retries what SPEC §5 calls
+  transient (429, 500, 502, 503, timeouts, connection errors, see ``worth_retrying``): ``502
+  PROVIDER_ERROR`` (the carrier refused it) at most ``PROVIDER_ERROR_RETRIES`` times, so a
+  rejected message is reported failed within minutes; anything else is final, with Cast's
+  ``error_code`` for the GHL report.
 - A send never leaves after its ``not_after`` (wall clock): that is checked after the pacing
   slots are taken, at the instant the request would leave, and raises ``SendWindowClosed``
   instead. A message that waited behind a backlog is not texted late, and one first attempted
@@ -54,7 +54,6 @@ from castghld.pacing import (
     SlidingWindowLimiter,
     acquire_all,
     parse_retry_after,
-    retry_delay,
 )
 
 log = logging.getLogger("castghld.cast")
@@ -81,6 +80,13 @@ class CastError(Exception):
     @property
     def retryable(self) -> bool:
         return self.status in RETRYABLE_STATUSES
+
+
+def worth_retrying(error: CastError, provider_errors: int) -> bool:
+    """Whether a send that failed with `error` is retried, `provider_errors` PROVIDER_ERRORs in."""
+    if error.code == "PROVIDER_ERROR" and provider_errors > PROVIDER_ERROR_RETRIES:
+        return False
+    return error.retryable
 
 
 class SendWindowClosed(Exception):
@@ -266,59 +272,6 @@ class CastClient:
         if not isinstance(answer.get("message_id"), str) or not answer["message_id"]:
             raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
         return answer
-
-    async def send(
-        self,
-        account: CastAccount,
-        to: str,
-        message: str,
-        idempotency_key: str,
-        *,
-        deadline: float,
-        not_after: float | None = None,
-        context: str = "",
-    ) -> dict[str, Any]:
-        """Send until Cast accepts, a final error, or `deadline` (a `time.monotonic()` value).
-
-        No attempt leaves after `not_after` (wall clock): the first raises `SendWindowClosed`,
-        a retry raises the error it was retrying (its outcome is what we know).
-        """
-        attempt = 0
-        provider_errors = 0
-        last: CastError | None = None
-        while True:
-            try:
-                answer = await self.send_once(account, to, message, idempotency_key, not_after)
-            except SendWindowClosed:
-                if last is None:
-                    raise
-                self.metrics.sends.labels("gave_up").inc()
-                raise last from None
-            except CastError as e:
-                last = e
-                if e.code == "PROVIDER_ERROR":
-                    provider_errors += 1
-                if not e.retryable or provider_errors > PROVIDER_ERROR_RETRIES:
-                    self.metrics.sends.labels("failed").inc()
-                    raise
-                delay = retry_delay(attempt, e.retry_after, base=1.0, cap=300.0)
-                if time.monotonic() + delay > deadline:
-                    self.metrics.sends.labels("gave_up").inc()
-                    raise
-                self.metrics.sends.labels("retry").inc()
-                log.warning(
-                    "Cast %d %s %s attempt=%d; retrying in %.1fs",
-                    e.status,
-                    e.code,
-                    context,
-                    attempt + 1,
-                    delay,
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
-                continue
-            self.metrics.sends.labels("sent").inc()
-            return answer
 
     # -- delivery status -----------------------------------------------------------------------
 

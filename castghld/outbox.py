@@ -13,6 +13,12 @@ Guarantees:
   is reported as a duplicate and not added again, so GHL's and Cast's retries become one message.
 - On start, every unfinished record is handed to its pipeline again (at-least-once dispatch); the
   pipelines make that exactly-once where the upstream allows it (Cast's idempotency key).
+- Two ways to serve a kind: a `Pipeline` coroutine runs per record (inbound: low volume), a
+  `Scheduler` takes records as data into its own queues served by a bounded set of workers
+  (outbound: 100k waiting messages must not be 100k suspended coroutines for the GC to walk).
+- Records are replaced, never mutated (``update``/``note`` build a new dict): a record handed out
+  is a consistent snapshot, and compaction can encode records off the IOLoop. Values are atomic
+  (str, int, float, bool, None, tuple), so the GC untracks them.
 - The journal is compacted (live records + seen ids, written atomically) when it has grown well
   beyond what is live.
 """
@@ -28,7 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from castghld.metrics import Metrics
 from castghld.state import KeyRing, StateError, atomic_write, fsync_dir
@@ -45,6 +51,32 @@ PIPELINE_RETRY = (30.0, 600.0)
 
 Record = dict[str, Any]
 Pipeline = Callable[["Outbox", str], Awaitable[None]]
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Serves a kind of record as data: queued by `dispatch`, worked on by its own workers."""
+
+    def dispatch(self, outbox: Outbox, rid: str) -> None:
+        """Take `rid` (a live record) into the queues unless already held; never blocks."""
+
+    def holds(self, rid: str) -> bool:
+        """True while `rid` is queued, waiting for a due time, or being worked on."""
+
+    @property
+    def active(self) -> int:
+        """How many records are held."""
+
+    async def wait_idle(self) -> None:
+        """Until no record is held."""
+
+    async def stop(self) -> None:
+        """Stop every worker where it is (progress that matters is in the journal)."""
+
+
+def atomic(record: Record) -> Record:
+    """`record` with JSON lists as tuples, so it holds atomic values only (GC-untrackable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -208,7 +240,8 @@ class Journal:
 
 
 class Outbox:
-    """Live records by id, the seen-id set, and one dispatch task per live record."""
+    """Live records by id, the seen ids, and their dispatch: a task per record of a `Pipeline`
+    kind, the queues of a `Scheduler` kind."""
 
     def __init__(self, directory: str, keyring: KeyRing, metrics: Metrics, seen_retention: float):
         self.journal = Journal(directory, keyring)
@@ -216,7 +249,7 @@ class Outbox:
         self.seen_retention = seen_retention
         self.records: dict[str, Record] = {}
         self.seen: dict[str, float] = {}
-        self.pipelines: dict[str, Pipeline] = {}
+        self.pipelines: dict[str, Pipeline | Scheduler] = {}
         self._adding: dict[str, asyncio.Future[None]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._entries_since_compaction = 0
@@ -231,9 +264,9 @@ class Outbox:
         for entry in self.journal.load():
             op, rid = entry.get("op"), entry.get("id")
             if op == "put":
-                self.records[rid] = entry["record"]
+                self.records[rid] = atomic(entry["record"])
             elif op == "update" and rid in self.records:
-                self.records[rid].update(entry["fields"])
+                self.records[rid] = {**self.records[rid], **atomic(entry["fields"])}
             elif op == "done":
                 self.records.pop(rid, None)
                 self.seen[rid] = entry["at"]
@@ -267,6 +300,8 @@ class Outbox:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for scheduler in self._schedulers():
+            await scheduler.stop()
         await self.journal.close()
 
     def update_metrics(self) -> None:
@@ -295,6 +330,7 @@ class Outbox:
             return False
         if self.known(rid):
             return False
+        record = atomic(record)
         self.records[rid] = record
         future = self.journal.append({"op": "put", "id": rid, "record": record})
         self._adding[rid] = future
@@ -311,8 +347,13 @@ class Outbox:
 
     async def update(self, rid: str, **fields: Any) -> None:
         """Merge `fields` into the record, durably; retried until the journal takes it."""
-        self.records[rid].update(fields)
+        self.note(rid, **fields)
         await self._persist({"op": "update", "id": rid, "fields": fields})
+
+    def note(self, rid: str, **fields: Any) -> None:
+        """Merge `fields` into the record in memory only: progress that a crash may lose because
+        the restart redoes that step harmlessly (a status poll, a report)."""
+        self.records[rid] = {**self.records[rid], **atomic(fields)}
 
     async def finish(self, rid: str) -> None:
         """The record is done: forget it, remember its id for `seen_retention`."""
@@ -341,10 +382,16 @@ class Outbox:
 
     # -- dispatch ------------------------------------------------------------------------------
 
+    def _schedulers(self) -> list[Scheduler]:
+        return [p for p in self.pipelines.values() if isinstance(p, Scheduler)]
+
     def _dispatch(self, rid: str) -> None:
         if self.stopping or rid in self._tasks:
             return
         pipeline = self.pipelines[self.records[rid]["kind"]]
+        if isinstance(pipeline, Scheduler):
+            pipeline.dispatch(self, rid)
+            return
         task = asyncio.ensure_future(self._run(pipeline, rid))
         self._tasks[rid] = task
         task.add_done_callback(lambda _: self._tasks.pop(rid, None))
@@ -370,20 +417,26 @@ class Outbox:
         """Start pipelines again for live records of `kind` that wait (for an install)."""
         count = 0
         for rid, record in list(self.records.items()):
-            if record["kind"] == kind and rid not in self._tasks:
+            if record["kind"] == kind and not self._held(rid):
                 self._dispatch(rid)
                 count += 1
         return count
 
+    def _held(self, rid: str) -> bool:
+        return rid in self._tasks or any(s.holds(rid) for s in self._schedulers())
+
     @property
     def running(self) -> int:
-        """How many records have a pipeline running (the rest wait for a restart)."""
-        return len(self._tasks)
+        """How many records have a pipeline running or are held by a scheduler (the rest wait
+        for a restart)."""
+        return len(self._tasks) + sum(s.active for s in self._schedulers())
 
     async def wait_idle(self) -> None:
-        """Wait until no pipeline runs (tests and the demo)."""
-        while self._tasks:
+        """Wait until no pipeline runs and no scheduler holds a record (tests and the demo)."""
+        while self._tasks or any(s.active for s in self._schedulers()):
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+            for scheduler in self._schedulers():
+                await scheduler.wait_idle()
 
     # -- compaction ----------------------------------------------------------------------------
 

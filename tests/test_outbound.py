@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from castghld.cast import PROVIDER_ERROR_RETRIES, CastAccount
 from castghld.fakes import wait_for
+from castghld.outbound import SENDERS_PER_ACCOUNT
 
 SEND = "/api/v1/sms/send"
 
@@ -496,3 +498,53 @@ def attempted_record(message_id: str, account: str, sender_id: str) -> dict:
         "attachments": [],
         "received_at": time.time() - 60,
     }
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_backlog_waits_as_data_not_as_a_coroutine_per_message(bridge):
+    await ready(bridge)
+    bridge.cast.latency = 0.5  # every answer takes 0.5 s: the backlog waits
+    before = len(asyncio.all_tasks())
+    for n in range(100):
+        response = await bridge.post_message(messageId=f"m{n}", phone=f"+63917123{n:04d}")
+        assert response.code == 200
+    outbox = bridge.daemon.outbox
+    assert outbox.running == 100
+    # A few workers of the one account, not 100 parked pipelines (the rest: the fakes' handlers).
+    ours = [t for t in asyncio.all_tasks() if "OutboundDelivery" in t.get_coro().__qualname__]
+    assert len(ours) <= SENDERS_PER_ACCOUNT + 1
+    assert len(asyncio.all_tasks()) - before < 40
+    gc.collect()
+    waiting = [r for r in outbox.records.values() if r["stage"] == "new"]
+    assert len(waiting) > 50
+    assert not any(gc.is_tracked(r) for r in waiting)
+    await wait_for(lambda: not outbox.records, timeout=25)
+    assert len(bridge.cast.sent) == 100
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_delivered_message_costs_four_journal_entries(bridge):
+    # put, attempted, sent, done: the pending report, each poll and the final status are
+    # redone after a crash, so they are not journaled.
+    await ready(bridge)
+    journal = bridge.daemon.outbox.journal
+    written = journal.entries_written
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+    assert journal.entries_written - written == 4
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_busy_account_does_not_hold_up_another_accounts_message(bridge):
+    bridge.cast.api_keys["key_b"] = "acctB"
+    extra = {"cast": {"messages_per_second": 5, "locations": {"loc2": {"api_key": "key_b"}}}}
+    await ready(bridge, extra, ("loc1", "loc2"))
+    for n in range(40):  # 8 s of work for loc1's account
+        await bridge.post_message(messageId=f"a{n}", phone=f"+63917123{n:04d}")
+    accepted = time.monotonic()
+    await bridge.post_message(messageId="b1", locationId="loc2")
+    await wait_for(lambda: any(s["idempotency_key"] == "b1" for s in bridge.cast.sent))
+    [b1] = [s for s in bridge.cast.sent if s["idempotency_key"] == "b1"]
+    assert b1["time"] - accepted < 1.0
+    assert len(bridge.cast.sent) < 41
