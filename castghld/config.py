@@ -31,6 +31,8 @@ from castghld.phone import route_key
 # A send may be retried until this long after GHL handed us the message; a later attempt could
 # fall outside Cast's 24 h idempotency window and send twice (see outbound.py).
 MAX_SEND_DEADLINE = 12 * 3600.0
+# GSM alphanumeric sender IDs: Cast's API takes 20 characters, but carriers cut them at 11.
+MAX_SENDER_ID = 11
 DEFAULT_CONFIG_PATH = "/etc/castghld/castghld.yaml"
 CONFIG_ENV = "CASTGHLD_CONFIG"
 
@@ -79,6 +81,8 @@ class GHLConfig:
     auth_base: str = "https://marketplace.gohighlevel.com"
     webhook_public_keys: tuple[str, ...] = ()
     conversation_provider_id: str = ""
+    app_id: str = ""  # "" in the file: the part of client_id before the first "-" (resolved here)
+    accept_legacy_rsa: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class StateConfig:
 class TokensConfig:
     refresh_interval: float = 300.0
     refresh_margin: float = 6 * 3600.0
+    reconcile_interval: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class DeliveryConfig:
     allowed_regions: tuple[str, ...] = ("PH",)
     concurrency: int = 32
     seen_retention: float = 7 * 86400.0
+    inbound_max_age: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -426,6 +432,8 @@ def build_config(path: str, raw: Any) -> Config:
             os.path.join(r.base_dir, p) for p in r.string_list("ghl", g, "webhook_public_keys")
         ),
         conversation_provider_id=r.string("ghl", g, "conversation_provider_id"),
+        app_id=r.string("ghl", g, "app_id") or client_id.split("-", 1)[0],
+        accept_legacy_rsa=r.boolean("ghl", g, "accept_legacy_rsa", True),
     )
 
     c = r.section(
@@ -436,7 +444,7 @@ def build_config(path: str, raw: Any) -> Config:
     cast = CastConfig(
         api_base=r.url("cast", c, "api_base", CastConfig.api_base),
         api_key=r.secret("cast", c, "api_key", required=True) or Secret(""),
-        sender_id=r.string("cast", c, "sender_id"),
+        sender_id=_sender_id(r, "cast", c),
         messages_per_second=r.integer("cast", c, "messages_per_second", 10, 1, 10000),
         requests_per_second=r.integer("cast", c, "requests_per_second", 30, 1, 10000),
         inbound_secret=r.secret("cast", c, "inbound_secret", required=True) or Secret(""),
@@ -453,6 +461,7 @@ def build_config(path: str, raw: Any) -> Config:
     tokens = TokensConfig(
         refresh_interval=r.duration("tokens", t, "refresh_interval", 300.0, minimum=1),
         refresh_margin=r.duration("tokens", t, "refresh_margin", 6 * 3600.0, minimum=1),
+        reconcile_interval=r.duration("tokens", t, "reconcile_interval", 3600.0, minimum=1),
     )
 
     d = r.section("delivery", top.get("delivery"), _fields(DeliveryConfig))
@@ -471,6 +480,7 @@ def build_config(path: str, raw: Any) -> Config:
         allowed_regions=_regions(r, d),
         concurrency=r.integer("delivery", d, "concurrency", 32, 1, 1024),
         seen_retention=r.duration("delivery", d, "seen_retention", 7 * 86400.0, minimum=86400),
+        inbound_max_age=r.duration("delivery", d, "inbound_max_age", 7 * 86400.0, minimum=1),
     )
 
     lg = r.section("logging", top.get("logging"), _fields(LoggingConfig))
@@ -508,7 +518,7 @@ def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
         entry = r.section(key, value, allowed)
         result[str(location_id)] = CastLocationConfig(
             api_key=r.secret(key, entry, "api_key", required=False),
-            sender_id=r.string(key, entry, "sender_id", None) if "sender_id" in entry else None,
+            sender_id=_sender_id(r, key, entry) if "sender_id" in entry else None,
             inbound_numbers=r.string_list(key, entry, "inbound_numbers"),
         )
         for number in result[str(location_id)].inbound_numbers:
@@ -520,6 +530,19 @@ def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
                     "a reply to it must go to one location",
                 )
     return result
+
+
+def _sender_id(r: _Reader, key: str, raw: dict) -> str:
+    """An alphanumeric sender ID longer than `MAX_SENDER_ID` is cut by carriers: an error.
+    A numeric sender (a phone number, ``+`` and up to 15 digits) is not alphanumeric."""
+    value = r.string(key, raw, "sender_id")
+    if len(value) > MAX_SENDER_ID and not re.fullmatch(r"\+?\d{1,15}", value):
+        r.problem(
+            f"{key}.sender_id",
+            f"{value!r} is {len(value)} characters; carriers cut sender IDs at "
+            f"{MAX_SENDER_ID} (GSM alphanumeric limit), use at most {MAX_SENDER_ID}",
+        )
+    return value
 
 
 def _status_polls(r: _Reader, raw: dict) -> tuple[float, ...]:

@@ -15,10 +15,10 @@ They hold the daemon to SPEC §4 and §5, not to what the daemon happens to send
 - GHL refresh tokens and authorization codes are single-use. A Cast ``X-Idempotency-Key`` seen
   again for the same account replays the first answer and never sends twice.
 - Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
-  ``location_token``, ``status``, ``upsert``, ``inbound``; Cast ``send``, ``sms_status``. A scripted
-  failure is spent by the next request to its route that passed the contract and authentication
-  checks, and changes no state (no token consumed, no idempotency key stored). Status 599 drops the
-  connection without an answer.
+  ``location_token``, ``installed_locations``, ``status``, ``upsert``, ``inbound``; Cast ``send``,
+  ``sms_status``. A scripted failure is spent by the next request to its route that passed the
+  contract and authentication checks, and changes no state (no token consumed, no idempotency key
+  stored). Status 599 drops the connection without an answer.
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 
@@ -99,6 +99,7 @@ class Call:
     json: Any | None
     form: dict[str, str] | None
     time: float
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,7 +167,8 @@ def _parse_call(request: HTTPServerRequest) -> Call:
     elif content_type.startswith(FORM):
         parsed_form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     method, headers, now = request.method or "", HTTPHeaders(request.headers), time.monotonic()
-    return Call(method, request.path, headers, body, parsed_json, parsed_form, now)
+    query = dict(parse_qsl(request.query, keep_blank_values=True))
+    return Call(method, request.path, headers, body, parsed_json, parsed_form, now, query)
 
 
 def _prune(times: deque[float], window: float, now: float) -> None:
@@ -398,6 +400,7 @@ class FakeGHL(_FakeServer):
     routes = (
         ("POST", r"/oauth/token", "token", "_token"),
         ("POST", r"/oauth/locationToken", "location_token", "_location_token"),
+        ("GET", r"/oauth/installedLocations", "installed_locations", "_installed_locations"),
         ("PUT", r"/conversations/messages/(?P<message_id>[^/]+)/status", "status", "_status"),
         ("POST", r"/contacts/upsert", "upsert", "_upsert"),
         ("POST", r"/conversations/messages/inbound", "inbound", "_inbound"),
@@ -421,6 +424,10 @@ class FakeGHL(_FakeServer):
         self.upserts = 0
         self.inbound_messages: list[dict[str, Any]] = []
         self.webhook_messages: dict[str, str] = {}  # messageId -> locationId, from post_webhook
+        # A Custom conversation provider: inbound posts without this conversationProviderId get
+        # GHL's silent drop (201, empty body, nothing stored). "" : no such requirement.
+        self.custom_provider_id = ""
+        self.dropped_inbound = 0
         self._codes: dict[str, _Grant] = {}
         self._access: dict[str, tuple[_Grant, float]] = {}  # token -> (grant, expires, epoch s)
         self._refresh: dict[str, _Grant] = {}
@@ -433,6 +440,12 @@ class FakeGHL(_FakeServer):
 
     def _error_body(self, status: int, message: str) -> Any:
         return {"statusCode": status, "message": message}
+
+    @property
+    def app_id(self) -> str:
+        """The marketplace app's id: the part of the client id before the first "-" (as the
+        SDK derives it); app webhooks carry it as ``appId``."""
+        return self.client_id.split("-", 1)[0]
 
     # -- seeding and state changes -------------------------------------------------------------
 
@@ -459,8 +472,16 @@ class FakeGHL(_FakeServer):
         self._codes[code] = grant
 
     def add_company_location(self, company_id: str, location_id: str) -> None:
-        """Let the company's agency token mint tokens for this location."""
+        """The app is installed on this location of the company: the agency token may mint its
+        token and ``/oauth/installedLocations`` lists it."""
         self._company_locations[company_id].add(location_id)
+
+    def uninstall_app(self, location_id: str) -> None:
+        """The app was uninstalled from the location: no longer listed nor mintable, and its
+        refresh tokens are revoked (as GHL does)."""
+        for locations in self._company_locations.values():
+            locations.discard(location_id)
+        self.revoke(location_id)
 
     def issue_tokens(
         self, location_id: str, company_id: str = "comp1", expires_in: int = 86399
@@ -531,6 +552,8 @@ class FakeGHL(_FakeServer):
     # -- /oauth/token --------------------------------------------------------------------------
 
     def _token(self, call: Call) -> Answer:
+        if "Version" in call.headers:
+            self._violate(call, 400, "Version header on /oauth/token (the OAuth spec has none)")
         form = self._client_form(call)
         if form.get("user_type") not in ("Location", "Company"):
             self._violate(call, 422, f"user_type {form.get('user_type')!r} is not Location/Company")
@@ -602,6 +625,39 @@ class FakeGHL(_FakeServer):
         if location_id in self._inactive:
             return _ghl_error(400, "Location is not active")
         return Answer(200, self._issue(_Grant("Location", grant.company_id, location_id)))
+
+    # -- GET /oauth/installedLocations --------------------------------------------------------
+
+    INSTALLED_QUERY = frozenset(
+        "companyId appId isInstalled skip limit query onTrial planId".split()
+    )
+
+    def _installed_locations(self, call: Call) -> Answer:
+        grant = self._bearer_grant(call, GHL_VERSION_CONTACTS)
+        query = call.query
+        unknown = sorted(set(query) - self.INSTALLED_QUERY)
+        if unknown:
+            self._violate(call, 422, f"unknown query parameters {unknown}")
+        if grant.user_type != "Company" or query.get("companyId") != grant.company_id:
+            self._violate(call, 401, "needs the agency token of the query's companyId")
+        if query.get("appId") != self.app_id:
+            self._violate(call, 422, f"appId {query.get('appId')!r} is not {self.app_id!r}")
+        if query.get("isInstalled", "true") not in ("true", "false"):
+            self._violate(call, 422, "isInstalled must be true or false")
+        skip, limit = query.get("skip", "0"), query.get("limit", "20")
+        if not skip.isdigit() or not limit.isdigit() or not 1 <= int(limit) <= 500:
+            self._violate(call, 422, "skip must be >= 0 and limit 1..500 (integers)")
+        self._take_failure("installed_locations")
+        installed = sorted(self._company_locations[grant.company_id])
+        page = installed[int(skip) : int(skip) + int(limit)]
+        locations = [
+            {"_id": lid, "name": f"Location {lid}", "address": "", "isInstalled": True}
+            for lid in page
+        ]
+        return Answer(
+            200,
+            {"locations": locations, "count": len(installed), "installToFutureLocations": True},
+        )
 
     # -- location API: version, auth, rate limit, JSON body ------------------------------------
 
@@ -724,6 +780,12 @@ class FakeGHL(_FakeServer):
     def _add_inbound(self, call: Call, body: dict[str, Any], location_id: str) -> Answer:
         self._check_inbound(call, body, location_id)
         self._take_failure("inbound")
+        if (
+            self.custom_provider_id
+            and body.get("conversationProviderId") != self.custom_provider_id
+        ):
+            self.dropped_inbound += 1  # GHL's known behaviour: 2xx, empty body, nothing stored
+            return Answer(201, "")
         self.inbound_messages.append({**body, "locationId": location_id})
         return Answer(
             200,

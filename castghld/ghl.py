@@ -1,7 +1,8 @@
 """The GHL API client: OAuth token calls and location-scoped API calls with retries.
 
 Guarantees:
-- Every request carries the `Version` header SPEC §4 names for it, and a short timeout.
+- Every request carries the `Version` header SPEC §4 names for it (none on `POST /oauth/token`:
+  the OAuth spec defines none), and a short timeout.
 - Calls for one location are paced under GHL's 100 requests / 10 s (`GHL_RATE_LIMIT`), and a 429
   (or `X-RateLimit-Remaining: 0`) pauses every caller of that location until GHL's window passes.
 - `call()` retries 429, 5xx, timeouts and connection errors with exponential backoff and full
@@ -30,7 +31,8 @@ from castghld.pacing import LimiterMap, parse_retry_after, retry_delay
 log = logging.getLogger("castghld.ghl")
 
 VERSION = "2021-04-15"
-VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken and /contacts/*
+VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken, /oauth/installedLocations and /contacts/*
+INSTALLED_PAGE = 100  # locations per /oauth/installedLocations page
 GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin for clock skew
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 
@@ -101,14 +103,17 @@ class GHLClient:
         method: str,
         path: str,
         *,
-        version: str = VERSION,
+        version: str | None = VERSION,
         token: str | None = None,
         json_body: Any = None,
         form: dict[str, str] | None = None,
         pace_key: str | None = None,
     ) -> Any:
-        """One HTTP exchange with GHL; the decoded JSON answer, or GHLError."""
-        headers = {"Accept": "application/json", "Version": version}
+        """One HTTP exchange with GHL; the decoded JSON answer, or GHLError. `version` None: no
+        `Version` header (the OAuth token endpoint)."""
+        headers = {"Accept": "application/json"}
+        if version is not None:
+            headers["Version"] = version
         body = None
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -177,6 +182,7 @@ class GHLClient:
         return await self.request(
             "POST",
             "/oauth/token",
+            version=None,
             form=self._client_form(
                 grant_type="authorization_code",
                 code=code,
@@ -189,6 +195,7 @@ class GHLClient:
         return await self.request(
             "POST",
             "/oauth/token",
+            version=None,
             form=self._client_form(
                 grant_type="refresh_token", refresh_token=refresh_token, user_type=user_type
             ),
@@ -204,6 +211,48 @@ class GHLClient:
             token=company_token,
             form={"companyId": company_id, "locationId": location_id},
         )
+
+    async def installed_locations(self, company_token: str, company_id: str) -> list[str]:
+        """Ids of every location of `company_id` that has our app installed, all pages.
+
+        GHL answers ``{locations: [{_id, name, isInstalled, ...}], count, ...}``; pages of
+        `INSTALLED_PAGE` are read until ``count`` ids are seen or a page comes back short. An
+        answer of another shape is a GHLError (502): a reconciliation must never act on a list it
+        could not read completely.
+        """
+        ids: list[str] = []
+        skip = 0
+        while True:
+            query = urlencode(
+                {
+                    "companyId": company_id,
+                    "appId": self.config.ghl.app_id,
+                    "isInstalled": "true",
+                    "skip": str(skip),
+                    "limit": str(INSTALLED_PAGE),
+                }
+            )
+            answer = await self.request(
+                "GET",
+                "/oauth/installedLocations?" + query,
+                version=VERSION_OAUTH,
+                token=company_token,
+                pace_key="company:" + company_id,
+            )
+            page = answer.get("locations") if isinstance(answer, dict) else None
+            if not isinstance(page, list):
+                raise GHLError(502, "GHL's installedLocations answer has no locations list")
+            for entry in page:
+                location_id = entry.get("_id") if isinstance(entry, dict) else None
+                if not isinstance(location_id, str) or not location_id:
+                    raise GHLError(502, "GHL's installedLocations answer has an entry without _id")
+                if entry.get("isInstalled", True) is not False:
+                    ids.append(location_id)
+            skip += len(page)
+            count = answer.get("count")
+            total = count if isinstance(count, int) and not isinstance(count, bool) else None
+            if len(page) < INSTALLED_PAGE or (total is not None and skip >= total):
+                return list(dict.fromkeys(ids))
 
     # -- location-scoped calls with retries ----------------------------------------------------
 

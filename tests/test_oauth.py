@@ -53,7 +53,7 @@ def app_event(kind: str, location_id: str = "", company_id: str = "comp1", **ext
     """An app webhook body shaped like GHL's (INSTALL / UNINSTALL)."""
     event = {
         "type": kind,
-        "appId": "app-1",
+        "appId": "test",
         "companyId": company_id,
         "timestamp": iso_timestamp(),
         "webhookId": str(uuid.uuid4()),
@@ -332,14 +332,16 @@ async def test_app_webhook_with_garbage_signature_is_401(bridge):
 
 
 @pytest.mark.gen_test
-async def test_app_webhook_with_stale_timestamp_is_refused(bridge):
+async def test_install_webhook_retried_ten_minutes_late_is_completed(bridge):
     await bridge.start()
-    await bridge.install("loc1")
-    event = app_event("UNINSTALL", "loc1", timestamp=iso_timestamp(seconds_ago=6 * 60))
+    assert (await agency_install(bridge, ["locA"])).code == 200
+    bridge.ghl.add_company_location("agency1", "locC")
+    event = app_event("INSTALL", "locC", company_id="agency1", timestamp=iso_timestamp(600))
     response = await post_app_webhook(bridge, event)
-    assert response.code == 401
-    assert json.loads(response.body)["error"] == "stale_webhook"
-    assert bridge.daemon.installations.get("loc1") is not None
+    assert response.code == 200, response.body
+    assert bridge.daemon.installations.get("locC"), response.body
+    assert bridge.daemon.installations.get("locC")["status"] == "ok"
+    await status_update_succeeds(bridge, "locC", "msg-c")
 
 
 @pytest.mark.gen_test
@@ -412,11 +414,12 @@ async def test_install_webhook_mints_the_location_token_with_the_company_token(b
 
 
 @pytest.mark.gen_test
-async def test_install_webhook_without_company_token_waits_for_the_callback(bridge):
+async def test_install_webhook_without_company_token_is_kept_on_disk(bridge, config_dir):
     await bridge.start()
     response = await post_app_webhook(bridge, app_event("INSTALL", "loc1", company_id="comp9"))
     assert response.code == 200
     assert bridge.daemon.installations.get("loc1") is None
+    assert stored_on_disk(config_dir, "pending_installs", "loc1")["company_id"] == "comp9"
     assert bridge.ghl.calls == []
 
 

@@ -1,9 +1,19 @@
 """`POST /api/ghl/v1/webhook/app`: GHL's app webhooks (INSTALL, UNINSTALL; others ignored).
 
-Guarantees: nothing is acted on unless the raw body carries a valid GHL signature (401
-otherwise); a body whose `timestamp` is older than `MAX_AGE` is refused as a replay (401); a
-repeated `webhookId` (GHL retries) is acknowledged without acting twice. An authentic webhook we
-cannot act on is answered 200 (GHL retries every non-2xx and pauses failing endpoints).
+Guarantees:
+- Nothing is acted on unless the raw body carries a valid GHL signature (401 otherwise).
+- An authentic webhook is answered 2xx whatever its age or shape: GHL's retries keep the original
+  timestamp, so an age limit would refuse every INSTALL sent while we were down. Replays are made
+  harmless by the `webhookId` dedupe and by ordering (`Installations.uninstall`: an UNINSTALL
+  older than the install it would delete is ignored; an INSTALL older than the last UNINSTALL
+  too), which hold across restarts because the dates they compare are in the state file.
+- A webhook whose ``appId`` is not ours (`ghl.app_id`) is answered 200 and ignored: GHL signs
+  every app's webhooks with one key, so another app's UNINSTALL must not delete our tokens.
+- A body we cannot use (not JSON, not an object, ids of the wrong type) is answered 200, counted
+  (``castghld_webhooks{kind="app",outcome="unusable"}``) and logged; never a 4xx, which GHL would
+  retry and count against the endpoint.
+- An INSTALL that cannot be completed at once is kept durably before the 200; if it cannot be
+  stored the answer is 503 so GHL retries.
 """
 
 from __future__ import annotations
@@ -11,71 +21,118 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from typing import Any
 
-from castghld.ghl import GHLError
 from castghld.handlers.base import APIError, APIHandler
-from castghld.tokens import TokenUnavailable
 
 log = logging.getLogger("castghld.webhook.app")
 
-MAX_AGE = 300.0
 SEEN_WEBHOOK_IDS = 10_000
+MAX_ID_CHARS = 200
 
 
-def webhook_age(timestamp: object, now: float) -> float | None:
-    """Seconds since an ISO 8601 `timestamp`, or None when it is absent or unreadable."""
+def webhook_time(timestamp: object) -> float | None:
+    """Epoch seconds of an ISO 8601 `timestamp` (or epoch milliseconds), or None when it is
+    absent or unreadable."""
+    if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
+        seconds = timestamp / 1000.0 if timestamp > 1e11 else float(timestamp)
+        return seconds if 0 < seconds < 1e11 else None
     if not isinstance(timestamp, str) or not timestamp:
         return None
     try:
-        when = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
+        when = datetime.datetime.fromisoformat(timestamp.strip().replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return when.timestamp()
+    except (ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return now - when.timestamp()
+
+
+def _id(value: Any) -> str:
+    """An id field as a string ('' if absent or unusable): GHL ids are short strings; a number
+    is read as its decimal form."""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not value.isprintable():
+        return ""
+    return value.strip()
 
 
 class AppWebhookHandler(APIHandler):
-    async def act(self, kind: object, location_id: str, company_id: str) -> str:
+    async def act(
+        self,
+        kind: object,
+        location_id: str,
+        company_id: str,
+        event_at: float | None,
+        webhook_id: str,
+    ) -> str:
         installations = self.daemon.installations
         if kind == "UNINSTALL":
-            removed = await installations.uninstall(location_id=location_id, company_id=company_id)
+            removed = await installations.uninstall(
+                location_id=location_id,
+                company_id=company_id,
+                event_at=event_at,
+                webhook_id=webhook_id,
+            )
             return f"uninstalled {len(removed)} location(s)"
-        if kind == "INSTALL" and location_id:
-            try:
-                return await installations.on_install_webhook(location_id, company_id)
-            except (GHLError, TokenUnavailable) as e:
-                log.error("INSTALL webhook location=%s: %s", location_id, e)
-                return "install failed; see log"
+        if kind == "INSTALL":
+            return await installations.on_install_webhook(location_id, company_id, event_at)
         return "ignored"
+
+    def unusable(self, why: str) -> None:
+        self.daemon.metrics.webhooks.labels("app", "unusable").inc()
+        log.warning(
+            "app webhook ignored: %s",
+            why,
+            extra={"outcome": "ignored", "reason": why},
+        )
+        self.write_json(200, {"status": "ignored", "reason": why})
 
     async def post(self) -> None:
         self.verify_ghl_signature("app")
-        event = self.json_body()
+        try:
+            event = self.json_body()
+        except APIError as e:
+            if e.status_code != 400:
+                raise
+            return self.unusable("body is not valid JSON")
+        except RecursionError:
+            return self.unusable("body is nested too deeply")
         if not isinstance(event, dict):
-            raise APIError(400, "invalid_body", "webhook body must be a JSON object")
-        age = webhook_age(event.get("timestamp"), time.time())
-        if age is not None and age > MAX_AGE:
-            self.daemon.metrics.webhooks.labels("app", "stale").inc()
-            raise APIError(401, "stale_webhook", "webhook timestamp is older than 5 minutes")
-        webhook_id = event.get("webhookId")
+            return self.unusable("body is not a JSON object")
+        app_id = _id(event.get("appId"))
+        if "appId" in event and app_id != self.daemon.config.ghl.app_id:
+            self.daemon.metrics.webhooks.labels("app", "foreign_app").inc()
+            log.info(
+                "app webhook for another app (appId=%s) ignored",
+                app_id or "?",
+                extra={"outcome": "ignored", "reason": "foreign appId"},
+            )
+            return self.write_json(200, {"status": "ignored", "reason": "not this app"})
+        webhook_id = _id(event.get("webhookId"))
         seen = self.daemon.seen_app_webhooks
-        if isinstance(webhook_id, str) and webhook_id in seen:
+        if webhook_id and webhook_id in seen:
             self.daemon.metrics.webhooks.labels("app", "duplicate").inc()
             return self.write_json(200, {"status": "duplicate"})
-        if isinstance(webhook_id, str):
+        kind = event.get("type")
+        location_id = _id(event.get("locationId"))
+        company_id = _id(event.get("companyId"))
+        if kind in ("INSTALL", "UNINSTALL") and not location_id and not company_id:
+            return self.unusable(f"{kind} without a usable locationId or companyId")
+        if webhook_id:
             # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
             seen[webhook_id] = time.time()
             while len(seen) > SEEN_WEBHOOK_IDS:
                 seen.popitem(last=False)
-        kind = event.get("type")
-        location_id = str(event.get("locationId") or "")
-        company_id = str(event.get("companyId") or "")
+        event_at = webhook_time(event.get("timestamp"))
         try:
-            outcome = await self.act(kind, location_id, company_id)
+            outcome = await self.act(kind, location_id, company_id, event_at, webhook_id)
         except BaseException as e:
             # Not done: GHL's retry of this webhook must be acted on, not called a duplicate.
-            if isinstance(webhook_id, str):
+            if webhook_id:
                 seen.pop(webhook_id, None)
             if isinstance(e, OSError):
                 raise APIError(
@@ -88,6 +145,7 @@ class AppWebhookHandler(APIHandler):
             location_id or "-",
             company_id or "-",
             outcome,
+            extra={"location_id": location_id, "outcome": outcome, "reason": str(kind)},
         )
         self.daemon.metrics.webhooks.labels("app", "ok").inc()
         self.write_json(200, {"status": outcome})
