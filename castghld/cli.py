@@ -25,7 +25,8 @@ commands:
   serve         run the daemon in the foreground (systemd Type=notify)
   check-config  validate config, key file, webhook keys and state file; print a summary
   gen-key PATH  write a new random state key to PATH (0600; refuses to overwrite)
-  installs      list installed locations: id, company, token expiry, status (never a token)
+  installs      list installed locations: id, company, token expiry, status, source (never a token)
+  reconcile     ask GHL which locations have the app installed (agency installs); mint/mark them
   install-url   print the URL that starts the OAuth install of the marketplace app
 """
 
@@ -73,8 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "installs",
         help="list installed locations",
-        description="List installed locations: location id, company id, access token expiry and "
-        "status (ok, needs_reauth, inactive). Never prints a token.",
+        description="List installed locations: location id, company id, access token expiry, "
+        "status (ok, needs_reauth, inactive, uninstalled: GHL no longer lists it) and source "
+        "(direct: the location's own OAuth install; agency: minted with an agency token; "
+        "reconciled: minted by a reconciliation). Never prints a token.",
+    )
+    sub.add_parser(
+        "reconcile",
+        help="reconcile agency installs with GHL now",
+        description="Ask GHL (GET /oauth/installedLocations, with each stored agency token) which "
+        "locations have the app installed; mint a token for each one without a usable token, "
+        "mark uninstalled the ones GHL no longer lists, and print what changed. The daemon does "
+        "this at startup and every tokens.reconcile_interval; this command needs the state "
+        "directory to itself (stop the daemon, or restart it to reconcile at once). Exit 0 when "
+        "every company's list was read, 1 otherwise.",
     )
     sub.add_parser(
         "install-url",
@@ -97,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(config)
         if args.command == "installs":
             return installs(config)
+        if args.command == "reconcile":
+            return reconcile(config)
         if args.command == "install-url":
             return install_url(config)
     except ConfigError as e:
@@ -193,13 +208,56 @@ def installs(config: Config) -> int:
     if not rows:
         print("no installations")
         return 0
-    print(f"{'LOCATION':<26} {'COMPANY':<26} {'TOKEN EXPIRES (UTC)':<21} STATUS")
+    print(f"{'LOCATION':<26} {'COMPANY':<26} {'TOKEN EXPIRES (UTC)':<21} {'STATUS':<13} SOURCE")
     for location_id, record in rows:
         expires = record.get("expires_at")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)) if expires else "-"
         company = record.get("company_id") or "-"
-        print(f"{location_id:<26} {company:<26} {when:<21} {record.get('status', 'ok')}")
+        status = record.get("status", "ok")
+        source = record.get("source") or ("agency" if record.get("company_id") else "direct")
+        print(f"{location_id:<26} {company:<26} {when:<21} {status:<13} {source}")
     return 0
+
+
+def reconcile(config: Config) -> int:
+    from castghld.app import StartupError, configure_http_client
+    from castghld.state import StateError, lock_directory
+
+    try:
+        daemon = _open_daemon_state(config)
+    except StartupError as e:
+        return fail(e.problems)
+    try:
+        try:
+            lock_fd = lock_directory(config.state.dir)
+        except StateError as e:
+            print(
+                f"castghld: {e}; the daemon reconciles at startup and every "
+                "tokens.reconcile_interval (restart it to reconcile now)",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            configure_http_client()
+            report = asyncio.run(daemon.installations.reconcile())
+        except OSError as e:
+            print(f"castghld: cannot save the state file: {e.strerror or e}", file=sys.stderr)
+            return 1
+        finally:
+            os.close(lock_fd)
+    finally:
+        daemon.state.close()
+    for location_id in report["minted"]:
+        print(f"minted       {location_id}")
+    for location_id in report["marked"]:
+        print(f"uninstalled  {location_id} (GHL no longer lists it; not texted for)")
+    for location_id, reason in sorted(report["failed"].items()):
+        print(f"failed       {location_id}: {reason} (kept; retried by the next reconciliation)")
+    for company_id, reason in sorted(report["companies"].items()):
+        print(f"company      {company_id}: {reason}")
+    changes = len(report["minted"]) + len(report["marked"])
+    print(f"{changes} change(s)" if changes else "no changes")
+    return 1 if report["companies"] else 0
 
 
 def install_url(config: Config) -> int:

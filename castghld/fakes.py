@@ -16,9 +16,10 @@ They hold the daemon to SPEC §4 and §5, not to what the daemon happens to send
   again for the same account replays the first answer and never sends twice.
 - Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
   ``location_token``, ``installed_locations``, ``status``, ``upsert``, ``inbound``; Cast ``send``,
-  ``sms_status``. A scripted failure is spent by the next request to its route that passed the
-  contract and authentication checks, and changes no state (no token consumed, no idempotency key
-  stored). Status 599 drops the connection without an answer.
+  ``sms_status`` (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
+  spent by the next request to its route that passed the contract and authentication checks, and
+  changes no state (no token consumed, no idempotency key stored). Status 599 drops the
+  connection without an answer.
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 
@@ -440,6 +441,13 @@ class FakeGHL(_FakeServer):
 
     def _error_body(self, status: int, message: str) -> Any:
         return {"statusCode": status, "message": message}
+
+    def _route(self, call: Call) -> tuple[str, Callable[..., Answer], dict[str, str]]:
+        # `hang("refresh")` holds only refresh-token grants (a code exchange still goes through).
+        route, action, params = super()._route(call)
+        if route == "token" and (call.form or {}).get("grant_type") == "refresh_token":
+            return "refresh", action, params
+        return route, action, params
 
     @property
     def app_id(self) -> str:

@@ -120,8 +120,12 @@ class AppWebhookHandler(APIHandler):
         kind = event.get("type")
         location_id = _id(event.get("locationId"))
         company_id = _id(event.get("companyId"))
-        if kind in ("INSTALL", "UNINSTALL") and not location_id and not company_id:
-            return self.unusable(f"{kind} without a usable locationId or companyId")
+        if kind in ("INSTALL", "UNINSTALL"):
+            # A locationId we cannot read must not turn into a company-wide UNINSTALL.
+            if event.get("locationId") not in (None, "") and not location_id:
+                return self.unusable(f"{kind} with an unusable locationId")
+            if not location_id and not company_id:
+                return self.unusable(f"{kind} without a usable locationId or companyId")
         if webhook_id:
             # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
             seen[webhook_id] = time.time()

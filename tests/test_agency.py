@@ -1,0 +1,272 @@
+"""Agency and bulk installs that always complete, and install/uninstall/refresh ordering (issue 8
+§1-2), against the strict fake GHL (installedLocations, INSTALL before the callback, 429 mints)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from test_oauth import (
+    app_event,
+    callback,
+    iso_timestamp,
+    post_app_webhook,
+    status_update_succeeds,
+    stored_on_disk,
+    token_calls,
+)
+
+from castghld.cli import main
+from castghld.fakes import wait_for
+
+AGENCY = "agency1"
+
+
+async def agency_callback(bridge, approved: list[str], company_id: str = AGENCY):
+    """The OAuth callback of an agency (Company) install approving `approved` locations."""
+    code = f"agency-code-{company_id}-{len(bridge.ghl.calls)}"
+    bridge.ghl.add_auth_code(
+        code, company_id=company_id, user_type="Company", approved_locations=approved
+    )
+    response = await callback(bridge, code=code)
+    assert response.code == 200, response.body
+    return response
+
+
+def usable(bridge, *location_ids: str) -> bool:
+    installations = bridge.daemon.installations
+    return all((installations.get(lid) or {}).get("status") == "ok" for lid in location_ids)
+
+
+async def reconciled(bridge) -> None:
+    """Wait until no reconciliation runs in the background."""
+    installations = bridge.daemon.installations
+    await wait_for(
+        lambda: installations._reconcile_task is None or installations._reconcile_task.done()
+    )
+
+
+# -- §1: bulk installs ----------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_bulk_install_with_install_webhooks_first_and_no_company_id_installs_all(
+    bridge, config_dir
+):
+    await bridge.start()
+    for location_id in ("locA", "locB", "locC"):
+        bridge.ghl.add_company_location(AGENCY, location_id)  # GHL installed the app there
+    # INSTALL webhooks before the callback: one with companyId, one without; locC sends none.
+    assert (await post_app_webhook(bridge, app_event("INSTALL", "locA", AGENCY))).code == 200
+    event = app_event("INSTALL", "locB")
+    del event["companyId"]
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert sorted(bridge.daemon.installations.pending()) == ["locA", "locB"]
+    # Kept durably: a restart between the webhooks and the callback loses nothing.
+    await bridge.stop()
+    assert stored_on_disk(config_dir, "pending_installs", "locB") is not None
+    await bridge.start()
+    await agency_callback(bridge, approved=[])  # bulk install: the answer lists no location
+    await wait_for(lambda: usable(bridge, "locA", "locB", "locC"))
+    await reconciled(bridge)
+    assert bridge.daemon.installations.pending() == []
+    assert stored_on_disk(config_dir, "pending_installs", "locB") is None
+    for location_id in ("locA", "locB", "locC"):
+        await status_update_succeeds(bridge, location_id, f"msg-{location_id}")
+    listing = bridge.ghl.calls_to("GET", "/oauth/installedLocations")
+    assert listing and listing[0].query["appId"] == "test"
+    assert listing[0].headers["Version"] == "2021-07-28"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_mint_answered_429_is_retried_and_the_location_installed(bridge):
+    await bridge.start()
+    bridge.ghl.fail_next("location_token", 429, headers={"Retry-After": "0"})
+    response = await agency_callback(bridge, ["locA", "locB"])
+    assert b"Could not install" not in response.body
+    assert usable(bridge, "locA", "locB")
+    assert len(bridge.ghl.calls_to("POST", "/oauth/locationToken")) == 3
+    await status_update_succeeds(bridge, "locA", "msg-a")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_failed_mint_is_completed_by_the_next_reconciliation(bridge):
+    await bridge.start()
+    bridge.ghl.add_company_location(AGENCY, "locC")
+    bridge.ghl.deactivate("locC")  # GHL refuses its mint for now
+    await agency_callback(bridge, ["locA", "locC"])
+    await reconciled(bridge)
+    assert usable(bridge, "locA") and not usable(bridge, "locC")
+    assert bridge.daemon.installations.pending() == ["locC"]
+    bridge.ghl.reactivate("locC")
+    report = await bridge.daemon.installations.reconcile()
+    assert report["minted"] == ["locC"]
+    assert usable(bridge, "locC")
+    assert bridge.daemon.installations.pending() == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_location_uninstalled_while_down_is_not_texted_after_reconciliation(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA", "locB"])
+    await reconciled(bridge)
+    await bridge.stop()
+    bridge.ghl.uninstall_app("locB")  # the UNINSTALL webhook went nowhere
+    await bridge.start()  # a reconciliation runs at startup
+    await wait_for(lambda: stored_status(bridge, "locB") == "uninstalled")
+    response = await bridge.post_message(locationId="locB", messageId="m-b")
+    assert response.code == 200
+    assert json.loads(response.body)["status"] == "ignored"
+    response = await bridge.post_message(locationId="locA", messageId="m-a")
+    assert response.code == 200
+    await wait_for(lambda: len(bridge.cast.sent) == 1)
+    assert bridge.cast.sent[0]["idempotency_key"] == "m-a"
+
+
+def stored_status(bridge, location_id: str) -> str | None:
+    record = bridge.daemon.state.get("installs", location_id)
+    return record and record.get("status")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_invalid_grant_on_a_minted_location_re_mints_and_the_sms_is_sent(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA"])
+    await reconciled(bridge)
+    bridge.ghl.revoke("locA")  # its refresh token now gets invalid_grant
+    bridge.ghl.expire_access_tokens("locA")  # and its access token 401
+    response = await bridge.post_message(locationId="locA", messageId="m-remint")
+    assert response.code == 200
+    await wait_for(
+        lambda: [s["status"] for s in bridge.ghl.statuses["m-remint"]][-1:] == ["delivered"]
+    )
+    assert len(bridge.cast.sent) == 1
+    record = bridge.daemon.installations.get("locA")
+    assert record["status"] == "ok" and record["source"] == "agency"
+    assert bridge.ghl.refresh_reuse == 0
+
+
+# -- app webhooks: appId, ordering ----------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_uninstall_of_another_app_keeps_the_tokens(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1", appId="someone-elses-app")
+    response = await post_app_webhook(bridge, event)
+    assert response.code == 200
+    assert json.loads(response.body)["status"] == "ignored"
+    await status_update_succeeds(bridge, "loc1", "msg-1")
+
+
+@pytest.mark.gen_test
+async def test_uninstall_older_than_a_reinstall_keeps_the_tokens(bridge, config_dir):
+    await bridge.start()
+    await bridge.install("loc1")
+    late = app_event("UNINSTALL", "loc1", timestamp=iso_timestamp(seconds_ago=60))
+    response = await post_app_webhook(bridge, late)
+    assert response.code == 200
+    assert stored_on_disk(config_dir, "installs", "loc1") is not None
+    await status_update_succeeds(bridge, "loc1", "msg-1")
+
+
+@pytest.mark.gen_test
+async def test_uninstall_without_timestamp_or_webhook_id_deletes_nothing(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1")
+    del event["timestamp"], event["webhookId"]
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("loc1") is not None
+
+
+@pytest.mark.gen_test
+async def test_install_older_than_the_last_uninstall_is_ignored(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA"])
+    await reconciled(bridge)
+    assert (await post_app_webhook(bridge, app_event("UNINSTALL", "locA", AGENCY))).code == 200
+    mints = len(bridge.ghl.calls_to("POST", "/oauth/locationToken"))
+    old = app_event("INSTALL", "locA", AGENCY, timestamp=iso_timestamp(seconds_ago=120))
+    response = await post_app_webhook(bridge, old)
+    assert response.code == 200
+    assert "ignored" in json.loads(response.body)["status"]
+    assert len(bridge.ghl.calls_to("POST", "/oauth/locationToken")) == mints
+    assert bridge.daemon.installations.get("locA") is None
+
+
+@pytest.mark.gen_test
+async def test_unusable_authentic_app_webhook_is_200_and_counted(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    for body in (
+        b"[1, 2]",
+        b"not json",
+        json.dumps(app_event("UNINSTALL", locationId=[1])).encode(),
+    ):
+        response = await bridge.ghl.post_webhook(
+            bridge.daemon.url + "/api/ghl/v1/webhook/app", body
+        )
+        assert response.code == 200, body
+    assert bridge.daemon.installations.get("loc1") is not None
+    metric = bridge.daemon.metrics.webhooks.labels("app", "unusable")._value.get()
+    assert metric == 3
+
+
+# -- §2: refresh vs reinstall ---------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_refresh_answer_after_uninstall_and_reinstall_keeps_the_reinstall_pair(bridge):
+    await bridge.start()
+    bridge.ghl.token_lifetime = 60  # inside EXPIRY_SLACK: the next use refreshes
+    await bridge.install("loc1")
+    bridge.ghl.token_lifetime = 86399
+    installations = bridge.daemon.installations
+    bridge.ghl.hang("refresh")
+    refreshing = asyncio.ensure_future(installations.access_token("loc1"))
+    await wait_for(lambda: bridge.ghl.hung("refresh") == 1)
+    assert (await post_app_webhook(bridge, app_event("UNINSTALL", "loc1"))).code == 200
+    await bridge.install("loc1")  # reinstall: a new code exchange
+    reinstalled = installations.get("loc1")
+    bridge.ghl.release("refresh")
+    assert await refreshing == reinstalled["access_token"]
+    assert installations.get("loc1") == reinstalled
+    await status_update_succeeds(bridge, "loc1", "msg-1")
+
+
+# -- §6: the token call ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_token_calls_carry_no_version_header(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    (exchange,) = token_calls(bridge.ghl, "authorization_code")
+    assert "Version" not in exchange.headers
+
+
+# -- castghld reconcile / installs ----------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reconcile_command_mints_and_marks_and_prints_it(bridge, config_dir, capsys):
+    await bridge.start()
+    await agency_callback(bridge, ["locA", "locB"])
+    await reconciled(bridge)
+    await bridge.stop()
+    bridge.ghl.uninstall_app("locB")
+    bridge.ghl.add_company_location(AGENCY, "locC")
+    loop = asyncio.get_running_loop()
+    code = await loop.run_in_executor(None, main, ["--config", config_dir.config_path, "reconcile"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "minted" in out and "locC" in out
+    assert "uninstalled" in out and "locB" in out
+    assert stored_on_disk(config_dir, "installs", "locC")["source"] == "reconciled"
+    assert main(["--config", config_dir.config_path, "installs"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["locA"][-1] == "agency" and rows["locC"][-1] == "reconciled"
+    assert rows["locB"][-2] == "uninstalled"
