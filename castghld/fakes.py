@@ -449,6 +449,11 @@ class FakeGHL(_FakeServer):
             return "refresh", action, params
         return route, action, params
 
+    async def _hold(self, route: str) -> None:
+        if route == "refresh" and "refresh" not in self._hangs:
+            route = "token"  # hang("token") holds every token call, refreshes included
+        await super()._hold(route)
+
     @property
     def app_id(self) -> str:
         """The marketplace app's id: the part of the client id before the first "-" (as the

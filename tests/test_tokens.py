@@ -302,8 +302,8 @@ async def test_installs_command_shows_needs_reauth_and_no_token(bridge, config_d
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert rows["loc1"][1] == "comp1"
-    assert rows["loc1"][-1] == "needs_reauth"
-    assert rows["loc2"][-1] == "ok"
+    assert rows["loc1"][-2:] == ["needs_reauth", "direct"]
+    assert rows["loc2"][-2:] == ["ok", "direct"]
     assert record["access_token"] not in out
     assert record["refresh_token"] not in out
 
