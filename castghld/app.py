@@ -168,7 +168,9 @@ class Daemon:
             extra_keys = []
         if problems:
             raise StartupError(problems)
-        self.verifier = SignatureVerifier(extra_keys)
+        self.verifier = SignatureVerifier(
+            extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=self.metrics
+        )
         self.seen_app_webhooks: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.ghl = GHLClient(config, self.metrics)
         self.installations = Installations(config, self.state, self.ghl, self.metrics)
