@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import os
 import signal
@@ -305,6 +306,9 @@ async def run(config: Config) -> int:
     except StartupError:
         await daemon.stop()
         raise
+    # What startup loaded (modules, config, the outbox's waiting records) lives as long as the
+    # process: full collections need not walk it again.
+    gc.freeze()
     await daemon.wait_for_stop_request()
     log.info("stop requested")
     await daemon.stop()

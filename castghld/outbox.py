@@ -32,12 +32,14 @@ import concurrent.futures
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from castghld.metrics import Metrics
-from castghld.state import KeyRing, StateError, atomic_write, fsync_dir
+from castghld.seen import SeenIds
+from castghld.state import KeyRing, StateError, fsync_dir
 
 log = logging.getLogger("castghld.outbox")
 
@@ -79,12 +81,11 @@ def atomic(record: Record) -> Record:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
-def _same_file(fd: int, path: str) -> bool:
+def _unlink(path: str) -> None:
     try:
-        here, there = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Journal:
@@ -100,6 +101,9 @@ class Journal:
         self._writer: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "castghld-outbox")
+        self._compactor = concurrent.futures.ThreadPoolExecutor(1, "castghld-outbox-compact")
+        # Batches written while a compaction builds its file, to copy after it (else None).
+        self._since_snapshot: list[bytes] | None = None
         self.entries_written = 0
         self.fsyncs = 0
 
@@ -180,6 +184,8 @@ class Journal:
                             future.set_exception(OSError(e.errno, e.strerror))
                     continue
                 self.entries_written += len(batch)
+                if self._since_snapshot is not None:
+                    self._since_snapshot.append(data)
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
@@ -205,30 +211,67 @@ class Journal:
         self._size = start + len(data)
         self.fsyncs += 1
 
-    async def rewrite(self, snapshot: Callable[[], list[Record]]) -> int:
-        """Replace the journal atomically with the entries `snapshot()` returns (compaction).
+    async def rewrite(self, snapshot: Callable[[], Iterable[Record]]) -> int:
+        """Replace the journal atomically with the entries `snapshot()` yields (compaction).
 
-        `snapshot` runs once no batch is being written: every entry already written is reflected
-        in it (it reads memory, which is ahead of the disk), and entries still queued are appended
-        after the new file is in place. Replaying those twice is harmless: updates are merges.
+        `snapshot` is called on the IOLoop once no batch is being written and must be cheap: it
+        takes references to immutable data, and the entries it yields are built, encrypted and
+        written to a temporary file on the compaction thread, so the loop is never held for the
+        size of the outbox. Every entry already written is reflected in it (it reads memory,
+        which is ahead of the disk). Appends go on meanwhile, to the current file, durable as
+        usual; under the lock, those written since the snapshot are copied after it, then the
+        new file replaces the old one. Replaying an entry twice is harmless: updates are merges.
+        A crash at any point leaves either the old journal or the new one, each complete.
         """
+        loop = asyncio.get_running_loop()
         async with self._lock:
             entries = snapshot()
-            data = b"".join(self._encode(entry) for entry in entries)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._rewrite_sync, data)
-            return len(entries)
-
-    def _rewrite_sync(self, data: bytes) -> None:
+            self._since_snapshot = []
         try:
-            atomic_write(self.path, data)
+            tmp, count = await loop.run_in_executor(
+                self._compactor, self._write_snapshot_sync, entries
+            )
+            async with self._lock:
+                tail = b"".join(self._since_snapshot)
+                self._since_snapshot = None
+                await loop.run_in_executor(self._executor, self._install_sync, tmp, tail)
         finally:
-            # Whether or not the rename happened, write only to the file now at `path`.
-            if self._fd is not None and not _same_file(self._fd, self.path):
-                os.close(self._fd)
-                self._fd = None
-                self._valid_size = len(data)
-                self.open()
+            self._since_snapshot = None
+        return count
+
+    def _write_snapshot_sync(self, entries: Iterable[Record]) -> tuple[str, int]:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-outbox-", dir=directory)  # 0600 from birth
+        count = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for entry in entries:
+                    f.write(self._encode(entry))
+                    count += 1
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp, count
+
+    def _install_sync(self, tmp: str, tail: bytes) -> None:
+        try:
+            with open(tmp, "ab") as f:
+                f.write(tail)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        # From the rename on, write only to the file now at `path`, even if the sync below fails.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._valid_size = None
+        try:
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finally:
+            self.open()
 
     async def close(self) -> None:
         while self._writer is not None and not self._writer.done():
@@ -237,6 +280,7 @@ class Journal:
             os.close(self._fd)
             self._fd = None
         self._executor.shutdown(wait=True)
+        self._compactor.shutdown(wait=True)
 
 
 class Outbox:
@@ -248,7 +292,7 @@ class Outbox:
         self.metrics = metrics
         self.seen_retention = seen_retention
         self.records: dict[str, Record] = {}
-        self.seen: dict[str, float] = {}
+        self.seen = SeenIds(seen_retention)
         self.pipelines: dict[str, Pipeline | Scheduler] = {}
         self._adding: dict[str, asyncio.Future[None]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -269,9 +313,9 @@ class Outbox:
                 self.records[rid] = {**self.records[rid], **atomic(entry["fields"])}
             elif op == "done":
                 self.records.pop(rid, None)
-                self.seen[rid] = entry["at"]
-            elif op == "seen":
-                self.seen.update(entry["ids"])
+                self.seen.add(rid, entry["at"])
+            elif op in ("seen", "seen_hashes"):
+                self.seen.load_entry(entry)
         self._entries_since_compaction = len(self.records) + len(self.seen)
         self._prune_seen()
 
@@ -358,9 +402,11 @@ class Outbox:
     async def finish(self, rid: str) -> None:
         """The record is done: forget it, remember its id for `seen_retention`."""
         now = time.time()
-        await self._persist({"op": "done", "id": rid, "at": now})
+        # Memory first, as for every change: a compaction snapshot taken while the entry is
+        # being written must not bring the record back.
         self.records.pop(rid, None)
-        self.seen[rid] = now
+        self.seen.add(rid, now)
+        await self._persist({"op": "done", "id": rid, "at": now})
         self._maybe_compact()
 
     async def _persist(self, entry: Record) -> None:
@@ -441,9 +487,7 @@ class Outbox:
     # -- compaction ----------------------------------------------------------------------------
 
     def _prune_seen(self) -> None:
-        horizon = time.time() - self.seen_retention
-        for rid in [rid for rid, at in self.seen.items() if at < horizon]:
-            del self.seen[rid]
+        self.seen.prune(time.time())
 
     def _maybe_compact(self) -> None:
         # A compaction writes every live record and every seen id (a few dozen bytes each): run
@@ -455,11 +499,19 @@ class Outbox:
         task = asyncio.ensure_future(self.compact())
         task.add_done_callback(lambda _: setattr(self, "_compacting", False))
 
-    def _snapshot(self) -> list[Record]:
+    def _snapshot(self) -> Iterator[Record]:
+        """Called on the loop: copies references only; the entries are built on the compaction
+        thread from those (records are immutable, see `note`)."""
         self._prune_seen()
-        entries: list[Record] = [{"op": "seen", "ids": dict(self.seen)}] if self.seen else []
-        entries += [{"op": "put", "id": rid, "record": r} for rid, r in self.records.items()]
-        return entries
+        seen = self.seen.entries()
+        records = list(self.records.items())
+
+        def entries() -> Iterator[Record]:
+            yield from seen
+            for rid, record in records:
+                yield {"op": "put", "id": rid, "record": record}
+
+        return entries()
 
     async def compact(self) -> None:
         try:
