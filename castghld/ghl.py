@@ -267,12 +267,15 @@ class GHLClient:
         version: str = VERSION,
         deadline: float,
         retry_if: Callable[[GHLError], bool] | None = None,
+        check: Callable[[Any], str | None] | None = None,
         context: str = "",
     ) -> Any:
         """`request` as `location_id`, with the retries of the module docstring.
 
         `deadline` is a `time.monotonic()` value; `retry_if` makes more errors retryable (the
-        transient 403 of the status API).
+        transient 403 of the status API). `check` reads a 2xx answer and names what makes it no
+        success (GHL's silent drop of an inbound message), or None: such an answer is retried as
+        a GHLError 502.
         """
         refreshed = False
         attempt = 0
@@ -280,7 +283,7 @@ class GHLClient:
             try:
                 token = await tokens.access_token(location_id)
                 try:
-                    return await self.request(
+                    answer = await self.request(
                         method,
                         path,
                         version=version,
@@ -288,6 +291,10 @@ class GHLClient:
                         json_body=json_body,
                         pace_key=location_id,
                     )
+                    problem = check(answer) if check is not None else None
+                    if problem is None:
+                        return answer
+                    raise GHLError(502, problem, body=answer)
                 except GHLError as e:
                     if e.status != 401 or refreshed:
                         raise

@@ -8,8 +8,21 @@ it is tried again when a location is installed and at every start, so a mapping 
 config later still delivers it.
 
 Delivery: ``from`` normalised to E.164, ``POST /contacts/upsert`` (the contact id is cached per
-location + phone, so a known number costs no upsert), then ``POST /conversations/messages/inbound``.
-GHL 429/5xx/timeouts are retried with backoff, a 401 refreshes the token once (``GHLClient.call``).
+location + phone, so a known number costs no upsert), then ``POST /conversations/messages/inbound``
+(with ``conversationProviderId`` when ``ghl.conversation_provider_id`` is set). A 401 refreshes the
+token once (``GHLClient.call``).
+
+Nothing Cast was told we accepted is dropped because GHL failed: 429, 5xx, timeouts, a token that
+cannot be had for now, and a 2xx answer without ``messageId`` or ``success: true`` (GHL drops a
+message that way, e.g. without the ``conversationProviderId`` of a Custom provider; logged at
+warning and counted as ``failed``, never ``delivered``) are retried with capped exponential
+backoff (at most 120 s apart, ``GHLClient.call``) until the reply is ``delivery.inbound_max_age``
+old (default 7 d). After that it is logged at error with its id and kept in the outbox
+(``castghld outbox``), tried again at the next start. Only a permanent 4xx from GHL ends it,
+logged with GHL's reason.
+A reply that no location claims (or whose location is not installed) waits for an install; one
+still waiting when it is ``delivery.inbound_max_age`` old is logged at error and dropped when it
+is next routed (at an install or a start).
 
 Duplicates: GHL's inbound API has no idempotency key, so a POST that GHL stored but whose answer
 we did not get is posted again. That happens in exactly two cases:
@@ -109,11 +122,30 @@ class InboundDelivery:
         installed = self.installations.location_ids()
         return installed[0] if len(installed) == 1 else None
 
+    def _expired(self, record: Record) -> bool:
+        return (
+            time.time() - record.get("accepted_at", time.time())
+            > self.config.delivery.inbound_max_age
+        )
+
+    async def _expire(self, outbox: Outbox, rid: str, context: str, why: str) -> None:
+        self.metrics.inbound.labels("expired").inc()
+        log.error(
+            "%s: %s for longer than delivery.inbound_max_age (%.0fh); dropped",
+            context,
+            why,
+            self.config.delivery.inbound_max_age / 3600,
+            extra={"outcome": "expired", "reason": why},
+        )
+        await outbox.finish(rid)
+
     async def __call__(self, outbox: Outbox, rid: str) -> None:
         record = outbox.records[rid]
         location_id = self.route(record["to"])
         context = f"inbound={record['cast_id']} to={record['to']}"
         if location_id is None:
+            if self._expired(record):
+                return await self._expire(outbox, rid, context, "no location claimed it")
             self.metrics.inbound.labels("unrouted").inc()
             log.warning(
                 "%s: no location claims this number (set cast.locations.<id>.inbound_numbers); "
@@ -128,25 +160,52 @@ class InboundDelivery:
             log.error("%s: the sender is not a valid phone number; dropped", context)
             await outbox.finish(rid)
             return
-        deadline = time.monotonic() + self.config.delivery.report_deadline
+        age = time.time() - record.get("accepted_at", time.time())
+        deadline = time.monotonic() + max(0.0, self.config.delivery.inbound_max_age - age)
         try:
             await self._deliver(record, location_id, phone, deadline, context)
         except TokenUnavailable as e:
             if e.retryable:
-                raise  # past the deadline but passing: the outbox runs the pipeline again later
+                return self._give_up_for_now(context, str(e))
+            if self._expired(record):
+                return await self._expire(outbox, rid, context, "its location was not installed")
             # Not installed (any more), or needs reauthorisation: keep it for a (re)install.
             self.metrics.inbound.labels("no_token").inc()
             log.warning("%s: kept in the outbox until the location is installed: %s", context, e)
             return
         except GHLError as e:
+            if e.retryable:
+                return self._give_up_for_now(context, f"GHL {e.status} {e.message}")
             self.metrics.inbound.labels("failed").inc()
-            log.error("%s: GHL did not take the message: %d %s", context, e.status, e.message)
+            log.error(
+                "%s: GHL refused the message (%d %s); dropped",
+                context,
+                e.status,
+                e.message,
+                extra={"location_id": location_id, "outcome": "failed", "reason": e.message},
+            )
             await outbox.finish(rid)
             return
         # The duplicate window of the module docstring starts here: no await before the append.
         await outbox.finish(rid)
         self.metrics.inbound.labels("delivered").inc()
-        log.info("%s: delivered to GHL", context)
+        log.info(
+            "%s: delivered to GHL",
+            context,
+            extra={"location_id": location_id, "outcome": "delivered"},
+        )
+
+    def _give_up_for_now(self, context: str, why: str) -> None:
+        """Retried for delivery.inbound_max_age without success: kept, tried again at a start."""
+        self.metrics.inbound.labels("stuck").inc()
+        log.error(
+            "%s: GHL has not taken this reply for delivery.inbound_max_age (%.0fh), last: %s; "
+            "kept in the outbox (castghld outbox) and tried again at the next start",
+            context,
+            self.config.delivery.inbound_max_age / 3600,
+            why,
+            extra={"outcome": "stuck", "reason": why},
+        )
 
     async def _deliver(
         self, record: Record, location_id: str, phone: str, deadline: float, context: str
@@ -179,6 +238,27 @@ class InboundDelivery:
         }
         if self.config.ghl.conversation_provider_id:
             body["conversationProviderId"] = self.config.ghl.conversation_provider_id
+
+        def dropped(answer: Any) -> str | None:
+            if isinstance(answer, dict) and (
+                answer.get("messageId") or answer.get("success") is True
+            ):
+                return None
+            self.metrics.inbound.labels("failed").inc()
+            cause = (
+                "is ghl.conversation_provider_id the app's Custom conversation provider?"
+                if self.config.ghl.conversation_provider_id
+                else "a Custom conversation provider needs ghl.conversation_provider_id"
+            )
+            log.warning(
+                "%s: GHL answered 2xx without messageId or success:true: the message was not "
+                "stored (%s); retrying",
+                context,
+                cause,
+                extra={"location_id": location_id, "outcome": "failed", "reason": "ghl_dropped"},
+            )
+            return "GHL answered 2xx without messageId (message dropped)"
+
         with self.posts:
             await self.ghl.call(
                 self.installations,
@@ -187,6 +267,7 @@ class InboundDelivery:
                 "/conversations/messages/inbound",
                 json_body=body,
                 deadline=deadline,
+                check=dropped,
                 context=context,
             )
 

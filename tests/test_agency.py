@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 
 import pytest
 from test_oauth import (
@@ -16,6 +17,7 @@ from test_oauth import (
     stored_on_disk,
     token_calls,
 )
+from tornado.httpclient import AsyncHTTPClient
 
 from castghld.cli import main
 from castghld.fakes import wait_for
@@ -270,3 +272,35 @@ async def test_reconcile_command_mints_and_marks_and_prints_it(bridge, config_di
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["locA"][-1] == "agency" and rows["locC"][-1] == "reconciled"
     assert rows["locB"][-2] == "uninstalled"
+
+
+# -- issue 11: an install that could not be saved is not installed later --------------------------
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_install_answered_503_for_a_full_disk_is_not_installed_later(
+    config_dir, fake_ghl, fake_cast
+):
+    from test_crash import ServeProcess
+
+    serve = ServeProcess(config_dir, fake_ghl, fake_cast, log_to_file=False)
+    try:
+        await serve.start()
+        await serve.install("loc1")
+        # Every write past the first 64 bytes of any file now fails (EFBIG), as on a full disk.
+        unlimited = resource.RLIM_INFINITY
+        resource.prlimit(serve.proc.pid, resource.RLIMIT_FSIZE, (64, unlimited))
+        fake_ghl.add_auth_code("code-loc2", location_id="loc2")
+        response = await AsyncHTTPClient().fetch(
+            f"{serve.url}/oauth/callback?code=code-loc2", raise_error=False
+        )
+        assert response.code == 503
+        resource.prlimit(serve.proc.pid, resource.RLIMIT_FSIZE, (unlimited, unlimited))
+        await serve.install("loc3")  # the next commit must not carry loc2 along
+        serve.kill9()
+    finally:
+        serve.close()
+    assert stored_on_disk(config_dir, "installs", "loc2") is None
+    assert stored_on_disk(config_dir, "installs", "loc3") is not None
+    assert stored_on_disk(config_dir, "installs", "loc1") is not None
+    assert fake_ghl.violations == []
