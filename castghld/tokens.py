@@ -47,7 +47,8 @@ Records (JSON, in state sections): ``installs`` by location id: ``access_token, 
 expires_at (epoch s), status, company_id, scope, installed_at, refreshed_at, source`` (``direct``,
 ``agency`` or ``reconciled``); ``companies`` by company id (+ ``approved_locations``);
 ``pending_installs`` by location id: ``company_id, event_at, received_at``; ``uninstalls`` by
-location id: ``at`` (the last UNINSTALL's date, for ordering; kept `TOMBSTONE_AGE`).
+location id: ``at`` (the last UNINSTALL's date, for ordering; kept `TOMBSTONE_AGE`);
+``undated_uninstalls`` by webhookId: ``at`` (first delivery of an UNINSTALL without timestamp).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ INSTALLS = "installs"
 COMPANIES = "companies"
 PENDING = "pending_installs"
 UNINSTALLS = "uninstalls"
+WEBHOOKS = "undated_uninstalls"  # webhookId -> first seen, for UNINSTALLs without a timestamp
 STATUS_OK = "ok"
 STATUS_NEEDS_REAUTH = "needs_reauth"
 STATUS_INACTIVE = "inactive"
@@ -448,7 +450,12 @@ class Installations:
         """Forget a location, or a company and every location installed through it, unless the
         pair is newer than the UNINSTALL (see the module docstring: ordering)."""
         if event_at is None and webhook_id:
-            event_at = time.time()  # first delivery of this id (retries are deduplicated)
+            # Dated by its first delivery, remembered in the state file: a retry of it after a
+            # restart and a reinstall is older than the reinstall, so it deletes nothing.
+            first = self.state.get(WEBHOOKS, webhook_id)
+            event_at = first["at"] if first is not None else time.time()
+            if first is None:
+                self.state.put(WEBHOOKS, webhook_id, {"at": event_at})
         if event_at is None:
             log.warning(
                 "UNINSTALL location=%s company=%s without timestamp or webhookId: it cannot be "
@@ -618,9 +625,10 @@ class Installations:
                 extra={"location_id": lid, "outcome": "dropped", "reason": "pending too long"},
             )
         horizon = time.time() - TOMBSTONE_AGE
-        for lid, tombstone in self.state.items(UNINSTALLS):
-            if tombstone["at"] < horizon:
-                self.state.delete(UNINSTALLS, lid)
+        for section in (UNINSTALLS, WEBHOOKS):
+            for key, tombstone in self.state.items(section):
+                if tombstone["at"] < horizon:
+                    self.state.delete(section, key)
         if self.state.dirty:
             await self.state.commit()
 

@@ -304,3 +304,19 @@ async def test_install_answered_503_for_a_full_disk_is_not_installed_later(
     assert stored_on_disk(config_dir, "installs", "loc3") is not None
     assert stored_on_disk(config_dir, "installs", "loc1") is not None
     assert fake_ghl.violations == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_undated_uninstall_retried_after_restart_and_reinstall_keeps_the_tokens(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1")
+    del event["timestamp"]
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    await bridge.stop()  # the in-memory webhookId dedupe is gone
+    await bridge.start()
+    bridge.ghl.add_auth_code("code-again", location_id="loc1")
+    assert (await callback(bridge, code="code-again")).code == 200
+    assert (await post_app_webhook(bridge, event)).code == 200  # GHL's retry of the same one
+    await status_update_succeeds(bridge, "loc1", "msg-1")
