@@ -583,6 +583,24 @@ class Installations:
         self, company_id: str, listed: list[str], report: dict[str, Any]
     ) -> None:
         listed_set = set(listed)
+        ours = [
+            lid
+            for lid, r in self.state.items(INSTALLS)
+            if r.get("company_id") == company_id and _usable(r)
+        ]
+        if not listed and ours:
+            # More likely a wrong ghl.app_id than every location uninstalled at once (the agency
+            # UNINSTALL webhook would say so): never stop texting on an empty list.
+            report["companies"][company_id] = "GHL lists no installed location; nothing marked"
+            log.warning(
+                "reconcile company=%s: GHL lists no location with app %s installed, we hold %d; "
+                "marking nothing (check ghl.app_id)",
+                company_id,
+                self.config.ghl.app_id,
+                len(ours),
+                extra={"company_id": company_id, "outcome": "skipped", "reason": "empty list"},
+            )
+            return
         marked = []
         for location_id, record in self.state.items(INSTALLS):
             if record.get("company_id") != company_id or location_id in listed_set:

@@ -320,3 +320,14 @@ async def test_undated_uninstall_retried_after_restart_and_reinstall_keeps_the_t
     assert (await callback(bridge, code="code-again")).code == 200
     assert (await post_app_webhook(bridge, event)).code == 200  # GHL's retry of the same one
     await status_update_succeeds(bridge, "loc1", "msg-1")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_empty_installed_list_marks_nothing(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA"])
+    await reconciled(bridge)
+    bridge.ghl.uninstall_app("locA")  # GHL now lists nothing (as for a wrong ghl.app_id)
+    report = await bridge.daemon.installations.reconcile()
+    assert report["marked"] == [] and AGENCY in report["companies"]
+    assert usable(bridge, "locA")
