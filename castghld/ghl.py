@@ -26,7 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 from castghld.config import Config
 from castghld.log import redact_numbers
 from castghld.metrics import Metrics
-from castghld.pacing import LimiterMap, parse_retry_after, retry_delay
+from castghld.pacing import LimiterMap, parse_interval_ms, parse_retry_after, retry_delay
 
 log = logging.getLogger("castghld.ghl")
 
@@ -141,14 +141,14 @@ class GHLClient:
     @staticmethod
     def _note_rate_limit(limiter: Any, response: HTTPResponse) -> None:
         remaining = response.headers.get("X-RateLimit-Remaining")
-        interval = response.headers.get("X-RateLimit-Interval-Milliseconds")
+        interval = parse_interval_ms(response.headers.get("X-RateLimit-Interval-Milliseconds"))
         if response.code == 429:
             wait = parse_retry_after(response.headers.get("Retry-After"))
-            if wait is None and interval and interval.isdigit():
-                wait = int(interval) / 1000.0
+            if wait is None:
+                wait = interval
             limiter.pause_until(time.monotonic() + (wait if wait is not None else 1.0))
-        elif remaining == "0" and interval and interval.isdigit():
-            limiter.pause_until(time.monotonic() + int(interval) / 1000.0)
+        elif remaining == "0" and interval is not None:
+            limiter.pause_until(time.monotonic() + interval)
 
     @staticmethod
     def _decode(response: HTTPResponse, method: str, path: str) -> Any:

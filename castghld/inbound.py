@@ -81,17 +81,23 @@ MANILA = datetime.timezone(datetime.timedelta(hours=8))
 def received_at(value: str | None) -> str:
     """`value` as ISO 8601 UTC (``2026-11-26T01:00:00Z``); now, if it is missing or unreadable,
     rather than a date GHL would refuse (which would drop the reply)."""
-    when = None
+    utc = None
     if value:
         try:
             when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            log.warning("inbound received_at %r is not ISO 8601; using the time we got it", value)
-    if when is None:
-        when = datetime.datetime.now(datetime.timezone.utc)
-    elif when.tzinfo is None:
-        when = when.replace(tzinfo=MANILA)
-    utc = when.astimezone(datetime.timezone.utc)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=MANILA)
+            # Dates at the calendar's edges (0001-01-01 in Manila, 9999-12-31 west of UTC)
+            # have no UTC form: OverflowError.
+            utc = when.astimezone(datetime.timezone.utc)
+        except (ValueError, OverflowError):
+            log.warning(
+                "inbound received_at %r is not a representable ISO 8601 date; using the time we "
+                "got it",
+                value[:64],
+            )
+    if utc is None:
+        utc = datetime.datetime.now(datetime.timezone.utc)
     return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

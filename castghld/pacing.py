@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import math
 import random
 import time
 
@@ -127,22 +128,41 @@ def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     return random.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
 
 
+# The longest wait one Retry-After header can impose: `inf` or a date years away must not pause
+# an account (or a location) for good.
+MAX_RETRY_AFTER = 300.0
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), within
+    [0, MAX_RETRY_AFTER]; None when absent or unreadable (``nan`` included)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if when is None:
+            return None
+        try:
+            seconds = when.timestamp() - time.time()
+        except (OverflowError, ValueError):
+            return MAX_RETRY_AFTER
+    if math.isnan(seconds):
         return None
-    if when is None:
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+def parse_interval_ms(value: str | None) -> float | None:
+    """Seconds from GHL's ``X-RateLimit-Interval-Milliseconds``, capped like Retry-After; None
+    when absent or not a plain number of milliseconds."""
+    if not value or not value.isdigit() or len(value) > 15:
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, int(value) / 1000.0)
 
 
 def retry_delay(

@@ -6,6 +6,8 @@ Guarantees:
 - A body over `MAX_BODY_SIZE` is answered 413 (by Content-Length before it is read, or as soon as a
   chunked body passes the limit) and never reaches a handler.
 - `self.body` is the exact raw body, as signature checks need it.
+- `json_body` answers 400 ``invalid_json`` for a body that is not JSON, not UTF-8 or nested too
+  deeply for the parser (``[`` x 100,000), never a 500.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class APIHandler(tornado.web.RequestHandler):
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "invalid_json", "request body is not valid JSON") from None
+        except RecursionError:
+            raise APIError(400, "invalid_json", "request body is nested too deeply") from None
 
     def verify_ghl_signature(self, kind: str) -> str:
         """401 unless the raw body carries a valid GHL signature; the scheme that verified."""

@@ -1,0 +1,118 @@
+"""Issue 11 §3: each defect the black-box hostile-input run found, reproduced against the fakes.
+
+Each test failed on the code before its fix (a 500, a stuck record, an upstream request that must
+not leave); together with test_hostile_fuzz.py they keep hostile input from coming back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from castghld.fakes import wait_for
+from castghld.inbound import received_at
+from castghld.pacing import MAX_RETRY_AFTER, parse_interval_ms, parse_retry_after
+
+SECRET = "inbound-secret"  # tests/conftest.py BASE_CONFIG
+MESSAGES = "/api/ghl/v1/webhook/messages"
+APP = "/api/ghl/v1/webhook/app"
+INBOUND = "/api/cast/v1/webhook/inbound"
+DEEP = b"[" * 100_000
+
+
+def reply(message_id: str = "CASTIN1", **fields) -> dict:
+    return {
+        "message_id": message_id,
+        "from": "09181234567",
+        "to": "09171234567",
+        "message": "Yes, see you tomorrow",
+        "received_at": "2026-11-26T09:00:00Z",
+        **fields,
+    }
+
+
+async def post_inbound(bridge, body: bytes | dict):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+    request = HTTPRequest(bridge.daemon.url + INBOUND, method="POST", body=raw, headers=headers)
+    return await AsyncHTTPClient().fetch(request, raise_error=False)
+
+
+def error_code(response) -> str:
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = json.loads(response.body)
+    assert set(body) == {"error", "message"}
+    return body["error"]
+
+
+# -- deeply nested JSON ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_deeply_nested_inbound_body_is_400_json(bridge):
+    await bridge.start()
+    response = await post_inbound(bridge, DEEP)
+    assert response.code == 400
+    assert error_code(response) == "invalid_json"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_deeply_nested_signed_webhooks_are_never_5xx(bridge):
+    await bridge.start()
+    for path in (MESSAGES, APP):
+        response = await bridge.ghl.post_webhook(bridge.daemon.url + path, DEEP)
+        assert response.code < 500, (path, response.body)
+        assert b"Traceback" not in response.body
+    assert (await bridge.post_message()).code == 200
+
+
+# -- received_at at the calendar's edges -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["0001-01-01T00:00:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+14:00"]
+)
+def test_unrepresentable_received_at_becomes_now(value):
+    before = time.time()
+    when = received_at(value)
+    stamp = time.mktime(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert before - 2 <= stamp <= time.time() + 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_reply_dated_at_the_calendar_edge_reaches_ghl(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    response = await post_inbound(bridge, reply(received_at="9999-12-31T23:59:59-05:00"))
+    assert response.code == 200, response.body
+    await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1)
+    assert bridge.ghl.inbound_messages[0]["date"][:4] == time.strftime("%Y", time.gmtime())
+
+
+# -- Retry-After -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["inf", "Infinity", "1e308", "999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_huge_retry_after_is_capped(value):
+    assert parse_retry_after(value) == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "", "soon"])
+def test_unreadable_retry_after_is_none(value):
+    assert parse_retry_after(value) is None
+
+
+def test_negative_retry_after_is_zero():
+    assert parse_retry_after("-inf") == 0.0
+
+
+def test_huge_rate_limit_interval_is_capped_and_never_raises():
+    assert parse_interval_ms("9" * 5000) is None  # int() of 5000 digits raises ValueError
+    assert parse_interval_ms("99999999999999") == MAX_RETRY_AFTER
+    assert parse_interval_ms("10000") == 10.0
+    assert parse_interval_ms("-5") is None
