@@ -177,7 +177,11 @@ def check_config(config: Config) -> int:
         )
         print(f"public url:    {config.server.public_url}")
         print(f"redirect uri:  {config.redirect_uri}")
-        print(f"ghl:           {config.ghl.api_base} (client id {config.ghl.client_id})")
+        print(
+            f"ghl:           {config.ghl.api_base} (client id {config.ghl.client_id}, app id "
+            f"{config.ghl.app_id}, legacy RSA signatures "
+            f"{'accepted' if config.ghl.accept_legacy_rsa else 'refused'})"
+        )
         print(
             f"cast:          {config.cast.api_base} (sender id {config.cast.sender_id or '-'}, "
             f"{config.cast.messages_per_second} msg/s, {len(config.cast.locations)} "

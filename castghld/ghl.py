@@ -210,6 +210,7 @@ class GHLClient:
             version=VERSION_OAUTH,
             token=company_token,
             form={"companyId": company_id, "locationId": location_id},
+            pace_key="company:" + company_id,  # a bulk install's mints share GHL's limit
         )
 
     async def installed_locations(self, company_token: str, company_id: str) -> list[str]:

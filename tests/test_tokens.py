@@ -409,3 +409,25 @@ async def test_no_token_appears_in_errors(bridge):
     errors.append(page.body.decode())
     secrets = held_secrets(bridge.daemon) | {record["refresh_token"], "code-x", "test-secret"}
     assert [(s, e) for s in secrets for e in errors if s in e] == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_refresh_without_answer_at_shutdown_is_abandoned_not_stored_after_close(
+    bridge, caplog, monkeypatch
+):
+    import castghld.tokens
+
+    monkeypatch.setattr(castghld.tokens, "REFRESH_STOP_WAIT", 0.3)
+    await bridge.start(NO_SWEEP_REFRESH)
+    await install_expiring(bridge, "loc1")
+    bridge.ghl.hang("refresh")
+    refreshing = asyncio.ensure_future(bridge.daemon.installations.access_token("loc1"))
+    await wait_for(lambda: bridge.ghl.hung("refresh") == 1)
+    await bridge.stop()  # the state store is closed when this returns
+    bridge.ghl.release("refresh")  # GHL's answer comes after the close
+    with pytest.raises(asyncio.CancelledError):
+        await refreshing
+    await wait_for(lambda: bridge.ghl.hung("refresh") == 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no answer yet to the token request for location=loc1" in m for m in messages)
+    assert not any("after shutdown" in m or "Traceback" in m for m in messages)
