@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import tornado.httpserver
 import tornado.testing
@@ -322,7 +322,8 @@ class _FakeServer:
         for method, pattern, route, action in self._routes:
             match = pattern.fullmatch(call.path)
             if match and method == call.method:
-                return route, action, match.groupdict()
+                # Path parameters are percent-decoded, as GHL's and Cast's servers do.
+                return route, action, {k: unquote(v) for k, v in match.groupdict().items()}
             path_known = path_known or match is not None
         if path_known:
             self._violate(call, 405, "method not allowed")

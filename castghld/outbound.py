@@ -51,6 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from castghld.cast import (
     MAX_MESSAGE_CHARS,
@@ -336,6 +337,8 @@ class OutboundDelivery:
 
     def _check(self, record: Record) -> tuple[str, str] | str:
         """The E.164 number to send to, or (error code, reason) why we cannot send."""
+        if record.get("refused"):  # the webhook's fields could not be used (the handler says why)
+            return tuple(record["refused"])
         if record["type"] != "SMS":
             return ("UNSUPPORTED_TYPE", f"castghld sends SMS only, not {record['type']}")
         text = sms_text(record)
@@ -588,7 +591,7 @@ class OutboundDelivery:
         body: dict[str, Any] = {"status": status}
         if status == "failed" and error:
             body["error"] = error
-        path = f"/conversations/messages/{record['message_id']}/status"
+        path = f"/conversations/messages/{quote(record['message_id'], safe='')}/status"
         context = _context(record)
         try:
             await self.ghl.call(

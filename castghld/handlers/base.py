@@ -15,6 +15,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -43,6 +44,24 @@ _ERROR_CODES = {
     502: "bad_gateway",
     503: "unavailable",
 }
+
+
+# GHL ids are short ASCII (``ve9EPM428h8vShlRW1KT``). An id is stored and put into upstream URLs
+# only if it is 1-128 characters that stand in a URL path segment as they are (RFC 3986 pchar,
+# without "%"), and is not "." or "..": NUL, control and non-ASCII characters, "/", "?", "#" and
+# blanks never get past the door.
+MAX_ID_CHARS = 128
+_ID_RE = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]{1," + str(MAX_ID_CHARS) + "}")
+
+
+def usable_id(value: object) -> str | None:
+    """`value` as an id we can store and put into a URL, or None. A whole number is read as its
+    decimal form (GHL's fields are strings, but an id sent as a number is still that id)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
+        return None
+    return value
 
 
 class APIError(tornado.web.HTTPError):

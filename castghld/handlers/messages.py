@@ -5,11 +5,15 @@ Guarantees:
 - 200 means the message is durably in the outbox (or was already: a GHL retry); it will be sent
   once and its status reported. If it cannot be stored (disk full, I/O error) the answer is 503, so
   GHL retries, and nothing was kept.
-- An authentic request we cannot act on is still answered 200 (SPEC §3: GHL pauses a Delivery URL
-  that fails): an unknown location is logged and counted; a wrong type, an invalid number or an
-  empty message is recorded and reported to GHL as ``failed`` with the reason.
-- A body that is not a JSON object with the documented field types is 400: GHL never sends one,
-  so it is a client bug worth a loud answer, and there is no message id to report against.
+- An authentic request is never answered 4xx, whatever its shape (SPEC §3: GHL retries 4xx and
+  pauses a Delivery URL that fails). An unknown location is logged and counted; a wrong type, an
+  invalid number or an empty message is recorded and reported to GHL as ``failed`` with the reason.
+- Shape: with a usable ``messageId`` and ``locationId`` (`usable_id`: short ASCII that fits a URL
+  path segment) the message is accepted. It is sent when its text and number are usable: numbers
+  for strings are read as their decimal form, attachment objects ``{url, ...}`` give their
+  ``url``. Otherwise it is reported ``failed`` (``INVALID_FIELD``) naming the field. Without usable
+  ids (or not JSON, not an object) nothing is stored: 200 ``ignored``, counted as
+  ``castghld_webhooks{kind="messages",outcome="unusable"}`` and logged (without the values).
 """
 
 from __future__ import annotations
@@ -18,38 +22,103 @@ import logging
 from typing import Any
 
 from castghld import outbound
-from castghld.handlers.base import APIError, APIHandler
+from castghld.handlers.base import APIError, APIHandler, usable_id
 
 log = logging.getLogger("castghld.webhook.messages")
 
-MAX_ID_CHARS = 200
+
+def _text(value: Any) -> str | None:
+    """A text field: a string, or a number in its decimal form; None if it is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
-def validate_outbound(body: Any) -> dict[str, Any]:
-    """The webhook body if its fields have the documented types, else APIError 400."""
-    if not isinstance(body, dict):
-        raise APIError(400, "invalid_body", "webhook body must be a JSON object")
-    for name in ("messageId", "locationId"):
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), "a string")
+
+
+def outbound_payload(body: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The fields `outbound.new_record` takes, read leniently from an authentic body whose ids
+    are usable, and why it cannot be sent (``(code, reason)``), or None."""
+    payload: dict[str, Any] = {"messageId": body["messageId"], "locationId": body["locationId"]}
+    problems = []
+    for name, default in (("type", "SMS"), ("phone", ""), ("message", "")):
         value = body.get(name)
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
-            raise APIError(400, "invalid_field", f"{name} must be a non-empty string")
-    for name in ("type", "phone", "message", "contactId"):
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise APIError(400, "invalid_field", f"{name} must be a string")
+        if value is None:
+            text = default
+        elif name == "type":
+            text = value if isinstance(value, str) else None
+        else:
+            text = _text(value)
+        if text is None:
+            problems.append(f"{name} is {_kind(value)}, not a string")
+            text = default
+        payload[name] = text
     attachments = body.get("attachments")
-    if attachments is not None and (
-        not isinstance(attachments, list) or not all(isinstance(a, str) for a in attachments)
-    ):
-        raise APIError(400, "invalid_field", "attachments must be a list of URL strings")
-    return body
+    if attachments is None:
+        attachments = []
+    elif isinstance(attachments, (str, dict)):
+        attachments = [attachments]
+    urls = []
+    if not isinstance(attachments, list):
+        problems.append(f"attachments is {_kind(attachments)}, not a list of URLs")
+    else:
+        for n, item in enumerate(attachments):
+            url = item.get("url") if isinstance(item, dict) else item
+            if isinstance(url, str) and url.strip():
+                urls.append(url.strip())
+            else:
+                problems.append(f"attachments[{n}] is neither a URL nor an object with a url")
+                break
+    payload["attachments"] = urls
+    if not problems:
+        return payload, None
+    return payload, ("INVALID_FIELD", "GHL sent an unusable webhook: " + "; ".join(problems))
 
 
 class OutboundMessageHandler(APIHandler):
+    def unusable(self, why: str) -> None:
+        self.daemon.metrics.webhooks.labels("messages", "unusable").inc()
+        log.warning(
+            "outbound webhook ignored: %s",
+            why,
+            extra={"outcome": "ignored", "reason": why},
+        )
+        self.write_json(200, {"status": "ignored", "reason": why})
+
     async def post(self) -> None:
         self.verify_ghl_signature("messages")
-        payload = validate_outbound(self.json_body())
+        try:
+            body = self.json_body()
+        except APIError as e:
+            if e.status_code != 400:
+                raise
+            return self.unusable(e.message)
+        if not isinstance(body, dict):
+            return self.unusable("body is not a JSON object")
+        message_id, location_id = (
+            usable_id(body.get("messageId")),
+            usable_id(body.get("locationId")),
+        )
+        if message_id is None or location_id is None:
+            name = "messageId" if message_id is None else "locationId"
+            return self.unusable(f"{name} is missing or not a short ASCII id")
+        payload, refused = outbound_payload(
+            {**body, "messageId": message_id, "locationId": location_id}
+        )
         metrics = self.daemon.metrics
-        message_id, location_id = payload["messageId"], payload["locationId"]
         rid = outbound.record_id(message_id)
         outbox = self.daemon.outbox
         if outbox.known(rid):
@@ -65,8 +134,18 @@ class OutboundMessageHandler(APIHandler):
             return self.write_json(
                 200, {"status": "ignored", "reason": f"location {location_id} is not installed"}
             )
+        record = outbound.new_record(payload)
+        if refused is not None:
+            log.warning(
+                "message=%s location=%s: %s; reported failed",
+                message_id,
+                location_id,
+                refused[1],
+                extra={"location_id": location_id, "outcome": "failed", "reason": refused[1]},
+            )
+            record["refused"] = refused
         try:
-            added = await outbox.add(rid, outbound.new_record(payload))
+            added = await outbox.add(rid, record)
         except OSError as e:
             metrics.webhooks.labels("messages", "store_failed").inc()
             raise APIError(

@@ -116,3 +116,87 @@ def test_huge_rate_limit_interval_is_capped_and_never_raises():
     assert parse_interval_ms("99999999999999") == MAX_RETRY_AFTER
     assert parse_interval_ms("10000") == 10.0
     assert parse_interval_ms("-5") is None
+
+
+# -- ids at the door, quoted in upstream URLs --------------------------------------------------
+
+
+def statuses(ghl, message_id: str) -> list[str]:
+    return [report["status"] for report in ghl.statuses.get(message_id, [])]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"messageId": "x/../../../probe"}, {"messageId": "nul\x00id"}, {"locationId": "lóc1"}]
+    + [{"messageId": bad} for bad in ("", "a" * 129, "..", "a b", "m\n1", "50%", None, {"a": 1})],
+)
+@pytest.mark.gen_test(timeout=20)
+async def test_unusable_ids_are_200_counted_and_never_stored(bridge, field):
+    await bridge.start()
+    await bridge.install("loc1")
+    response = await bridge.post_message(field)
+    assert response.code == 200
+    assert json.loads(response.body)["status"] == "ignored"
+    assert bridge.daemon.metrics.webhooks.labels("messages", "unusable")._value.get() == 1
+    assert bridge.daemon.outbox.records == {}
+    assert bridge.daemon.outbox.journal.entries_written == 0
+    assert bridge.ghl.calls_to("PUT", "/probe/status") == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_ids_are_quoted_in_the_status_path(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    message_id = "m:1@x;y=z,(a)'b'!$&*+~"
+    assert (await bridge.post_message(messageId=message_id)).code == 200
+    await wait_for(lambda: statuses(bridge.ghl, message_id) == ["pending", "delivered"])
+    [call, *_] = bridge.ghl.calls_to("PUT", "/conversations/messages/")
+    assert call.path.startswith("/conversations/messages/m%3A1%40x%3By%3Dz")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_numeric_ids_are_read_as_their_decimal_form(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    response = await bridge.post_message(messageId=1234567)
+    assert json.loads(response.body) == {"status": "accepted", "messageId": "1234567"}
+    await wait_for(lambda: statuses(bridge.ghl, "1234567") == ["pending", "delivered"])
+
+
+# -- issue 8 §5: an authentic webhook is never 4xx for its shape --------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_attachment_objects_are_sent_with_their_urls(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    attachments = [{"url": "https://x.example/a.png", "type": "image/png"}, "https://x.example/b"]
+    response = await bridge.post_message(message="See", attachments=attachments)
+    assert response.code == 200
+    await wait_for(lambda: bridge.cast.sent)
+    assert bridge.cast.sent[0]["message"] == "See\nhttps://x.example/a.png\nhttps://x.example/b"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_numbers_for_strings_are_sent(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    response = await bridge.post_message(phone=639171234567, message=42, contactId=7, userId=None)
+    assert response.code == 200
+    await wait_for(lambda: bridge.cast.sent)
+    assert bridge.cast.sent[0]["to"] == "+639171234567"
+    assert bridge.cast.sent[0]["message"] == "42"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_unusable_optional_field_is_reported_failed_with_the_reason(bridge):
+    await bridge.start()
+    await bridge.install("loc1")
+    response = await bridge.post_message(type={"sms": True}, attachments=[{"href": "x"}])
+    assert response.code == 200
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    error = bridge.ghl.statuses["msg-1"][0]["error"]
+    assert error["code"] == "INVALID_FIELD"
+    assert "type is an object" in error["message"]
+    assert "attachments[0]" in error["message"]
+    assert bridge.cast.sent == []
