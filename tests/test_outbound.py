@@ -541,6 +541,7 @@ async def test_a_delivered_message_costs_four_journal_entries(bridge):
     await bridge.post_message()
     await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
     await wait_for(lambda: not bridge.daemon.outbox.records)
+    await bridge.stop()  # every queued entry written
     assert journal.entries_written - written == 4
 
 
