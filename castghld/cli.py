@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "installs",
         help="list installed locations",
         description="List installed locations: location id, company id, access token expiry, "
-        "status (ok, needs_reauth, inactive, uninstalled: GHL no longer lists it) and source "
-        "(direct: the location's own OAuth install; agency: minted with an agency token; "
-        "reconciled: minted by a reconciliation). Never prints a token.",
+        "status (ok, needs_reauth, inactive, uninstalled: GHL no longer lists it; pending: an "
+        "INSTALL webhook not completed yet) and source (direct: the location's own OAuth "
+        "install; agency: minted with an agency token; reconciled: minted by a reconciliation; "
+        "webhook: a pending INSTALL). Never prints a token.",
     )
     sub.add_parser(
         "reconcile",
@@ -207,9 +208,10 @@ def installs(config: Config) -> int:
         return fail(e.problems)
     try:
         rows = sorted(daemon.state.items("installs"))
+        pending = sorted(daemon.state.items("pending_installs"))
     finally:
         daemon.state.close()
-    if not rows:
+    if not rows and not pending:
         print("no installations")
         return 0
     print(f"{'LOCATION':<26} {'COMPANY':<26} {'TOKEN EXPIRES (UTC)':<21} {'STATUS':<13} SOURCE")
@@ -218,8 +220,14 @@ def installs(config: Config) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)) if expires else "-"
         company = record.get("company_id") or "-"
         status = record.get("status", "ok")
-        source = record.get("source") or ("agency" if record.get("company_id") else "direct")
+        source = record.get("source") or "-"  # installed before sources were recorded
         print(f"{location_id:<26} {company:<26} {when:<21} {status:<13} {source}")
+    for location_id, record in pending:
+        if any(location_id == installed for installed, _ in rows):
+            continue
+        # An INSTALL webhook not completed yet: a reconciliation or the OAuth callback will.
+        company = record.get("company_id") or "-"
+        print(f"{location_id:<26} {company:<26} {'-':<21} {'pending':<13} webhook")
     return 0
 
 

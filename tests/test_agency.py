@@ -54,7 +54,7 @@ async def reconciled(bridge) -> None:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_bulk_install_with_install_webhooks_first_and_no_company_id_installs_all(
-    bridge, config_dir
+    bridge, config_dir, capsys
 ):
     await bridge.start()
     for location_id in ("locA", "locB", "locC"):
@@ -68,6 +68,10 @@ async def test_bulk_install_with_install_webhooks_first_and_no_company_id_instal
     # Kept durably: a restart between the webhooks and the callback loses nothing.
     await bridge.stop()
     assert stored_on_disk(config_dir, "pending_installs", "locB") is not None
+    assert main(["--config", config_dir.config_path, "installs"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["locA"] == ["locA", AGENCY, "-", "pending", "webhook"]
+    assert rows["locB"] == ["locB", "-", "-", "pending", "webhook"]
     await bridge.start()
     await agency_callback(bridge, approved=[])  # bulk install: the answer lists no location
     await wait_for(lambda: usable(bridge, "locA", "locB", "locC"))
