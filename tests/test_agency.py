@@ -285,7 +285,7 @@ async def test_reconcile_command_mints_and_marks_and_prints_it(bridge, config_di
 async def test_install_answered_503_for_a_full_disk_is_not_installed_later(
     config_dir, fake_ghl, fake_cast
 ):
-    from test_crash import ServeProcess
+    from daemon_process import ServeProcess
 
     serve = ServeProcess(config_dir, fake_ghl, fake_cast, log_to_file=False)
     try:
