@@ -20,6 +20,35 @@ from castghld.state import create_private_file, new_key_line
 
 configure_http_client()
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="also run the long reliability runs (tests marked `soak`) and run the crash storm "
+        "at full scale (minutes; not part of the default CI run)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: a long run, collected always, run only with --soak")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: long by design, runs only with `pytest --soak`")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def soak(request) -> bool:
+    """True under `pytest --soak`: tests that scale with it run at full size."""
+    return request.config.getoption("--soak")
+
+
 BASE_CONFIG = {
     "server": {"host": "127.0.0.1", "port": 0, "public_url": "https://ghl.example.ph"},
     "ghl": {"client_id": "test-client", "client_secret": "test-secret"},
