@@ -39,6 +39,7 @@ from castghld.fakes import wait_for
 KILLWATCH = str(Path(__file__).with_name("killwatch.py"))
 LOCATIONS = 20
 RATE = 100  # Cast sends per second allowed (fake) and used (daemon): fast, still paced
+COMPACTION_FILLER = 500  # messages (each a few journal entries) fed per try to reach a compaction
 SMALL = {"messages": 300, "replies": 60, "kills": 4}
 FULL = {"messages": 2000, "replies": 400, "kills": 10}
 
@@ -126,20 +127,24 @@ class Storm:
         assert response.code == 200
         return location
 
-    async def kill_during_compaction(self) -> None:
-        """Kill a starting daemon while it writes the compacted journal (before the rename)."""
-        for attempt in range(5):
-            await self.kill()
-            self.serve.spawn()
-            verdict = await killwatch(self.serve, "compaction", 15)
+    async def kill_during_compaction(self, clients: Clients, workload: Workload) -> None:
+        """Feed more traffic until the journal is compacted; kill while the new file is written.
+
+        A kill that comes after the rename does not count: feed and watch again.
+        """
+        for attempt in range(3):
+            watcher = asyncio.ensure_future(killwatch(self.serve, "compaction", 60))
+            await asyncio.sleep(0.2)  # the watcher's baseline
+            items = workload.add(f"c{attempt}", COMPACTION_FILLER, COMPACTION_FILLER // 5)
+            feeding = asyncio.ensure_future(clients.feed(items, COMPACTION_FILLER / RATE))
+            verdict = await watcher
             self.notes.append(f"compaction kill attempt {attempt}: {verdict}")
-            if verdict["hit"]:
-                await self.reaped()
-                await self.serve.start()
-                if verdict["still_there"]:
-                    return
-            else:
-                await self.serve.wait_healthy()
+            assert verdict["hit"], f"seed {self.seed}: no compaction seen: {self.notes}"
+            await self.reaped()
+            await self.serve.start()
+            await feeding
+            if verdict["still_there"]:
+                return
         raise AssertionError(f"seed {self.seed}: never killed inside a compaction: {self.notes}")
 
     async def kill_during_refresh(self) -> str:
@@ -191,10 +196,12 @@ async def test_crash_storm_loses_nothing_and_sends_nothing_twice(
         for n in range(LOCATIONS):
             await serve.install(workload.location(n))
         clients.start()
-        feeding = asyncio.ensure_future(clients.feed(seconds=1.6 * scale["kills"] + 6))
+        items = [("out", m) for m in workload.outbound] + [("in", r) for r in workload.inbound]
+        rng.shuffle(items)
+        feeding = asyncio.ensure_future(clients.feed(items, seconds=1.6 * scale["kills"] + 6))
         await storm.random_kills(scale["kills"])
         saved = await storm.kill_during_state_save()
-        await storm.kill_during_compaction()
+        await storm.kill_during_compaction(clients, workload)
         refreshed = await storm.kill_during_refresh()
         await feeding
         await clients.join(timeout=120)

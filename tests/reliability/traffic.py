@@ -34,8 +34,14 @@ class Workload:
     inbound: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for n in range(self.messages):
-            message_id = f"{self.prefix}{n:06d}-{self.rng.getrandbits(32):08x}"
+        self.add(self.prefix, self.messages, self.replies)
+
+    def add(self, prefix: str, messages: int, replies: int) -> list[tuple[str, str]]:
+        """More messages and replies (ids start with `prefix`); their ("out"|"in", id) items."""
+        items = []
+        for n in range(messages):
+            message_id = f"{prefix}{n:06d}-{self.rng.getrandbits(32):08x}"
+            items.append(("out", message_id))
             self.outbound[message_id] = {
                 "contactId": f"contact-{n}",
                 "locationId": self.location(self.rng.randrange(self.locations)),
@@ -46,8 +52,9 @@ class Workload:
                 "attachments": [],
                 "userId": "user-1",
             }
-        for n in range(self.replies):
-            cast_id = f"CASTIN{self.prefix.upper()}{n:06d}"
+        for n in range(replies):
+            cast_id = f"CASTIN{prefix.upper()}{n:06d}"
+            items.append(("in", cast_id))
             self.inbound[cast_id] = {
                 "message_id": cast_id,
                 "from": f"0918{self.rng.randrange(10**7):07d}",
@@ -55,6 +62,8 @@ class Workload:
                 "message": f"reply {cast_id} {self.rng.getrandbits(48):012x}",
                 "received_at": "2026-11-26T09:00:00Z",
             }
+        self.rng.shuffle(items)
+        return items
 
     @staticmethod
     def location(n: int) -> str:
@@ -106,11 +115,8 @@ class Clients:
     def start(self) -> None:
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.concurrency)]
 
-    async def feed(self, seconds: float) -> None:
-        """Queue every item, evenly spread over `seconds`, outbound and inbound interleaved."""
-        items = [("out", i) for i in self.workload.outbound]
-        items += [("in", i) for i in self.workload.inbound]
-        self.rng.shuffle(items)
+    async def feed(self, items: list[tuple[str, str]], seconds: float) -> None:
+        """Queue `items` (from `Workload.add`), evenly spread over `seconds`."""
         pause = seconds / max(1, len(items))
         started = time.monotonic()
         for n, item in enumerate(items):
