@@ -47,6 +47,7 @@ from typing import Any
 from castghld.config import Config
 from castghld.ghl import VERSION_OAUTH, GHLClient, GHLError, TokenUnavailable
 from castghld.inflight import InFlight
+from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.phone import normalize_any, route_key
@@ -148,7 +149,8 @@ class InboundDelivery:
     async def __call__(self, outbox: Outbox, rid: str) -> None:
         record = outbox.records[rid]
         location_id = self.route(record["to"])
-        context = f"inbound={record['cast_id']} to={record['to']}"
+        # The operator's own number is a phone number like any other: never in full in a log.
+        context = f"inbound={record['cast_id']} to={redact_numbers(record['to'])}"
         if location_id is None:
             if self._expired(record):
                 return await self._expire(outbox, rid, context, "no location claimed it")

@@ -200,3 +200,20 @@ async def test_unusable_optional_field_is_reported_failed_with_the_reason(bridge
     assert "type is an object" in error["message"]
     assert "attachments[0]" in error["message"]
     assert bridge.cast.sent == []
+
+
+# -- the operator's own number in logs ---------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_operator_number_is_never_logged_in_full(bridge, caplog):
+    caplog.set_level("DEBUG")
+    await bridge.start()
+    # No location installed: the reply is logged as unrouted, then delivered after the install.
+    assert (await post_inbound(bridge, reply(to="09171234567"))).code == 200
+    await bridge.install("loc1")
+    await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "to=[number]" in logged
+    for form in ("9171234567", "917 123 4567"):
+        assert form not in logged
