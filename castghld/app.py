@@ -37,6 +37,7 @@ from castghld.handlers.base import NotFoundHandler, log_request
 from castghld.inbound import InboundDelivery
 from castghld.inflight import InFlight
 from castghld.metrics import Metrics
+from castghld.oauth import CodeExchangeLimits
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
@@ -172,6 +173,7 @@ class Daemon:
         self.verifier = SignatureVerifier(
             extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=self.metrics
         )
+        self.code_exchanges = CodeExchangeLimits()
         self.seen_app_webhooks: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.ghl = GHLClient(config, self.metrics)
         self.installations = Installations(config, self.state, self.ghl, self.metrics)

@@ -15,6 +15,7 @@ import time
 from urllib.parse import urlencode
 
 from castghld.config import Config
+from castghld.pacing import LimiterMap, SlidingWindowLimiter, try_acquire_all
 
 SCOPES = (
     "conversations/message.write",
@@ -25,6 +26,34 @@ SCOPES = (
     "contacts.write",
 )
 STATE_LIFETIME = 15 * 60
+# Code exchanges started by `GET /oauth/callback` (unauthenticated: marketplace installs carry no
+# state) that did not install anything, per client IP and in all, per minute. A person needs a
+# few; junk codes beyond this get 429 without a call to GHL, so they cannot spend the GHL limits
+# that refreshes need. Exchanges in flight count; one that installed gives its slot back.
+EXCHANGES_PER_IP = 5
+EXCHANGES_IN_ALL = 30
+EXCHANGE_WINDOW = 60.0
+
+
+class CodeExchangeLimits:
+    """How many code exchanges the callback may start: `admit(ip)` is 0.0 when this one may go
+    (and counts it), else the seconds until one may; `installed(ip)` uncounts one that worked."""
+
+    def __init__(
+        self,
+        per_ip: int = EXCHANGES_PER_IP,
+        in_all: int = EXCHANGES_IN_ALL,
+        window: float = EXCHANGE_WINDOW,
+    ):
+        self.per_ip = LimiterMap(per_ip, window)
+        self.in_all = SlidingWindowLimiter(in_all, window)
+
+    def admit(self, ip: str) -> float:
+        return try_acquire_all(self.per_ip.get(ip), self.in_all)
+
+    def installed(self, ip: str) -> None:
+        self.per_ip.get(ip).give_back()
+        self.in_all.give_back()
 
 
 def _state_key(config: Config) -> bytes:

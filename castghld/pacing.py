@@ -54,6 +54,11 @@ class SlidingWindowLimiter:
                 # A hair over the computed delay so the window has surely moved on.
                 await asyncio.sleep(delay + 0.001)
 
+    def give_back(self) -> None:
+        """Return one slot taken by `try_acquire_all` (what it admitted turned out harmless)."""
+        if self._times:
+            self._times.pop()
+
     def idle(self) -> bool:
         return not self._times or self._times[-1] <= time.monotonic() - self.period
 
@@ -95,6 +100,18 @@ async def acquire_all(*limiters: SlidingWindowLimiter) -> float:
         while held:
             held -= 1
             order[held]._lock.release()
+
+
+def try_acquire_all(*limiters: SlidingWindowLimiter) -> float:
+    """Take a slot in every limiter now if each has one free (returns 0.0), else take nothing and
+    return the seconds until all of them could: for callers that answer "retry later" (429)
+    instead of waiting. Not to be mixed with `acquire` on the same limiter."""
+    now = time.monotonic()
+    delay = max(limiter._delay(now) for limiter in limiters)
+    if delay <= 0:
+        for limiter in limiters:
+            limiter._times.append(now)
+    return delay
 
 
 class LimiterMap:

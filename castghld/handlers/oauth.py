@@ -2,17 +2,26 @@
 
 The callback answers a small HTML page (a person reads it), escaped, that names the installed
 location(s); errors are HTML pages too, with GHL's reason, 400 for a bad or used code or state
-and 502 when GHL fails us — never a 500. Tokens are stored durably before the page is sent.
+(any 4xx GHL's token endpoint answers, logged at warning, never the code) and 502 when GHL fails
+us — never a 500. Tokens are stored durably before the page is sent.
+
+The callback needs no credential (marketplace installs carry no `state`), so every exchange it
+would start is first admitted by `CodeExchangeLimits` (per client IP and in all); beyond that it
+answers 429 with `Retry-After` and calls GHL not at all.
 """
 
 from __future__ import annotations
 
 import html
+import logging
+import math
 
 from castghld.ghl import GHLError
 from castghld.handlers.base import APIHandler
 from castghld.oauth import build_install_url, verify_state
 from castghld.tokens import TokenUnavailable
+
+log = logging.getLogger("castghld.oauth")
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title></head>
@@ -40,17 +49,27 @@ class CallbackHandler(APIHandler):
             problem = verify_state(self.daemon.config, state)
             if problem:
                 return self.page(400, "Install failed", problem[0].upper() + problem[1:] + ".")
+        client = self.request.remote_ip or ""
+        wait = self.daemon.code_exchanges.admit(client)
+        if wait > 0:
+            self.set_header("Retry-After", str(math.ceil(wait)))
+            return self.page(
+                429, "Too many install attempts", "Too many install attempts; try again shortly."
+            )
         try:
             result = await self.daemon.installations.install_from_code(code)
         except GHLError as e:
-            status = 400 if e.status == 400 else 502
-            return self.page(status, "Install failed", f"GHL refused the install: {e.message}")
+            if 400 <= e.status < 500 and e.status != 429:
+                log.warning("install refused by GHL (%d): %s", e.status, e.message)
+                return self.page(400, "Install failed", f"GHL refused the install: {e.message}")
+            return self.page(502, "Install failed", f"GHL refused the install: {e.message}")
         except TokenUnavailable as e:
             return self.page(502, "Install failed", str(e))
         except OSError:
             return self.page(
                 503, "Install failed", "The bridge could not save the install; try again."
             )
+        self.daemon.code_exchanges.installed(client)
         locations = ", ".join(result["locations"]) or "none"
         text = f"Cast SMS is installed for location(s): {locations}."
         if result["failed"]:

@@ -217,3 +217,53 @@ async def test_operator_number_is_never_logged_in_full(bridge, caplog):
     assert "to=[number]" in logged
     for form in ("9171234567", "917 123 4567"):
         assert form not in logged
+
+
+# -- the OAuth callback is not an amplifier ----------------------------------------------------
+
+
+async def callback(bridge, code: str, ip: str = "203.0.113.7"):
+    url = f"{bridge.daemon.url}/oauth/callback?code={code}"
+    return await AsyncHTTPClient().fetch(url, headers={"X-Real-IP": ip}, raise_error=False)
+
+
+def token_calls(bridge) -> int:
+    return len(bridge.ghl.calls_to("POST", "/oauth/token"))
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_junk_codes_from_one_client_are_rate_limited(bridge, caplog):
+    await bridge.start()
+    for n in range(5):
+        assert (await callback(bridge, f"junk-{n}")).code == 400
+    assert token_calls(bridge) == 5
+    response = await callback(bridge, "junk-5")
+    assert response.code == 429
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert token_calls(bridge) == 5
+    # Another client still installs.
+    bridge.ghl.add_auth_code("good", location_id="loc1")
+    assert (await callback(bridge, "good", ip="198.51.100.1")).code == 200
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all(r.levelname == "WARNING" for r in refused)
+    assert not any("junk-" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_junk_codes_from_many_clients_are_rate_limited_in_all(bridge):
+    await bridge.start()
+    for n in range(30):
+        assert (await callback(bridge, f"junk-{n}", ip=f"192.0.2.{n}")).code == 400
+    response = await callback(bridge, "junk-x", ip="192.0.2.200")
+    assert response.code == 429
+    assert token_calls(bridge) == 30
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_successful_installs_do_not_use_up_the_limit(bridge):
+    await bridge.start()
+    for n in range(12):
+        bridge.ghl.add_auth_code(f"code-{n}", location_id=f"loc{n}")
+        assert (await callback(bridge, f"code-{n}")).code == 200
+    assert len(bridge.daemon.installations.location_ids()) == 12
