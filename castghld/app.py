@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import prometheus_client
 import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
@@ -58,6 +59,20 @@ SEND_DRAIN_SECONDS = 5.0
 FLUSH_SECONDS = 2.0
 RESERVED_FOR_LATER_PHASES = SEND_DRAIN_SECONDS + FLUSH_SECONDS
 _http_client_configured = False
+# CASTGHLD_LAG_PROBE=1 (benchmarks) adds castghld_loop_lag_seconds: how late a 5 ms timer fires,
+# i.e. how long the IOLoop was blocked (GC pauses, CPU-bound work on the loop's thread).
+LAG_PROBE_ENV = "CASTGHLD_LAG_PROBE"
+LAG_PROBE_INTERVAL = 0.005
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+async def probe_loop_lag(histogram: Any) -> None:
+    """Observe forever how late a `LAG_PROBE_INTERVAL` timer fires (cancel to stop)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LAG_PROBE_INTERVAL)
+        histogram.observe(max(0.0, loop.time() - started - LAG_PROBE_INTERVAL))
 
 
 class StartupError(Exception):
@@ -152,6 +167,7 @@ class Daemon:
         self._server: tornado.httpserver.HTTPServer | None = None
         self._stop_requested = asyncio.Event()
         self._stopped = False
+        self._lag_probe: asyncio.Task | None = None
         self.port = 0
         problems = []
         try:
@@ -247,6 +263,14 @@ class Daemon:
         self._server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         self.phase = "serving"
+        if os.environ.get(LAG_PROBE_ENV) == "1":
+            histogram = prometheus_client.Histogram(
+                "castghld_loop_lag_seconds",
+                "How late a 5 ms timer fires: IOLoop blocked (benchmark probe)",
+                buckets=LAG_BUCKETS,
+                registry=self.metrics.registry,
+            )
+            self._lag_probe = asyncio.ensure_future(probe_loop_lag(histogram))
         log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
         sdnotify.notify("READY=1")
 
@@ -263,6 +287,8 @@ class Daemon:
         self._stopped = True
         self.phase = "stopping"
         sdnotify.notify("STOPPING=1")
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         log.info("stopping: no new connections; draining %d request(s)", self.requests.count)
         self.installations.begin_stop()
         budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)

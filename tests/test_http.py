@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 
 import pytest
+import tornado.testing
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
-from castghld.app import Daemon, StartupError
+from castghld.app import LAG_PROBE_ENV, Daemon, StartupError
 from castghld.fakes import wait_for
 
 
@@ -98,6 +100,24 @@ async def test_metrics_are_prometheus_text(daemon):
     assert response.code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     assert b"# TYPE castghld_installations gauge" in response.body
+
+
+@pytest.mark.gen_test
+async def test_loop_lag_probe_only_when_asked(daemons, monkeypatch):
+    for probe in ("", "1"):
+        monkeypatch.setenv(LAG_PROBE_ENV, probe)
+        daemon = Daemon(daemons.config_dir.load())
+        await daemon.start([tornado.testing.bind_unused_port()[0]])
+        try:
+            if probe:
+                lag_count = functools.partial(
+                    daemon.metrics.registry.get_sample_value, "castghld_loop_lag_seconds_count"
+                )
+                await wait_for(lambda: (lag_count() or 0) >= 3)  # noqa: B023 (awaited here)
+            response = await fetch(daemon.url + "/metrics")
+            assert (b"castghld_loop_lag_seconds_bucket" in response.body) == bool(probe)
+        finally:
+            await daemon.stop()
 
 
 @pytest.mark.gen_test
