@@ -209,6 +209,7 @@ class Daemon:
             self.outbox.load()
         except (StateError, OSError) as e:
             raise StartupError([str(e)]) from None
+        self.metrics.outbox_quarantined.set(len(self.outbox.journal.unreadable))
         self.components.append(Delivery(self.outbox, self.cast, self.inbound))
 
     @property

@@ -32,6 +32,11 @@ class Metrics:
         self.outbox_pending = Gauge(
             "castghld_outbox_pending", "Unfinished messages in the outbox", ["kind"], registry=r
         )
+        self.outbox_quarantined = Gauge(
+            "castghld_outbox_quarantined",
+            "Unreadable outbox journal records moved to outbox.quarantine at this start",
+            registry=r,
+        )
         self.sends = Counter(
             "castghld_cast_sends", "Cast send attempts by outcome", ["outcome"], registry=r
         )

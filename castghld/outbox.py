@@ -8,7 +8,11 @@ Guarantees:
 - Group commit: entries queued while one fsync runs are written and fsynced together by the next,
   so durability costs one fsync per burst, not per message. Writes and fsyncs run off the IOLoop.
 - A failed write is cut back (``ftruncate``) so the journal never holds half a batch; a torn last
-  line (crash mid-write) is dropped on load. Any other damage is a startup error naming the file.
+  line (crash mid-write) is dropped on load. A damaged line elsewhere (bit rot, a bad copy) does
+  not keep the daemon down: at start it is moved to ``outbox.quarantine`` (0600, beside the
+  journal, appended to, never read back), logged at error with the count and counted in
+  ``castghld_outbox_quarantined``; the rest loads. Several lines under one key the key file no
+  longer holds are a startup error naming the file (restore the key: nothing is moved aside).
 - Ids are unique: an id that is live or finished within ``delivery.seen_retention`` (at least 24 h)
   is reported as a duplicate and not added again, so GHL's and Cast's retries become one message.
 - On start, every unfinished record is handed to its pipeline again (at-least-once dispatch); the
@@ -45,6 +49,7 @@ from castghld.state import KeyRing, StateError, fsync_dir
 log = logging.getLogger("castghld.outbox")
 
 JOURNAL_FILENAME = "outbox.log"
+QUARANTINE_FILENAME = "outbox.quarantine"
 _CONTEXT = b"outbox"
 COMPACT_MIN_ENTRIES = 2000
 # Back-off while the journal cannot be written (a pipeline step that must persist its progress).
@@ -112,6 +117,10 @@ class Journal:
         self._fd: int | None = None
         self._size = 0
         self._valid_size: int | None = None  # where a torn last line starts, set by load()
+        # Numbers (1-based) of the damaged lines load() skipped; open() moves them aside.
+        self.unreadable: list[int] = []
+        self._torn_line = 0
+        self.quarantine_path = os.path.join(directory, QUARANTINE_FILENAME)
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -125,8 +134,10 @@ class Journal:
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> list[Record]:
-        """Every entry in order; a torn last line is skipped (and cut away by `open`), other
-        damage raises StateError. Reading never writes: `check-config` and `installs` use it."""
+        """Every readable entry in order. A torn last line is skipped (and cut away by `open`);
+        a damaged line elsewhere is skipped, listed in `unreadable` and logged (`open` moves it
+        to the quarantine file); several lines under one key we lack raise StateError. Reading never
+        writes: `check-config` and `installs` use it."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -136,26 +147,57 @@ class Journal:
             raise StateError(f"{self.path}: cannot read the outbox: {e.strerror}") from None
         entries = []
         good_size = 0
+        unreadable: list[tuple[int, str]] = []
+        unreadable_last = 0
+        foreign: dict[bytes, list[str]] = {}  # lines by the unknown key they name
         lines = data.split(b"\n")
         for number, line in enumerate(lines, 1):
             last = number == len(lines)
             if not line:
                 continue
+            blob = b""
             try:
                 blob = base64.b64decode(line, validate=True)
                 entry = json.loads(self.keyring.decrypt(blob, self.path, _CONTEXT))
+                if not isinstance(entry, dict):
+                    raise ValueError("not a journal entry")
             except (binascii.Error, ValueError, StateError) as e:
                 if last:  # no newline after it: a write that a crash cut short
                     log.warning("outbox: dropping a torn last entry in %s", self.path)
+                    unreadable_last = number
                     break
-                raise StateError(f"{self.path}: line {number}: {e}") from None
+                if isinstance(e, StateError) and self.keyring.lacks_key_of(blob):
+                    foreign.setdefault(blob[:12], []).append(f"{self.path}: line {number}: {e}")
+                unreadable.append((number, str(e).removeprefix(self.path + ": ")))
+                continue
             entries.append(entry)
             good_size += len(line) + 1
-        self._valid_size = good_size
+        for problems in foreign.values():
+            # One line naming an unknown key is damage in its header; several are a key that
+            # the key file no longer holds: the operator must restore it, nothing is moved.
+            if len(problems) > 1:
+                raise StateError(problems[0])
+        self._valid_size = good_size if not unreadable else None
+        self.unreadable = [number for number, _ in unreadable]
+        self._torn_line = unreadable_last
+        if unreadable:
+            number, why = unreadable[0]
+            log.error(
+                "outbox: %d unreadable record(s) in %s (first: line %d: %s); the daemon moves "
+                "them to %s at start and loads the rest",
+                len(unreadable),
+                self.path,
+                number,
+                why,
+                self.quarantine_path,
+            )
         return entries
 
     def open(self) -> None:
-        """Open for appending (creating it 0600), first cutting away a torn last line."""
+        """Open for appending (creating it 0600), first cutting away a torn last line and
+        moving the lines `load` could not read to the quarantine file."""
+        if self.unreadable:
+            self._quarantine()
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
         self._fd = fd
@@ -165,6 +207,45 @@ class Journal:
             os.fsync(self._fd)
             self._size = self._valid_size
         fsync_dir(os.path.dirname(self.path))
+
+    def _quarantine(self) -> None:
+        """Append the unreadable lines to the quarantine file (fsynced), then replace the journal
+        by its readable lines (atomically). A crash between the two moves them again later:
+        the quarantine file may hold a line twice, the journal never loses a readable one."""
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        bad = set(self.unreadable)
+        moved = [lines[n - 1] for n in self.unreadable]
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.quarantine_path, flags, 0o600)
+        try:
+            os.write(fd, b"".join(line + b"\n" for line in moved))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # The torn last line goes too, as `load` skipped it.
+        bad.add(self._torn_line)
+        kept = [line for n, line in enumerate(lines, 1) if line and n not in bad]
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-outbox-", dir=directory)  # 0600 from birth
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"".join(line + b"\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        fsync_dir(directory)
+        log.error(
+            "outbox: moved %d unreadable record(s) from %s to %s",
+            len(moved),
+            self.path,
+            self.quarantine_path,
+        )
+        self.unreadable = []
+        self._valid_size = None
 
     def _encode(self, entry: Record) -> bytes:
         plaintext = json.dumps(entry, separators=(",", ":")).encode("utf-8")

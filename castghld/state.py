@@ -131,6 +131,14 @@ class KeyRing:
             f"(it holds {', '.join(self.key_ids)}); restore the old key as a later line"
         )
 
+    def lacks_key_of(self, blob: bytes) -> bool:
+        """True if `blob` is ours in form but names a key this ring does not hold (a config
+        problem: an old key was dropped from the key file), not damage."""
+        if len(blob) < _HEADER_LEN + 16 or not blob.startswith(_MAGIC):
+            return False
+        key_id = blob[len(_MAGIC) : len(_MAGIC) + _KEY_ID_LEN]
+        return all(candidate_id != key_id for candidate_id, _ in self._keys)
+
     def is_current(self, blob: bytes) -> bool:
         return blob[len(_MAGIC) : len(_MAGIC) + _KEY_ID_LEN] == self._keys[0][0]
 

@@ -11,7 +11,7 @@ import pytest
 
 from castghld.fakes import wait_for
 from castghld.metrics import Metrics
-from castghld.outbox import JOURNAL_FILENAME, Outbox
+from castghld.outbox import JOURNAL_FILENAME, QUARANTINE_FILENAME, Outbox
 from castghld.seen import SEAL_SIZE, SeenIds
 from castghld.state import KeyRing, StateError, new_key_line
 
@@ -138,7 +138,7 @@ async def test_torn_last_line_is_dropped_and_cut_away(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=10)
-async def test_damage_before_the_last_line_is_a_startup_error(tmp_path):
+async def test_damage_before_the_last_line_is_quarantined_and_the_rest_loads(tmp_path):
     keys = keyring()
     outbox = make_outbox(tmp_path, keys)
     await outbox.start()
@@ -149,8 +149,17 @@ async def test_damage_before_the_last_line_is_a_startup_error(tmp_path):
     lines = path.read_bytes().split(b"\n")
     lines[1] = lines[1][:10] + (b"A" if lines[1][10:11] != b"A" else b"B") + lines[1][11:]
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(StateError, match=f"{JOURNAL_FILENAME}: line 2"):
-        make_outbox(tmp_path, keys)
+    again = make_outbox(tmp_path, keys)
+    assert list(again.records) == ["out:0", "out:2"]
+    assert again.journal.unreadable == [2]
+    await again.start()
+    await again.stop()
+    quarantine = tmp_path / QUARANTINE_FILENAME
+    assert quarantine.read_bytes() == lines[1] + b"\n"
+    assert stat.S_IMODE(os.stat(quarantine).st_mode) == 0o600
+    after = make_outbox(tmp_path, keys)
+    assert list(after.records) == ["out:0", "out:2"]
+    assert after.journal.unreadable == []
 
 
 @pytest.mark.gen_test(timeout=10)

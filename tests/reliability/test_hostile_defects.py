@@ -7,6 +7,8 @@ not leave); together with test_hostile_fuzz.py they keep hostile input from comi
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 
 import pytest
@@ -267,3 +269,37 @@ async def test_successful_installs_do_not_use_up_the_limit(bridge):
         bridge.ghl.add_auth_code(f"code-{n}", location_id=f"loc{n}")
         assert (await callback(bridge, f"code-{n}")).code == 200
     assert len(bridge.daemon.installations.location_ids()) == 12
+
+
+# -- one damaged journal line does not keep the daemon down ------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_damaged_journal_line_is_quarantined_and_the_daemon_starts(bridge, caplog):
+    await bridge.start()
+    await bridge.install("loc1")
+    for n in range(3):
+        assert (await bridge.post_message(messageId=f"m{n}")).code == 200
+    await wait_for(
+        lambda: all(statuses(bridge.ghl, f"m{n}")[-1:] == ["delivered"] for n in range(3))
+    )
+    await bridge.stop()
+    journal = os.path.join(bridge.config_dir.state_dir, "outbox.log")
+    with open(journal, "rb") as f:
+        lines = f.read().split(b"\n")
+    assert len(lines) > 4
+    lines[1] = b"not base64 at all!"
+    lines[3] = lines[3][:-8] + b"AAAAAAAA"  # fails authentication
+    with open(journal, "wb") as f:
+        f.write(b"\n".join(lines))
+    caplog.clear()
+    daemon = await bridge.start()
+    assert daemon.metrics.outbox_quarantined._value.get() == 2
+    quarantine = os.path.join(bridge.config_dir.state_dir, "outbox.quarantine")
+    assert stat.S_IMODE(os.stat(quarantine).st_mode) == 0o600
+    with open(quarantine, "rb") as f:
+        assert f.read() == lines[1] + b"\n" + lines[3] + b"\n"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("2 unreadable record(s)" in m for m in errors)
+    assert (await bridge.post_message(messageId="after")).code == 200
+    await wait_for(lambda: statuses(bridge.ghl, "after")[-1:] == ["delivered"])
