@@ -42,7 +42,7 @@ from castghld.oauth import CodeExchangeLimits
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
-from castghld.state import KeyRing, StateError, StateStore, lock_directory
+from castghld.state import KeyRing, StateError, StateStore, is_transient, lock_directory
 from castghld.tokens import Installations
 
 log = logging.getLogger("castghld")
@@ -76,11 +76,14 @@ async def probe_loop_lag(histogram: Any) -> None:
 
 
 class StartupError(Exception):
-    """The daemon cannot start; each line of `problems` says why and names the file."""
+    """The daemon cannot start; each line of `problems` says why and names the file.
+    `transient`: nothing to fix in the config, a later start may work (address in use, an I/O
+    error, the state directory locked by a process that is exiting): the CLI exits 75."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], transient: bool = False):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.transient = transient
 
 
 class Component(Protocol):
@@ -173,19 +176,21 @@ class Daemon:
         try:
             self.keyring = KeyRing.load(config.state.key_file)
         except StateError as e:
-            raise StartupError([str(e)]) from None
+            raise StartupError([str(e)], e.transient) from None
         self.state = StateStore(config.state.dir, self.keyring)
+        state_transient = False
         try:
             self.state.load()
         except StateError as e:
             problems.append(str(e))
+            state_transient = e.transient
         try:
             extra_keys = load_public_keys(config.ghl.webhook_public_keys)
         except KeyFileError as e:
             problems.append(f"{config.path}: ghl.webhook_public_keys: {e}")
             extra_keys = []
         if problems:
-            raise StartupError(problems)
+            raise StartupError(problems, state_transient and len(problems) == 1)
         self.verifier = SignatureVerifier(
             extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=self.metrics
         )
@@ -208,7 +213,7 @@ class Daemon:
         try:
             self.outbox.load()
         except (StateError, OSError) as e:
-            raise StartupError([str(e)]) from None
+            raise StartupError([str(e)], is_transient(e)) from None
         self.metrics.outbox_quarantined.set(len(self.outbox.journal.unreadable))
         self.components.append(Delivery(self.outbox, self.cast, self.inbound))
 
@@ -238,20 +243,21 @@ class Daemon:
         try:
             self._lock_fd = lock_directory(self.config.state.dir)
         except StateError as e:
-            raise StartupError([str(e)]) from None
+            raise StartupError([str(e)], e.transient) from None
         if sockets is None:
             server = self.config.server
             try:
                 sockets = tornado.netutil.bind_sockets(server.port, server.host)
             except OSError as e:
                 raise StartupError(
-                    [f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"]
+                    [f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"],
+                    is_transient(e),
                 ) from None
         try:
             for component in self.components:
                 await component.start()
         except (StateError, OSError) as e:
-            raise StartupError([str(e)]) from None
+            raise StartupError([str(e)], is_transient(e)) from None
         self._server = tornado.httpserver.HTTPServer(
             self.make_app(),
             xheaders=self.config.server.xheaders,

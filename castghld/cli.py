@@ -1,7 +1,10 @@
 """The `castghld` command line (SPEC §1).
 
 Guarantees: exit 0 on success; on a usage or config problem exit 2 with one line per problem on
-stderr (file, key path, what is wrong) and no traceback; no command prints a secret.
+stderr (file, key path, what is wrong) and no traceback; on a transient startup failure (address
+in use, an I/O error on the state files, the state directory locked by an exiting process) exit 75
+(EX_TEMPFAIL) with the same kind of lines, so systemd restarts the service; no command prints a
+secret.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Sequence
 from castghld import __version__
 from castghld.config import Config, ConfigError, default_config_path, load_config
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
+EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
 
 DESCRIPTION = """\
 castghld makes Cast (Philippine SMS API) the SMS provider of GoHighLevel sub-accounts.
@@ -122,10 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)  # argparse only lets known commands through
 
 
-def fail(problems: Sequence[str]) -> int:
+def fail(problems: Sequence[str], transient: bool = False) -> int:
     for line in problems:
         print(f"castghld: {line}", file=sys.stderr)
-    return EXIT_USAGE
+    return EXIT_TEMPFAIL if transient else EXIT_USAGE
 
 
 def gen_key(path: str, *, if_missing: bool = False) -> int:
@@ -153,7 +157,7 @@ def serve(config: Config) -> int:
     try:
         return asyncio.run(run(config))
     except StartupError as e:
-        return fail(e.problems)
+        return fail(e.problems, e.transient)
 
 
 def _open_daemon_state(config: Config):
@@ -168,7 +172,7 @@ def check_config(config: Config) -> int:
     try:
         daemon = _open_daemon_state(config)
     except StartupError as e:
-        return fail(e.problems)
+        return fail(e.problems, e.transient)
     try:
         state = daemon.state
         print(f"config:        {config.path}")
@@ -205,7 +209,7 @@ def installs(config: Config) -> int:
     try:
         daemon = _open_daemon_state(config)
     except StartupError as e:
-        return fail(e.problems)
+        return fail(e.problems, e.transient)
     try:
         rows = sorted(daemon.state.items("installs"))
         pending = sorted(daemon.state.items("pending_installs"))
@@ -238,7 +242,7 @@ def reconcile(config: Config) -> int:
     try:
         daemon = _open_daemon_state(config)
     except StartupError as e:
-        return fail(e.problems)
+        return fail(e.problems, e.transient)
     try:
         try:
             lock_fd = lock_directory(config.state.dir)

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from castghld.metrics import Metrics
 from castghld.seen import SeenIds
-from castghld.state import KeyRing, StateError, fsync_dir
+from castghld.state import KeyRing, StateError, fsync_dir, is_transient
 
 log = logging.getLogger("castghld.outbox")
 
@@ -144,7 +144,9 @@ class Journal:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise StateError(f"{self.path}: cannot read the outbox: {e.strerror}") from None
+            raise StateError(
+                f"{self.path}: cannot read the outbox: {e.strerror}", transient=is_transient(e)
+            ) from None
         entries = []
         good_size = 0
         unreadable: list[tuple[int, str]] = []
@@ -421,7 +423,8 @@ class Outbox:
             self.journal.open()
         except OSError as e:
             raise StateError(
-                f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}"
+                f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}",
+                transient=is_transient(e),
             ) from None
         for rid in list(self.records):
             self._dispatch(rid)

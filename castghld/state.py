@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import errno
 import fcntl
 import hashlib
 import json
@@ -57,8 +58,41 @@ COMPACT_MIN_BYTES = 1 << 20  # compact once the journals exceed this and the sna
 COMPACT_RETRY_SECONDS = 60.0
 
 
+# I/O failures that a later try may not meet (a busy disk, a full table, a port not free yet):
+# the daemon exits 75 (EX_TEMPFAIL) for them so systemd restarts it, and 2 for the rest.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ENOMEM,
+        errno.ENOSPC,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOBUFS,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EADDRINUSE,
+        errno.EADDRNOTAVAIL,
+    }
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for an OSError a retry may not meet, or a StateError made from one."""
+    if isinstance(error, StateError):
+        return error.transient
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+
+
 class StateError(Exception):
-    """The key file or state file cannot be used; the message names the file and the fix."""
+    """The key file or state file cannot be used; the message names the file and the fix.
+    `transient`: a retry later may succeed (an I/O error, a lock held by a process that exits)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class KeyRing:
@@ -83,7 +117,9 @@ class KeyRing:
         except ValueError as e:
             raise StateError(f"{path}: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise StateError(f"{path}: cannot read state key file: {e}") from None
+            raise StateError(
+                f"{path}: cannot read state key file: {e}", transient=is_transient(e)
+            ) from None
         keys = []
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -209,13 +245,16 @@ def lock_directory(directory: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise StateError(f"{path}: cannot create the lock file: {e.strerror}") from None
+        raise StateError(
+            f"{path}: cannot create the lock file: {e.strerror}", transient=is_transient(e)
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise StateError(
-            f"{directory}: another castghld process is using this state directory"
+            f"{directory}: another castghld process is using this state directory",
+            transient=True,
         ) from None
     return fd
 
@@ -296,7 +335,9 @@ class StateStore:
             self._loaded = self._rewrite = True
             return
         except OSError as e:
-            raise StateError(f"{self.path}: cannot read state file: {e}") from None
+            raise StateError(
+                f"{self.path}: cannot read state file: {e}", transient=is_transient(e)
+            ) from None
         self._sections, self._lines = {}, {}
         stale_key = False
         if blob.startswith(_MAGIC):  # format 1: one encrypted JSON document
@@ -370,7 +411,9 @@ class StateStore:
         except FileNotFoundError:  # compacted away by a live daemon since it was listed
             return False
         except OSError as e:
-            raise StateError(f"{path}: cannot read state journal: {e}") from None
+            raise StateError(
+                f"{path}: cannot read state journal: {e}", transient=is_transient(e)
+            ) from None
         header = _JOURNAL_MAGIC + generation.to_bytes(8, "big")
         if not data.startswith(header):
             raise StateError(f"{path}: not a castghld state journal of generation {generation}")
