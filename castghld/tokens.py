@@ -729,7 +729,10 @@ class Installations:
                 raise TokenUnavailable(key, "uninstalled or replaced during refresh")
             return await self._durable(current["access_token"])
         assert current is not None
-        await self._store(section, key, {**current, **pair})
+        refreshed = {**current, **pair}
+        if current.get("status") == STATUS_UNINSTALLED:  # marked meanwhile: stays marked
+            refreshed["status"] = STATUS_UNINSTALLED
+        await self._store(section, key, refreshed)
         self.metrics.token_refreshes.labels("ok").inc()
         log.info("refreshed token %s=%s", "location" if section == INSTALLS else "company", key)
         return pair["access_token"]

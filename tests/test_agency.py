@@ -335,3 +335,37 @@ async def test_empty_installed_list_marks_nothing(bridge):
     report = await bridge.daemon.installations.reconcile()
     assert report["marked"] == [] and AGENCY in report["companies"]
     assert usable(bridge, "locA")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reconciliation_runs_every_reconcile_interval(bridge):
+    await bridge.start({"tokens": {"reconcile_interval": "1s"}})
+    await agency_callback(bridge, ["locA", "locB"])
+    await reconciled(bridge)
+    bridge.ghl.uninstall_app("locB")
+    await wait_for(lambda: stored_status(bridge, "locB") == "uninstalled", timeout=10)
+    assert usable(bridge, "locA")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_list_ghl_fails_to_give_marks_nothing(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA", "locB"])
+    await reconciled(bridge)
+    bridge.ghl.uninstall_app("locB")
+    bridge.ghl.fail_next("installed_locations", 500)
+    report = await bridge.daemon.installations.reconcile()
+    assert report["marked"] == [] and AGENCY in report["companies"]
+    assert usable(bridge, "locA", "locB")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_company_install_webhook_without_location_reconciles_the_company(bridge):
+    await bridge.start()
+    await agency_callback(bridge, ["locA"])
+    await reconciled(bridge)
+    bridge.ghl.add_company_location(AGENCY, "locN")  # installed for a new location
+    response = await post_app_webhook(bridge, app_event("INSTALL", company_id=AGENCY))
+    assert response.code == 200
+    await wait_for(lambda: usable(bridge, "locN"))
+    assert bridge.daemon.installations.get("locN")["source"] == "reconciled"
