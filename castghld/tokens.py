@@ -712,7 +712,12 @@ class Installations:
                 try:
                     return await self._remint(key, record)
                 except (GHLError, TokenUnavailable) as mint_error:
-                    log.warning("re-mint location=%s failed: %s", key, mint_error)
+                    log.warning(
+                        "re-mint location=%s failed: %s",
+                        key,
+                        mint_error,
+                        extra={"location_id": key, "outcome": "remint_failed"},
+                    )
             await self._refresh_failed(section, key, record, e)
             raise TokenUnavailable(key, f"refresh failed: {e.message}", e.retryable) from None
         current = self.state.get(section, key)
@@ -734,7 +739,12 @@ class Installations:
             refreshed["status"] = STATUS_UNINSTALLED
         await self._store(section, key, refreshed)
         self.metrics.token_refreshes.labels("ok").inc()
-        log.info("refreshed token %s=%s", "location" if section == INSTALLS else "company", key)
+        log.info(
+            "refreshed token %s=%s",
+            "location" if section == INSTALLS else "company",
+            key,
+            extra={"location_id": key, "outcome": "refreshed"},
+        )
         return pair["access_token"]
 
     def _can_remint(self, record: dict[str, Any]) -> bool:
@@ -766,7 +776,12 @@ class Installations:
         if error.status in (400, 401) and "not active" in text:
             outcome = STATUS_INACTIVE
             if current.get("status") != STATUS_INACTIVE:
-                log.warning("%s=%s is not active at GHL; keeping its tokens, will retry", what, key)
+                log.warning(
+                    "%s=%s is not active at GHL; keeping its tokens, will retry",
+                    what,
+                    key,
+                    extra={"location_id": key, "outcome": STATUS_INACTIVE, "reason": "not active"},
+                )
             await self._store(section, key, {**current, "status": STATUS_INACTIVE})
         elif _is_invalid_grant(error):
             outcome = STATUS_NEEDS_REAUTH
@@ -783,7 +798,13 @@ class Installations:
             await self._store(section, key, {**current, "status": STATUS_NEEDS_REAUTH})
         else:
             outcome = "error"
-            log.warning("refresh %s=%s failed (will retry): %s", what, key, error)
+            log.warning(
+                "refresh %s=%s failed (will retry): %s",
+                what,
+                key,
+                error,
+                extra={"location_id": key, "outcome": "refresh_failed", "reason": error.message},
+            )
         self.metrics.token_refreshes.labels(outcome).inc()
 
     def _due(self, now: float) -> list[tuple[float, str, str]]:
