@@ -41,6 +41,13 @@ def usable(bridge, *location_ids: str) -> bool:
     return all((installations.get(lid) or {}).get("status") == "ok" for lid in location_ids)
 
 
+async def agency_installed(bridge, approved: list[str], extra: dict | None = None) -> None:
+    """Start the daemon, install an agency approving `approved`, let its reconciliation end."""
+    await bridge.start(extra)
+    await agency_callback(bridge, approved)
+    await reconciled(bridge)
+
+
 async def reconciled(bridge) -> None:
     """Wait until no reconciliation runs in the background."""
     installations = bridge.daemon.installations
@@ -114,9 +121,7 @@ async def test_failed_mint_is_completed_by_the_next_reconciliation(bridge):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_location_uninstalled_while_down_is_not_texted_after_reconciliation(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA", "locB"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA", "locB"])
     await bridge.stop()
     bridge.ghl.uninstall_app("locB")  # the UNINSTALL webhook went nowhere
     await bridge.start()  # a reconciliation runs at startup
@@ -137,9 +142,7 @@ def stored_status(bridge, location_id: str) -> str | None:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_invalid_grant_on_a_minted_location_re_mints_and_the_sms_is_sent(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA"])
     bridge.ghl.revoke("locA")  # its refresh token now gets invalid_grant
     bridge.ghl.expire_access_tokens("locA")  # and its access token 401
     response = await bridge.post_message(locationId="locA", messageId="m-remint")
@@ -190,9 +193,7 @@ async def test_uninstall_without_timestamp_or_webhook_id_deletes_nothing(bridge)
 
 @pytest.mark.gen_test
 async def test_install_older_than_the_last_uninstall_is_ignored(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA"])
     assert (await post_app_webhook(bridge, app_event("UNINSTALL", "locA", AGENCY))).code == 200
     mints = len(bridge.ghl.calls_to("POST", "/oauth/locationToken"))
     old = app_event("INSTALL", "locA", AGENCY, timestamp=iso_timestamp(seconds_ago=120))
@@ -259,9 +260,7 @@ async def test_token_calls_carry_no_version_header(bridge):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_reconcile_command_mints_and_marks_and_prints_it(bridge, config_dir, capsys):
-    await bridge.start()
-    await agency_callback(bridge, ["locA", "locB"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA", "locB"])
     await bridge.stop()
     bridge.ghl.uninstall_app("locB")
     bridge.ghl.add_company_location(AGENCY, "locC")
@@ -328,9 +327,7 @@ async def test_undated_uninstall_retried_after_restart_and_reinstall_keeps_the_t
 
 @pytest.mark.gen_test(timeout=30)
 async def test_empty_installed_list_marks_nothing(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA"])
     bridge.ghl.uninstall_app("locA")  # GHL now lists nothing (as for a wrong ghl.app_id)
     report = await bridge.daemon.installations.reconcile()
     assert report["marked"] == [] and AGENCY in report["companies"]
@@ -339,9 +336,7 @@ async def test_empty_installed_list_marks_nothing(bridge):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_reconciliation_runs_every_reconcile_interval(bridge):
-    await bridge.start({"tokens": {"reconcile_interval": "1s"}})
-    await agency_callback(bridge, ["locA", "locB"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA", "locB"], {"tokens": {"reconcile_interval": "1s"}})
     bridge.ghl.uninstall_app("locB")
     await wait_for(lambda: stored_status(bridge, "locB") == "uninstalled", timeout=10)
     assert usable(bridge, "locA")
@@ -349,9 +344,7 @@ async def test_reconciliation_runs_every_reconcile_interval(bridge):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_list_ghl_fails_to_give_marks_nothing(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA", "locB"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA", "locB"])
     bridge.ghl.uninstall_app("locB")
     bridge.ghl.fail_next("installed_locations", 500)
     report = await bridge.daemon.installations.reconcile()
@@ -361,9 +354,7 @@ async def test_a_list_ghl_fails_to_give_marks_nothing(bridge):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_company_install_webhook_without_location_reconciles_the_company(bridge):
-    await bridge.start()
-    await agency_callback(bridge, ["locA"])
-    await reconciled(bridge)
+    await agency_installed(bridge, ["locA"])
     bridge.ghl.add_company_location(AGENCY, "locN")  # installed for a new location
     response = await post_app_webhook(bridge, app_event("INSTALL", company_id=AGENCY))
     assert response.code == 200
