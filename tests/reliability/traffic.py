@@ -136,17 +136,17 @@ class Clients:
     async def _work(self) -> None:
         while True:
             kind, item_id = await self.queue.get()
-            try:
+            try:  # put back before task_done: `join` must not see an empty queue meanwhile
                 code = await self._post(kind, item_id)
+                self.answers[code] += 1
+                if 200 <= code < 300:
+                    self.acked.add(item_id)
+                    self.first_ack.setdefault(item_id, time.monotonic())
+                else:
+                    await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                    self.queue.put_nowait((kind, item_id))
             finally:
                 self.queue.task_done()
-            self.answers[code] += 1
-            if 200 <= code < 300:
-                self.acked.add(item_id)
-                self.first_ack.setdefault(item_id, time.monotonic())
-            else:
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
-                self.queue.put_nowait((kind, item_id))
 
     async def _post(self, kind: str, item_id: str) -> int:
         try:
