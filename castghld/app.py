@@ -5,6 +5,8 @@ Guarantees:
   keys, state file); a problem there is a `StartupError` with one line per problem, not a crash.
 - `/healthz` answers 503 until every component has started and again from the moment shutdown
   begins, so a proxy or systemd stops sending traffic first.
+- SIGHUP reloads the config, its secret files and the webhook keys (`Daemon.reload`); a bad
+  new config is rejected with its reasons and the running one kept.
 - Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish within
   `server.shutdown_timeout`, stop components (they persist what they hold), flush the state file,
   exit 0. `READY=1` / `STOPPING=1` go to systemd when `$NOTIFY_SOCKET` is set.
@@ -31,16 +33,18 @@ import tornado.web
 
 from castghld import __version__, sdnotify
 from castghld.cast import CastClient
-from castghld.config import Config
+from castghld.config import Config, ConfigError, load_config
 from castghld.ghl import GHLClient
 from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
-from castghld.inbound import InboundDelivery
+from castghld.inbound import InboundDelivery, inbound_routes
 from castghld.inflight import InFlight
+from castghld.log import setup_logging
 from castghld.metrics import Metrics
 from castghld.oauth import CodeExchangeLimits
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
+from castghld.reload import config_changes, effective_config, needs_restart
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
 from castghld.state import KeyRing, StateError, StateStore, is_transient, lock_directory
 from castghld.tokens import Installations
@@ -281,6 +285,63 @@ class Daemon:
         log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
         sdnotify.notify("READY=1")
 
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file, its secret files and the webhook public keys.
+
+        All or nothing: a new config with any problem is rejected (each problem logged) and the
+        running one stays. Otherwise every component holding the running config object sees the
+        new one from its next use on (no restart of loops or workers; a send in progress finishes
+        with what it started with). Keys in `reload.RESTART_KEYS` keep their running value and are
+        logged as waiting for a restart. Returns whether the new config was taken.
+        """
+        running = self.config
+        try:
+            loaded = load_config(running.path)
+            extra_keys = load_public_keys(loaded.ghl.webhook_public_keys)
+        except ConfigError as e:
+            self.metrics.reloads.labels("rejected").inc()
+            for problem in e.problems:
+                log.error("reload rejected, running config kept: %s", problem)
+            return False
+        except KeyFileError as e:
+            self.metrics.reloads.labels("rejected").inc()
+            log.error(
+                "reload rejected, running config kept: %s: ghl.webhook_public_keys: %s",
+                running.path,
+                e,
+            )
+            return False
+        changes = config_changes(running, loaded)
+        new = effective_config(running, loaded)
+        for holder in self._config_holders():
+            if getattr(holder, "config", None) is running:
+                holder.config = new
+        self.verifier = SignatureVerifier(
+            extra_keys, accept_legacy=new.ghl.accept_legacy_rsa, metrics=self.metrics
+        )
+        self.inbound.routes = inbound_routes(new)
+        if new.logging != running.logging:
+            setup_logging(new.logging.level, new.logging.format)
+        self.metrics.reloads.labels("applied").inc()
+        for change in changes:
+            if needs_restart(change):
+                log.warning("reload: %s (takes effect at the next restart)", change.describe())
+            else:
+                log.info("reload: %s", change.describe())
+        log.info(
+            "config reloaded from %s: %d change(s)%s",
+            running.path,
+            len(changes),
+            "" if changes else " (secret files and webhook keys re-read)",
+        )
+        return True
+
+    def _config_holders(self) -> list[Any]:
+        """Every object of this daemon that may keep a reference to the config."""
+        holders: list[Any] = [self, *vars(self).values(), *self.components]
+        holders += list(self.outbox.pipelines.values())
+        return holders
+
     def request_stop(self) -> None:
         self._stop_requested.set()
 
@@ -336,6 +397,9 @@ async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
+    # Without a handler SIGHUP (logrotate, `kill -HUP` habit) would end the process with no
+    # drain, and systemd counts that death as clean: Restart=on-failure would not bring it back.
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.start()
     except StartupError:

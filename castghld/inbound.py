@@ -102,6 +102,15 @@ def received_at(value: str | None) -> str:
     return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def inbound_routes(config: Config) -> dict[str, str]:
+    """Our numbers (`cast.locations.*.inbound_numbers`, normalised) -> the location they serve."""
+    routes: dict[str, str] = {}
+    for location_id, override in config.cast.locations.items():
+        for number in override.inbound_numbers:
+            routes[route_key(number)] = location_id
+    return routes
+
+
 class InboundDelivery:
     def __init__(
         self, config: Config, ghl: GHLClient, installations: Installations, metrics: Metrics
@@ -110,10 +119,7 @@ class InboundDelivery:
         self.ghl = ghl
         self.installations = installations
         self.metrics = metrics
-        self.routes: dict[str, str] = {}
-        for location_id, override in config.cast.locations.items():
-            for number in override.inbound_numbers:
-                self.routes[route_key(number)] = location_id
+        self.routes = inbound_routes(config)
         self.contacts: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.stopping = False
         self.posts = InFlight()  # GHL inbound posts whose answer is not in yet

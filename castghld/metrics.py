@@ -52,6 +52,9 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.reloads = Counter(
+            "castghld_config_reloads", "SIGHUP config reloads by outcome", ["outcome"], registry=r
+        )
         self.state_write_seconds = Histogram(
             "castghld_state_write_seconds", "Encrypt+fsync+rename of the state file", registry=r
         )
