@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -48,32 +49,110 @@ def scrub(text: str) -> str:
     return _KV_RE.sub(r"\1[secret]", text)
 
 
-class _ScrubbingFormatter(logging.Formatter):
+# Context a log call may pass as `extra={...}`; the JSON format emits each as a field of its own so
+# `jq 'select(.location_id == "...")'` works. Values are scrubbed and phone numbers redacted like
+# the message; a key outside this list is not emitted (an accidental `extra={"token": ...}` stays
+# out of the log).
+FIELDS = (
+    "message_id",
+    "location_id",
+    "company_id",
+    "cast_id",
+    "kind",
+    "outcome",
+    "reason",
+    "status",
+    "error_code",
+    "attempt",
+    "ms",
+)
+# syslog priorities of sd-daemon(3) prefixes: journald files "<3>..." at priority err.
+PRIORITIES = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return redact_numbers(scrub(str(value)))
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
+
+
+def journal_priority(level: int) -> int:
+    """The syslog priority of a logging level (levels between two named ones round up)."""
+    for named in sorted(PRIORITIES):
+        if level <= named:
+            return PRIORITIES[named]
+    return PRIORITIES[logging.CRITICAL]
+
+
+class _TextFormatter(logging.Formatter):
+    """`LEVEL logger: message`; under journald with a `<N>` priority prefix and no timestamp (the
+    journal has its own), elsewhere with a UTC timestamp."""
+
+    def __init__(self, journal: bool):
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.journal = journal
+
     def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
+        text = scrub(super().format(record))
+        if self.journal:
+            prefix = f"<{journal_priority(record.levelno)}>"
+            return prefix + text.replace("\n", "\n" + prefix)
+        return f"{_timestamp(record)} {text}"
 
 
 class _JSONFormatter(logging.Formatter):
+    def __init__(self, journal: bool):
+        super().__init__()
+        self.journal = journal
+
     def format(self, record: logging.LogRecord) -> str:
         event = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                event[name] = _clean(value)
         if record.exc_info:
             event["exc"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(event, ensure_ascii=False)
+        line = json.dumps(event, ensure_ascii=False)
+        return f"<{journal_priority(record.levelno)}>{line}" if self.journal else line
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald: `$JOURNAL_STREAM` ("DEV:INODE", set by systemd)
+    names the stream and stderr is still that stream (not redirected by a wrapper)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger once: stderr, scrubbed, text or JSON lines."""
+    """Configure the root logger (again, on reload): stderr, scrubbed, text or JSON lines, with
+    journald priority prefixes when stderr is the journal."""
+    journal = stderr_is_journal()
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(_ScrubbingFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_JSONFormatter(journal) if fmt == "json" else _TextFormatter(journal))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
