@@ -176,6 +176,7 @@ class Daemon:
         self._stopped = False
         self._lag_probe: asyncio.Task | None = None
         self.port = 0
+        self.route_of: dict[type, str] = {}  # handler class -> route pattern (make_app)
         problems = []
         try:
             self.keyring = KeyRing.load(config.state.key_file)
@@ -232,6 +233,9 @@ class Daemon:
         handlers += app_webhook.default_handlers
         handlers += messages.default_handlers
         handlers += inbound.default_handlers
+        # The metric label of a request: its route pattern (bounded), never the requested path.
+        self.route_of = {cls: pattern for pattern, cls in handlers}
+        self.route_of[NotFoundHandler] = "unknown"
         return tornado.web.Application(
             [(pattern, cls, {"daemon": self}) for pattern, cls in handlers],
             default_handler_class=NotFoundHandler,

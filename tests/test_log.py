@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+
+import pytest
+from prometheus_client import generate_latest
+from tornado.httpclient import AsyncHTTPClient
 
 SCRIPT = """
 import logging, sys
@@ -85,3 +90,33 @@ def test_json_under_journald_is_prefixed(tmp_path):
     lines = run_logging(tmp_path, "json", journal=True)
     assert lines[3].startswith("<3>{")
     assert json.loads(lines[3][3:])["level"] == "error"
+
+
+@pytest.fixture
+def daemon(daemons):
+    return daemons.start()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_refused_webhook_logs_why_and_counts_the_request(daemon, caplog):
+    body = b'{"type": "SMS", "phone": "+639171234567"}'
+    with caplog.at_level(logging.INFO, logger="castghld.access"):
+        response = await AsyncHTTPClient().fetch(
+            daemon.url + "/api/ghl/v1/webhook/messages",
+            method="POST",
+            body=body,
+            headers={"X-GHL-Signature": "bm90IGEgc2lnbmF0dXJl"},
+            raise_error=False,
+        )
+    assert response.code == 401
+    line = next(r for r in caplog.records if r.name == "castghld.access")
+    message = line.getMessage()
+    assert "401 POST /api/ghl/v1/webhook/messages" in message
+    assert "error=invalid_signature: X-GHL-Signature does not verify" in message
+    assert "639171234567" not in caplog.text
+    assert line.status == 401 and line.reason.startswith("invalid_signature")
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert (
+        'castghld_http_requests_total{route="/api/ghl/v1/webhook/messages",status="401"} 1.0'
+        in text
+    )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from castghld.log import scrub
+from castghld.log import redact_numbers, scrub
 
 if TYPE_CHECKING:
     from castghld.app import Daemon
@@ -174,6 +174,7 @@ class APIHandler(tornado.web.RequestHandler):
                 message = "error"
             if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
                 message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.error_answer = (code, message)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps({"error": code, "message": message}))
 
@@ -199,16 +200,27 @@ class NotFoundHandler(APIHandler):
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log line without query values that may carry secrets (OAuth codes, state)."""
+    """Access log line without query values that may carry secrets (OAuth codes, state); an error
+    answer's code and message ride along, so the log says why a request was refused (not only
+    `401`). Counts the request in `castghld_http_requests_total{route,status}`."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
+    ms = 1000.0 * request.request_time()
+    daemon = getattr(handler, "daemon", None)
+    if daemon is not None:
+        route = daemon.route_of.get(type(handler), "other")
+        daemon.metrics.http_requests.labels(route, str(status)).inc()
+    error = getattr(handler, "error_answer", None)
+    reason = redact_numbers(f"{error[0]}: {error[1]}") if error else None
     access_log.log(
         level,
-        "%d %s %s remote=%s ms=%.1f",
+        "%d %s %s remote=%s ms=%.1f%s",
         status,
         request.method,
         scrub(request.uri or ""),
         request.remote_ip,
-        1000.0 * request.request_time(),
+        ms,
+        f" error={reason}" if reason else "",
+        extra={"status": status, "ms": round(ms, 1), "reason": reason},
     )
