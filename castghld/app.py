@@ -32,6 +32,7 @@ import tornado.netutil
 import tornado.web
 
 from castghld import __version__, sdnotify
+from castghld.accept import accept_connections
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
 from castghld.ghl import GHLClient
@@ -159,6 +160,22 @@ class Delivery:
         await self.outbox.stop()
 
 
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server with an accept loop that survives running out of descriptors
+    (`castghld.accept`)."""
+
+    def initialize(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        self.metrics = metrics
+        super().initialize(*args, **kwargs)
+
+    def add_sockets(self, sockets: Sequence[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = accept_connections(
+                sock, self._handle_connection, self.metrics
+            )
+
+
 class Daemon:
     """Everything one castghld process holds; tests run it in-process on loopback."""
 
@@ -266,8 +283,9 @@ class Daemon:
                 await component.start()
         except (StateError, OSError) as e:
             raise StartupError([str(e)], is_transient(e)) from None
-        self._server = tornado.httpserver.HTTPServer(
+        self._server = HTTPServer(
             self.make_app(),
+            metrics=self.metrics,
             xheaders=self.config.server.xheaders,
             # The handlers answer 413 themselves for bodies over 1 MiB; this only stops a client
             # from streaming an unbounded body at us.

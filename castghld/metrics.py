@@ -37,6 +37,11 @@ class Metrics:
             "Unreadable outbox journal records moved to outbox.quarantine at this start",
             registry=r,
         )
+        self.accept_paused = Counter(
+            "castghld_accept_paused",
+            "Times accepting connections paused: out of file descriptors (EMFILE) or memory",
+            registry=r,
+        )
         self.sends = Counter(
             "castghld_cast_sends", "Cast send attempts by outcome", ["outcome"], registry=r
         )
