@@ -360,3 +360,13 @@ async def test_company_install_webhook_without_location_reconciles_the_company(b
     assert response.code == 200
     await wait_for(lambda: usable(bridge, "locN"))
     assert bridge.daemon.installations.get("locN")["source"] == "reconciled"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_installed_locations_reads_every_page(bridge):
+    await bridge.start()
+    answer = bridge.ghl.issue_company_tokens(AGENCY, [f"loc{n:03d}" for n in range(250)])
+    listed = await bridge.daemon.ghl.installed_locations(answer["access_token"], AGENCY)
+    assert listed == [f"loc{n:03d}" for n in range(250)]
+    pages = bridge.ghl.calls_to("GET", "/oauth/installedLocations")
+    assert [c.query["skip"] for c in pages] == ["0", "100", "200"]
