@@ -111,6 +111,7 @@ class CastClient:
         self.config = config
         self.base = config.cast.api_base.rstrip("/")
         self.metrics = metrics
+        self._upstream_seconds = metrics.upstream_seconds.labels("cast")
         self.send_limiters = LimiterMap(config.cast.messages_per_second, WINDOW)
         self.ip_limiter = SlidingWindowLimiter(config.cast.requests_per_second, WINDOW)
         # Status polls never take more than half of the per-IP budget: sends keep the rest.
@@ -188,7 +189,7 @@ class CastClient:
         except (OSError, HTTPClientError) as e:
             raise CastError(599, "NO_ANSWER", f"no answer from Cast: {type(e).__name__}") from None
         finally:
-            self.metrics.upstream_seconds.labels("cast").observe(time.monotonic() - started)
+            self._upstream_seconds.observe(time.monotonic() - started)
         if response.code == 599:
             raise CastError(
                 599, "NO_ANSWER", f"no answer from Cast: {type(response.error).__name__}"

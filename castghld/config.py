@@ -123,7 +123,7 @@ class DeliveryConfig:
     status_polls: tuple[float, ...] = (5, 15, 30, 60, 120, 300, 600, 1800, 3600)
     allowed_regions: tuple[str, ...] = ("PH",)
     concurrency: int = 32
-    seen_retention: float = 7 * 86400.0
+    seen_retention: float = 30 * 86400.0
     inbound_max_age: float = 7 * 86400.0
 
 
@@ -479,7 +479,9 @@ def build_config(path: str, raw: Any) -> Config:
         status_polls=_status_polls(r, d),
         allowed_regions=_regions(r, d),
         concurrency=r.integer("delivery", d, "concurrency", 32, 1, 1024),
-        seen_retention=r.duration("delivery", d, "seen_retention", 7 * 86400.0, minimum=86400),
+        seen_retention=r.duration(
+            "delivery", d, "seen_retention", DeliveryConfig.seen_retention, minimum=86400
+        ),
         inbound_max_age=r.duration("delivery", d, "inbound_max_age", 7 * 86400.0, minimum=1),
     )
 
