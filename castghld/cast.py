@@ -111,6 +111,7 @@ class CastClient:
         self.config = config
         self.base = config.cast.api_base.rstrip("/")
         self.metrics = metrics
+        self.created = time.monotonic()
         self._upstream_seconds = metrics.upstream_seconds.labels("cast")
         self.send_limiters = LimiterMap(config.cast.messages_per_second, WINDOW)
         self.ip_limiter = SlidingWindowLimiter(config.cast.requests_per_second, WINDOW)
@@ -126,6 +127,14 @@ class CastClient:
         self.stopping = False
         # Sends whose answer we may not have yet: shutdown waits for them (bounded).
         self.sends = InFlight()
+
+    def quiet_start(self) -> None:
+        """Hold every Cast request until one pacing window after this client was made.
+
+        Called on a restart: the process before this one may have spent the last window's budget
+        (per account and per IP) just before it died, and its requests still count at Cast.
+        """
+        self.ip_limiter.pause_until(self.created + WINDOW)
 
     def begin_stop(self) -> None:
         """No new send starts from now on (those already sent still get their answer)."""

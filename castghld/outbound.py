@@ -180,6 +180,11 @@ class OutboundDelivery:
 
     # -- the Scheduler protocol ----------------------------------------------------------------
 
+    def start(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        if outbox.restarted:
+            self.cast.quiet_start()
+
     def dispatch(self, outbox: Outbox, rid: str) -> None:
         if self.stopping or rid in self._held:
             return

@@ -64,6 +64,9 @@ Pipeline = Callable[["Outbox", str], Awaitable[None]]
 class Scheduler(Protocol):
     """Serves a kind of record as data: queued by `dispatch`, worked on by its own workers."""
 
+    def start(self, outbox: Outbox) -> None:
+        """Called once by `Outbox.start`, before the unfinished records are dispatched."""
+
     def dispatch(self, outbox: Outbox, rid: str) -> None:
         """Take `rid` (a live record) into the queues unless already held; never blocks."""
 
@@ -397,6 +400,7 @@ class Outbox:
         self._entries_since_compaction = 0
         self._compaction: asyncio.Task | None = None
         self.stopping = False
+        self.restarted = False  # the journal had entries: an earlier process ran on this state
         metrics.before_scrape.append(self.update_metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -404,6 +408,7 @@ class Outbox:
     def load(self) -> None:
         """Replay the journal (synchronous, read-only: at startup, before serving)."""
         entries = self.journal.load()
+        self.restarted = bool(entries)
         for entry in entries:
             op, rid = entry.get("op"), entry.get("id")
             if op == "put":
@@ -426,6 +431,8 @@ class Outbox:
                 f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}",
                 transient=is_transient(e),
             ) from None
+        for scheduler in self._schedulers():
+            scheduler.start(self)
         for rid in list(self.records):
             self._dispatch(rid)
         if self.records:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from castghld.cast import PROVIDER_ERROR_RETRIES, CastAccount
+from castghld.cast import PROVIDER_ERROR_RETRIES, WINDOW, CastAccount
 from castghld.fakes import wait_for
 from castghld.outbound import POLL_WORKERS, REPORT_WORKERS, SENDERS_PER_ACCOUNT
 
@@ -560,3 +560,25 @@ async def test_a_busy_account_does_not_hold_up_another_accounts_message(bridge):
     [b1] = [s for s in bridge.cast.sent if s["idempotency_key"] == "b1"]
     assert b1["time"] - accepted < 1.0
     assert len(bridge.cast.sent) < 41
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_restart_waits_one_pacing_window_before_its_first_send(bridge):
+    # The process before may have used the last second's Cast budget just before it died.
+    await ready(bridge)
+    await bridge.stop()
+    record = {
+        "kind": "outbound",
+        "stage": "new",
+        "message_id": "m1",
+        "location_id": "loc1",
+        "type": "SMS",
+        "phone": "+639171234567",
+        "message": "Your code is 1234",
+        "attachments": [],
+        "received_at": time.time(),
+    }
+    await write_outbox_record(bridge, "out:m1", record)
+    daemon = await bridge.start()
+    await wait_for(lambda: bridge.cast.sent)
+    assert bridge.cast.sent[0]["time"] - daemon.cast.created >= WINDOW
