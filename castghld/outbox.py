@@ -202,7 +202,8 @@ class Journal:
         """Open for appending (creating it 0600), first cutting away a torn last line and
         moving the lines `load` could not read to the quarantine file."""
         if self.unreadable:
-            self._quarantine()
+            self._quarantine()  # replaces the journal, then opens the new one
+            return
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
         self._fd = fd
@@ -231,26 +232,17 @@ class Journal:
         # The torn last line goes too, as `load` skipped it.
         bad.add(self._torn_line)
         kept = [line for n, line in enumerate(lines, 1) if line and n not in bad]
+        self.unreadable = []
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-outbox-", dir=directory)  # 0600 from birth
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"".join(line + b"\n" for line in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        fsync_dir(directory)
+        os.close(fd)
+        self._install_sync(tmp, b"".join(line + b"\n" for line in kept))
         log.error(
             "outbox: moved %d unreadable record(s) from %s to %s",
             len(moved),
             self.path,
             self.quarantine_path,
         )
-        self.unreadable = []
-        self._valid_size = None
 
     def _encode(self, entry: Record) -> bytes:
         plaintext = json.dumps(entry, separators=(",", ":")).encode("utf-8")
