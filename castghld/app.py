@@ -200,6 +200,7 @@ class Daemon:
         except StateError as e:
             raise StartupError([str(e)], e.transient) from None
         self.state = StateStore(config.state.dir, self.keyring)
+        self.state.on_write = self.metrics.state_write_seconds.observe
         state_transient = False
         try:
             self.state.load()
@@ -238,6 +239,20 @@ class Daemon:
             raise StartupError([str(e)], is_transient(e)) from None
         self.metrics.outbox_quarantined.set(len(self.outbox.journal.unreadable))
         self.components.append(Delivery(self.outbox, self.cast, self.inbound))
+        self.metrics.before_scrape.append(self._update_backlog_age)
+
+    def _update_backlog_age(self) -> None:
+        """castghld_outbox_oldest_age_seconds{kind}: how long the oldest unfinished message of
+        each kind has waited since we accepted it (a backlog that only grows shows here first)."""
+        now = time.time()
+        oldest: dict[str, float] = {"outbound": now, "inbound": now}
+        for record in self.outbox.records.values():
+            since = record.get("accepted_at") or record.get("received_at")
+            if isinstance(since, int | float):
+                kind = record.get("kind", "outbound")
+                oldest[kind] = min(oldest.get(kind, now), since)
+        for kind, since in oldest.items():
+            self.metrics.oldest_waiting.labels(kind).set(max(0.0, now - since))
 
     @property
     def url(self) -> str:

@@ -112,7 +112,6 @@ class CastClient:
         self.base = config.cast.api_base.rstrip("/")
         self.metrics = metrics
         self.created = time.monotonic()
-        self._upstream_seconds = metrics.upstream_seconds.labels("cast")
         self.send_limiters = LimiterMap(config.cast.messages_per_second, WINDOW)
         self.ip_limiter = SlidingWindowLimiter(config.cast.requests_per_second, WINDOW)
         # Status polls never take more than half of the per-IP budget: sends keep the rest.
@@ -196,9 +195,9 @@ class CastClient:
         try:
             response = await fetch
         except (OSError, HTTPClientError) as e:
+            self.metrics.upstream_answer("cast", started, None)
             raise CastError(599, "NO_ANSWER", f"no answer from Cast: {type(e).__name__}") from None
-        finally:
-            self._upstream_seconds.observe(time.monotonic() - started)
+        self.metrics.upstream_answer("cast", started, response)
         if response.code == 599:
             raise CastError(
                 599, "NO_ANSWER", f"no answer from Cast: {type(response.error).__name__}"

@@ -131,9 +131,9 @@ class GHLClient:
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except (OSError, HTTPClientError) as e:
+            self.metrics.upstream_answer("ghl", started, None)
             raise GHLError(599, f"no answer from GHL: {type(e).__name__}") from None
-        finally:
-            self.metrics.upstream_seconds.labels("ghl").observe(time.monotonic() - started)
+        self.metrics.upstream_answer("ghl", started, response)
         if limiter is not None:
             self._note_rate_limit(limiter, response)
         return self._decode(response, method, path)

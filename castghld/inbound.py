@@ -142,7 +142,7 @@ class InboundDelivery:
         )
 
     async def _expire(self, outbox: Outbox, rid: str, context: str, why: str) -> None:
-        self.metrics.inbound.labels("expired").inc()
+        self.metrics.inbound.labels("delivery", "expired").inc()
         log.error(
             "%s: %s for longer than delivery.inbound_max_age (%.0fh); dropped",
             context,
@@ -160,7 +160,7 @@ class InboundDelivery:
         if location_id is None:
             if self._expired(record):
                 return await self._expire(outbox, rid, context, "no location claimed it")
-            self.metrics.inbound.labels("unrouted").inc()
+            self.metrics.inbound.labels("delivery", "unrouted").inc()
             log.warning(
                 "%s: no location claims this number (set cast.locations.<id>.inbound_numbers); "
                 "kept in the outbox and routed again on the next install or start",
@@ -170,7 +170,7 @@ class InboundDelivery:
         context += f" location={location_id}"
         phone = normalize_any(record["from"])
         if phone is None:
-            self.metrics.inbound.labels("invalid_number").inc()
+            self.metrics.inbound.labels("delivery", "invalid_number").inc()
             log.error("%s: the sender is not a valid phone number; dropped", context)
             await outbox.finish(rid)
             return
@@ -184,13 +184,13 @@ class InboundDelivery:
             if self._expired(record):
                 return await self._expire(outbox, rid, context, "its location was not installed")
             # Not installed (any more), or needs reauthorisation: keep it for a (re)install.
-            self.metrics.inbound.labels("no_token").inc()
+            self.metrics.inbound.labels("attempt", "no_token").inc()
             log.warning("%s: kept in the outbox until the location is installed: %s", context, e)
             return
         except GHLError as e:
             if e.retryable:
                 return self._give_up_for_now(context, f"GHL {e.status} {e.message}")
-            self.metrics.inbound.labels("failed").inc()
+            self.metrics.inbound.labels("delivery", "failed").inc()
             log.error(
                 "%s: GHL refused the message (%d %s); dropped",
                 context,
@@ -202,7 +202,7 @@ class InboundDelivery:
             return
         # The duplicate window of the module docstring starts here: no await before the append.
         await outbox.finish(rid)
-        self.metrics.inbound.labels("delivered").inc()
+        self.metrics.inbound.labels("delivery", "delivered").inc()
         log.info(
             "%s: delivered to GHL",
             context,
@@ -211,7 +211,7 @@ class InboundDelivery:
 
     def _give_up_for_now(self, context: str, why: str) -> None:
         """Retried for delivery.inbound_max_age without success: kept, tried again at a start."""
-        self.metrics.inbound.labels("stuck").inc()
+        self.metrics.inbound.labels("delivery", "stuck").inc()
         log.error(
             "%s: GHL has not taken this reply for delivery.inbound_max_age (%.0fh), last: %s; "
             "kept in the outbox (castghld outbox) and tried again at the next start",
@@ -258,7 +258,7 @@ class InboundDelivery:
                 answer.get("messageId") or answer.get("success") is True
             ):
                 return None
-            self.metrics.inbound.labels("failed").inc()
+            self.metrics.inbound.labels("attempt", "dropped_by_ghl").inc()
             cause = (
                 "is ghl.conversation_provider_id the app's Custom conversation provider?"
                 if self.config.ghl.conversation_provider_id

@@ -6,9 +6,28 @@ number or a message body.
 
 from __future__ import annotations
 
+import json
+import platform
+import re
+import time
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from tornado.httpclient import HTTPResponse
+
+from castghld import __version__
+
+# A Cast error_code as a label value: upper-case word, bounded (Cast's documented codes are).
+_ERROR_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{1,39}")
 
 
 class Metrics:
@@ -16,6 +35,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         # Gauges derived from state are computed when scraped, not on every change.
         self.before_scrape: list[Callable[[], None]] = []
+        self._upstream_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         r = self.registry
         self.http_requests = Counter(
             "castghld_http_requests", "HTTP requests answered", ["route", "status"], registry=r
@@ -48,18 +68,71 @@ class Metrics:
         self.statuses = Counter(
             "castghld_ghl_status_reports", "Statuses reported to GHL", ["status"], registry=r
         )
+        # One message counts once per stage: "received" (the Cast webhook), "attempt" (a try that
+        # did not finish it), "delivery" (its final outcome).
         self.inbound = Counter(
-            "castghld_inbound_messages", "Inbound messages by outcome", ["outcome"], registry=r
+            "castghld_inbound_messages",
+            "Inbound messages by stage and outcome",
+            ["stage", "outcome"],
+            registry=r,
         )
         self.upstream_seconds = Histogram(
             "castghld_upstream_request_seconds",
-            "Latency of requests to GHL and Cast",
-            ["upstream"],
+            "Latency of requests to GHL and Cast by status class (2xx..5xx, no_answer)",
+            ["upstream", "outcome"],
             registry=r,
         )
+        self.upstream_requests = Counter(
+            "castghld_upstream_requests",
+            "Requests to GHL and Cast by outcome: status class, or Cast's error_code",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.oldest_waiting = Gauge(
+            "castghld_outbox_oldest_age_seconds",
+            "Age of the oldest unfinished message in the outbox (0 when none)",
+            ["kind"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "castghld_build_info", "castghld version and Python", ["version", "python"], registry=r
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        # Process metrics (CPU, memory, open fds, start time) as process_* and python_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.reloads = Counter(
             "castghld_config_reloads", "SIGHUP config reloads by outcome", ["outcome"], registry=r
         )
         self.state_write_seconds = Histogram(
             "castghld_state_write_seconds", "Encrypt+fsync+rename of the state file", registry=r
         )
+
+    def upstream_answer(self, upstream: str, started: float, response: HTTPResponse | None) -> None:
+        """Count one request to `upstream` ("ghl" or "cast") begun at monotonic `started`;
+        `response` None (or code 599) when no answer came. Cast's refusals are counted by their
+        `error_code` (INVALID_API_KEY, INSUFFICIENT_CREDITS, ...) so alerts can name them."""
+        code = response.code if response is not None else 599
+        status_class = "no_answer" if code == 599 else f"{code // 100}xx"
+        outcome = status_class
+        if upstream == "cast" and code >= 400 and code != 599 and response is not None:
+            outcome = _cast_error_code(response.body) or status_class
+        # Children cached: this runs for every upstream request (a backlog drains at 10/s/account).
+        children = self._upstream_children.get((upstream, outcome))
+        if children is None:
+            children = (
+                self.upstream_seconds.labels(upstream, status_class),
+                self.upstream_requests.labels(upstream, outcome),
+            )
+            self._upstream_children[(upstream, outcome)] = children
+        children[0].observe(time.monotonic() - started)
+        children[1].inc()
+
+
+def _cast_error_code(body: bytes | None) -> str | None:
+    try:
+        code = json.loads(body or b"").get("error_code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else None

@@ -283,6 +283,7 @@ class StateStore:
         self.directory = directory
         self.path = os.path.join(directory, STATE_FILENAME)
         self.keyring = keyring
+        self.on_write: Callable[[float], None] | None = None  # seconds of each durable write
         self._sections: dict[str, dict[str, Any]] = {}
         self._lines: dict[tuple[str, str], str] = {}  # each record's JSON line, as on disk
         self._changed: dict[tuple[str, str], None] = {}  # records changed since the last write
@@ -536,6 +537,8 @@ class StateStore:
                 self._changed.setdefault(record)
             raise
         self.last_write_seconds = time.monotonic() - started
+        if self.on_write is not None:
+            self.on_write(self.last_write_seconds)
         self.write_count += 1
         self._durable_version = max(self._durable_version, version)
         if self._compaction_due():

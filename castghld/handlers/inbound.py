@@ -45,7 +45,7 @@ class InboundHandler(APIHandler):
             and hmac.compare_digest(token.strip().encode(), expected.encode())
         )
         if not ok:
-            self.daemon.metrics.inbound.labels("unauthorized").inc()
+            self.daemon.metrics.inbound.labels("received", "unauthorized").inc()
             raise APIError(401, "unauthorized", "missing or wrong Authorization: Bearer secret")
 
     async def post(self) -> None:
@@ -59,7 +59,7 @@ class InboundHandler(APIHandler):
             raise APIError(
                 503, "store_failed", f"cannot store the message ({e.strerror}); retry later"
             ) from None
-        self.daemon.metrics.inbound.labels("accepted" if added else "duplicate").inc()
+        self.daemon.metrics.inbound.labels("received", "accepted" if added else "duplicate").inc()
         self.write_json(200, {"status": "accepted" if added else "duplicate"})
 
 
