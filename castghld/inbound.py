@@ -258,7 +258,7 @@ class InboundDelivery:
                 answer.get("messageId") or answer.get("success") is True
             ):
                 return None
-            self.metrics.inbound.labels("attempt", "dropped_by_ghl").inc()
+            self.metrics.inbound.labels("attempt", "failed").inc()
             cause = (
                 "is ghl.conversation_provider_id the app's Custom conversation provider?"
                 if self.config.ghl.conversation_provider_id

@@ -66,8 +66,8 @@ def test_verifier_tries_the_key_that_verified_last_first(config_dir, fake_ghl):
 # -- §3 inbound: nothing GHL drops counts as delivered, nothing is dropped by us --------------
 
 
-def inbound_metric(bridge, outcome: str) -> float:
-    return bridge.daemon.metrics.inbound.labels(outcome)._value.get()
+def inbound_metric(bridge, outcome: str, stage: str = "delivery") -> float:
+    return bridge.daemon.metrics.inbound.labels(stage, outcome)._value.get()
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -93,7 +93,8 @@ async def test_inbound_2xx_with_empty_body_is_retried_and_counted_failed(bridge,
     await wait_for(lambda: len(bridge.ghl.inbound_messages) == 1, timeout=20)
     assert len(bridge.ghl.calls_to("POST", "/conversations/messages/inbound")) == 2
     await wait_for(lambda: inbound_metric(bridge, "delivered") == 1)
-    assert inbound_metric(bridge, "failed") == 1
+    assert inbound_metric(bridge, "failed", stage="attempt") == 1
+    assert inbound_metric(bridge, "failed") == 0
     (warning,) = [r for r in caplog.records if "without messageId" in r.getMessage()]
     assert "CASTIN1" in warning.getMessage()
     assert "conversation_provider_id" in warning.getMessage()
