@@ -36,3 +36,29 @@ async def test_add_refused_with_oserror_during_a_compaction_is_not_sent_after_re
     again = make_outbox(tmp_path, keys)
     # Refused, yet replayed and dispatched (texted) at the next start:
     assert sorted(again.records) == ["out:1"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_mint_in_flight_when_the_location_is_uninstalled_installs_nothing(bridge):
+    """tokens.py: "A refresh or mint in flight while the location is uninstalled ... never
+    overwrites the newer pair", and "an INSTALL dated before the location's last UNINSTALL is
+    ignored". A mint for a location with no pair yet (INSTALL webhook) compares generations
+    None == None, so its answer, arriving after the UNINSTALL was stored, installs the location
+    that GHL has just uninstalled (it is texted for until a reconciliation marks it)."""
+    from test_agency import AGENCY, agency_installed
+    from test_oauth import app_event, iso_timestamp, post_app_webhook
+
+    from castghld.fakes import wait_for
+
+    await agency_installed(bridge, ["locA"])
+    bridge.ghl.add_company_location(AGENCY, "locB")
+    bridge.ghl.hang("location_token")
+    install = app_event("INSTALL", "locB", AGENCY, timestamp=iso_timestamp(seconds_ago=5))
+    installing = asyncio.ensure_future(post_app_webhook(bridge, install))
+    await wait_for(lambda: bridge.ghl.hung("location_token") == 1)
+    uninstall = app_event("UNINSTALL", "locB", AGENCY)  # dated now: after the INSTALL
+    assert (await post_app_webhook(bridge, uninstall)).code == 200
+    assert bridge.daemon.state.get("uninstalls", "locB") is not None  # the tombstone is stored
+    bridge.ghl.release("location_token")
+    assert (await installing).code == 200
+    assert bridge.daemon.installations.get("locB") is None
