@@ -62,3 +62,28 @@ async def test_mint_in_flight_when_the_location_is_uninstalled_installs_nothing(
     bridge.ghl.release("location_token")
     assert (await installing).code == 200
     assert bridge.daemon.installations.get("locB") is None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_code_exchange_answered_during_a_stop_is_stored_not_lost(bridge, config_dir):
+    """tokens.py: a pair GHL hands us is stored; at shutdown token requests in flight get
+    REFRESH_STOP_WAIT "to store their answer". Refreshes and mints are waited for, a code
+    exchange (the OAuth callback, `install_from_code`) is not: it only gets the request drain
+    (server.shutdown_timeout - 7 s, here 1 s). Its answer then meets a closed state store: GHL
+    has spent the code, the pair is lost and the install must be redone."""
+    from test_oauth import callback, stored_on_disk
+
+    from castghld.fakes import wait_for
+
+    await bridge.start({"server": {"shutdown_timeout": 1}})
+    bridge.ghl.add_auth_code("code-slow", location_id="locS")
+    bridge.ghl.hang("token")
+    calling = asyncio.ensure_future(callback(bridge, code="code-slow"))
+    await wait_for(lambda: bridge.ghl.hung("token") == 1)
+    stopping = asyncio.ensure_future(bridge.stop())
+    await asyncio.sleep(2.0)  # past the request drain; refreshes would still be waited for
+    bridge.ghl.release("token")  # GHL answers: the code is spent now
+    await stopping
+    await asyncio.gather(calling, return_exceptions=True)  # cut by the stop, or a 500
+    await asyncio.sleep(0.2)
+    assert stored_on_disk(config_dir, "installs", "locS") is not None
