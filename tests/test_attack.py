@@ -87,3 +87,32 @@ async def test_code_exchange_answered_during_a_stop_is_stored_not_lost(bridge, c
     await asyncio.gather(calling, return_exceptions=True)  # cut by the stop, or a 500
     await asyncio.sleep(0.2)
     assert stored_on_disk(config_dir, "installs", "locS") is not None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_location_installed_while_the_installed_list_is_fetched_is_not_marked(bridge):
+    """tokens.py `_reconcile_company` marks ``uninstalled`` every location of the company missing
+    from a list fetched *before* it looks at the installs, without regard to when they were
+    installed. A location installed while the list request is out (a bulk install: the agency
+    callback's reconciliation runs while INSTALL webhooks and callbacks keep arriving) is marked
+    from that stale list: its outbound SMS are answered "ignored" (not sent, never reported) until
+    the next reconciliation, up to tokens.reconcile_interval (1 h) later."""
+    from test_agency import AGENCY, agency_installed
+
+    from castghld.fakes import wait_for
+
+    await agency_installed(bridge, ["locA"])
+    installations = bridge.daemon.installations
+    bridge.ghl.hang("installed_locations")
+    reconciling = asyncio.ensure_future(installations.reconcile())
+    await wait_for(lambda: bridge.ghl.hung("installed_locations") == 1)
+    await bridge.install("locN", company_id=AGENCY)  # installed after the list was asked for
+    assert installations.get("locN") is not None
+    # GHL answers with the list as it was when the request reached it: locA only. (The fake
+    # builds its answer on release, so locN is taken out for the answer and put back after.)
+    bridge.ghl._company_locations[AGENCY].discard("locN")
+    bridge.ghl.release("installed_locations")
+    await wait_for(lambda: bridge.ghl.hung("installed_locations") == 0)
+    bridge.ghl.add_company_location(AGENCY, "locN")
+    await reconciling
+    assert installations.get("locN") is not None, installations.state.get("installs", "locN")
