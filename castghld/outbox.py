@@ -609,7 +609,14 @@ class Outbox:
         thread from those (records are immutable, see `note`)."""
         self._prune_seen()
         seen = self.seen.entries()
-        records = list(self.records.items())
+        # A record whose `put` is still queued is not durable yet: its entry lands after the
+        # snapshot (in the copied tail) if it is written, and nowhere if the write fails.
+        adding = self._adding
+        records = [
+            (rid, record)
+            for rid, record in self.records.items()
+            if rid not in adding or (adding[rid].done() and adding[rid].exception() is None)
+        ]
 
         def entries() -> Iterator[Record]:
             yield from seen
