@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 
 import pytest
 from test_outbox import keyring, make_outbox, record
@@ -116,3 +117,24 @@ async def test_location_installed_while_the_installed_list_is_fetched_is_not_mar
     bridge.ghl.add_company_location(AGENCY, "locN")
     await reconciling
     assert installations.get("locN") is not None, installations.state.get("installs", "locN")
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_snapshot_left_by_a_crash_mid_compaction_is_removed_at_start(tmp_path):
+    """outbox.py/state.py write a compaction to ``.tmp-outbox-*`` / ``.tmp-*`` (mkstemp) and rename
+    it; a kill -9 before the rename leaves the file (a whole encrypted snapshot: every live
+    message and seen id) and nothing ever removes it. Each crash inside a compaction adds one, so
+    a crash loop fills the state directory's disk, and then every webhook is refused 503."""
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    await outbox.add("out:1", record(1))
+    await outbox.stop()
+    # What a kill -9 inside Journal._write_snapshot_sync leaves behind (mkstemp's name and mode).
+    fd, leftover = tempfile.mkstemp(prefix=".tmp-outbox-", dir=tmp_path)
+    os.write(fd, (tmp_path / JOURNAL_FILENAME).read_bytes() * 100)
+    os.close(fd)
+    again = make_outbox(tmp_path, keys)
+    await again.start()
+    await again.stop()
+    assert not os.path.exists(leftover)
