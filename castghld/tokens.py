@@ -95,6 +95,13 @@ REFRESH_STOP_WAIT = 12.0
 EXPIRY_SLACK = 120.0  # a token expiring sooner than this is refreshed before use
 
 
+class Uninstalled(TokenUnavailable):
+    """The location (or its company) was uninstalled while its token request was in flight."""
+
+
+MAX_EXPIRES_IN = 90 * 86400.0  # far beyond GHL's ~1 day: anything longer is a bad answer
+
+
 def _pair_from_answer(answer: dict[str, Any], now: float) -> dict[str, Any]:
     try:
         access, refresh = answer["access_token"], answer["refresh_token"]
@@ -103,6 +110,9 @@ def _pair_from_answer(answer: dict[str, Any], now: float) -> dict[str, Any]:
         raise GHLError(502, "GHL's token answer lacks access_token/refresh_token") from None
     if not isinstance(access, str) or not isinstance(refresh, str) or not access or not refresh:
         raise GHLError(502, "GHL's token answer has empty tokens")
+    if not 0 < expires_in <= MAX_EXPIRES_IN:  # NaN, inf, negative: never refreshed, or always
+        log.warning("GHL's token answer has expires_in=%r; taking %d s", expires_in, 86399)
+        expires_in = 86399.0
     return {
         "access_token": access,
         "refresh_token": refresh,
@@ -137,6 +147,7 @@ class Installations:
         self.ghl = ghl
         self.metrics = metrics
         self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
+        self._exchanges: set[asyncio.Task] = set()  # OAuth code exchanges (install_from_code)
         self._sweep_task: asyncio.Task | None = None
         self._reconcile_loop_task: asyncio.Task | None = None
         self._reconcile_task: asyncio.Task | None = None
@@ -243,6 +254,16 @@ class Installations:
     # -- install ------------------------------------------------------------------------------
 
     async def install_from_code(self, code: str) -> dict[str, Any]:
+        """`_install_from_code` as a task of its own that a stop waits for like a refresh: once
+        the code is sent, GHL may have spent it, so its answer must be stored."""
+        if self._stopping_since is not None:
+            raise TokenUnavailable("-", "castghld is stopping", retryable=True)
+        task = asyncio.ensure_future(self._install_from_code(code))
+        self._exchanges.add(task)
+        task.add_done_callback(self._exchanges.discard)
+        return await asyncio.shield(task)
+
+    async def _install_from_code(self, code: str) -> dict[str, Any]:
         """Exchange an OAuth code; store the pair(s) durably. Returns what was installed:
         ``{"locations": [...], "company_id": ..., "failed": {location_id: reason}}`` (a failed
         mint is kept as a pending install and retried by the reconciliation that follows).
@@ -304,8 +325,12 @@ class Installations:
                 try:
                     await self.mint_location(company_id, location_id, source)
                     minted.append(location_id)
+                except Uninstalled as e:
+                    failed[location_id] = str(e)  # nothing to keep pending: GHL uninstalled it
                 except (GHLError, TokenUnavailable) as e:
                     failed[location_id] = str(e)
+                    if self.state.get(COMPANIES, company_id) is None:
+                        continue  # the company was uninstalled meanwhile: nothing to complete
                     log.error(
                         "minting token failed company=%s location=%s: %s; kept, retried by the "
                         "next reconciliation",
@@ -342,9 +367,16 @@ class Installations:
     async def _mint_now(
         self, company_id: str, location_id: str, base: dict[str, Any] | None, source: str
     ) -> str:
+        tombstone = self.state.get(UNINSTALLS, location_id)
         answer = await self._mint_request(company_id, location_id)
         now = time.time()
         pair = _pair_from_answer(answer, now)
+        if self.state.get(UNINSTALLS, location_id) != tombstone or (
+            self.state.get(COMPANIES, company_id) is None
+        ):
+            # An UNINSTALL (of the location or its company) was stored while we minted: GHL's
+            # answer predates it, and installing now would undo it.
+            raise Uninstalled(location_id, "uninstalled while minting")
         current = self.state.get(INSTALLS, location_id)
         if not _same_generation(current, base):
             log.info(
@@ -547,6 +579,7 @@ class Installations:
             if company.get("status") == STATUS_NEEDS_REAUTH:
                 report["companies"][company_id] = "agency token needs reauthorisation"
                 continue
+            asked_at = time.time()
             try:
                 listed = await self._installed_locations(company_id)
             except (GHLError, TokenUnavailable) as e:
@@ -558,7 +591,7 @@ class Installations:
                     extra={"company_id": company_id, "outcome": "failed", "reason": str(e)},
                 )
                 continue
-            await self._reconcile_company(company_id, listed, report)
+            await self._reconcile_company(company_id, listed, asked_at, report)
         await self._expire_pending()
         if report["minted"] or report["marked"] or report["failed"]:
             log.info(
@@ -580,8 +613,11 @@ class Installations:
             return await self.ghl.installed_locations(token, company_id)
 
     async def _reconcile_company(
-        self, company_id: str, listed: list[str], report: dict[str, Any]
+        self, company_id: str, listed: list[str], asked_at: float, report: dict[str, Any]
     ) -> None:
+        """Mint what `listed` (GHL's answer to a request made at `asked_at`) has and we lack;
+        mark what we hold and it lacks, unless it was installed after the request was made (the
+        list may predate it)."""
         listed_set = set(listed)
         ours = [
             lid
@@ -604,6 +640,8 @@ class Installations:
         marked = []
         for location_id, record in self.state.items(INSTALLS):
             if record.get("company_id") != company_id or location_id in listed_set:
+                continue
+            if record.get("installed_at", 0.0) >= asked_at:
                 continue
             if record.get("status") != STATUS_UNINSTALLED:
                 self.state.put(INSTALLS, location_id, {**record, "status": STATUS_UNINSTALLED})
@@ -875,11 +913,19 @@ class Installations:
                     await task
                 except asyncio.CancelledError:
                     pass
-        # Let refreshes whose answers may be on the way finish storing them.
-        if self._in_flight:
+        # Let refreshes and code exchanges whose answers may be on the way finish storing them.
+        waiting = [*self._in_flight.values(), *self._exchanges]
+        if waiting:
             assert self._stopping_since is not None
             wait = self._stopping_since + REFRESH_STOP_WAIT - time.monotonic()
-            await asyncio.wait(list(self._in_flight.values()), timeout=max(0.1, wait))
+            await asyncio.wait(waiting, timeout=max(0.1, wait))
+        for task in list(self._exchanges):
+            task.cancel()
+            log.error(
+                "stopping: no answer yet to an OAuth code exchange; if GHL spent the code, the "
+                "location must install again",
+                extra={"outcome": "abandoned", "reason": "shutdown"},
+            )
         # The state store closes after this: an answer arriving later could not be stored.
         for (section, key), task in list(self._in_flight.items()):
             task.cancel()

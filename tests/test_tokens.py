@@ -431,3 +431,15 @@ async def test_refresh_without_answer_at_shutdown_is_abandoned_not_stored_after_
     messages = [r.getMessage() for r in caplog.records]
     assert any("no answer yet to the token request for location=loc1" in m for m in messages)
     assert not any("after shutdown" in m or "Traceback" in m for m in messages)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("lifetime", [-5, 0, float("inf"), float("nan"), 10**12])
+async def test_token_answer_with_unusable_expires_in_gets_a_day(bridge, lifetime):
+    """A pair whose expires_in is negative, zero, infinite, NaN or absurd would be refreshed on
+    every use or never ahead of time: it is taken as GHL's usual ~1 day."""
+    await bridge.start()
+    bridge.ghl.token_lifetime = lifetime
+    await bridge.install("loc1")
+    expires_in = bridge.daemon.installations.get("loc1")["expires_at"] - time.time()
+    assert 86000 < expires_in < 86400
