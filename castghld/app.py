@@ -47,7 +47,14 @@ from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
 from castghld.reload import config_changes, effective_config, needs_restart
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
-from castghld.state import KeyRing, StateError, StateStore, is_transient, lock_directory
+from castghld.state import (
+    KeyRing,
+    StateError,
+    StateStore,
+    is_transient,
+    lock_directory,
+    remove_leftover_temp_files,
+)
 from castghld.tokens import Installations
 
 log = logging.getLogger("castghld")
@@ -284,6 +291,7 @@ class Daemon:
             self._lock_fd = lock_directory(self.config.state.dir)
         except StateError as e:
             raise StartupError([str(e)], e.transient) from None
+        remove_leftover_temp_files(self.config.state.dir)
         if sockets is None:
             server = self.config.server
             try:

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from castghld.metrics import Metrics
 from castghld.seen import SeenIds
-from castghld.state import KeyRing, StateError, fsync_dir, is_transient
+from castghld.state import TEMP_PREFIX, KeyRing, StateError, fsync_dir, is_transient
 
 log = logging.getLogger("castghld.outbox")
 
@@ -234,7 +234,7 @@ class Journal:
         kept = [line for n, line in enumerate(lines, 1) if line and n not in bad]
         self.unreadable = []
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-outbox-", dir=directory)  # 0600 from birth
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + "outbox-", dir=directory)  # 0600 from birth
         os.close(fd)
         self._install_sync(tmp, b"".join(line + b"\n" for line in kept))
         log.error(
@@ -334,7 +334,7 @@ class Journal:
 
     def _write_snapshot_sync(self, entries: Iterable[Record]) -> tuple[str, int]:
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-outbox-", dir=directory)  # 0600 from birth
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + "outbox-", dir=directory)  # 0600 from birth
         count = 0
         try:
             with os.fdopen(fd, "wb") as f:

@@ -212,7 +212,7 @@ def atomic_write(path: str, data: bytes | Callable[[Any], None]) -> None:
     `data` may be a callable that writes to the open binary file, for large payloads.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)  # mkstemp creates it 0600
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)  # mkstemp creates it 0600
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -232,6 +232,26 @@ def atomic_write(path: str, data: bytes | Callable[[Any], None]) -> None:
 
 
 LOCK_FILENAME = "lock"
+TEMP_PREFIX = ".tmp-"  # atomic_write's and the outbox compaction's files before their rename
+
+
+def remove_leftover_temp_files(directory: str) -> int:
+    """Delete the temporary files a crash left before their rename (each may be a whole snapshot,
+    so a crash loop would fill the disk); call it only while holding the directory's lock, when
+    no write of ours is under way. Returns how many were removed."""
+    removed = 0
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) left in %s by an interrupted write", removed, directory
+        )
+    return removed
 
 
 def lock_directory(directory: str) -> int:
