@@ -1,5 +1,5 @@
 """Races and crash points of the outbox, the state store and the token lifecycle, found by an
-adversarial review. Each test states the guarantee (from a module docstring) it once showed broken."""
+adversarial review. Each test names the guarantee (a module docstring's) it once showed broken."""
 
 from __future__ import annotations
 
