@@ -103,18 +103,19 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
-def configure_http_client() -> str:
+def configure_http_client(request_timeout: float = REQUEST_TIMEOUT) -> str:
     """Choose the AsyncHTTPClient implementation once per process; returns its name.
 
     `AsyncHTTPClient` is a per-loop singleton configured globally: configuring it after the first
     instance exists has no effect on that instance, so this runs before any client is made.
+    `request_timeout` (`delivery.request_timeout`) bounds every upstream request.
     """
     global _http_client_configured
     # Tornado turns on libcurl's verbose trace when this logger is at DEBUG, and that trace holds
     # every request header and body: bearer tokens, refresh tokens, the client secret, the Cast
     # API key. Debug logging of castghld must never switch it on.
     logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
-    defaults = {"connect_timeout": CONNECT_TIMEOUT, "request_timeout": REQUEST_TIMEOUT}
+    defaults = {"connect_timeout": CONNECT_TIMEOUT, "request_timeout": request_timeout}
     try:
         import pycurl  # noqa: F401
 
@@ -437,7 +438,7 @@ class Daemon:
 
 async def run(config: Config) -> int:
     """`castghld serve`: run until SIGTERM/SIGINT, then stop gracefully; the exit code."""
-    configure_http_client()
+    configure_http_client(config.delivery.request_timeout)
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

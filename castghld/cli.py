@@ -254,7 +254,7 @@ def reconcile(config: Config) -> int:
             )
             return 1
         try:
-            configure_http_client()
+            configure_http_client(config.delivery.request_timeout)
             report = asyncio.run(daemon.installations.reconcile())
         except OSError as e:
             print(f"castghld: cannot save the state file: {e.strerror or e}", file=sys.stderr)

@@ -125,6 +125,7 @@ class DeliveryConfig:
     concurrency: int = 32
     seen_retention: float = 30 * 86400.0
     inbound_max_age: float = 7 * 86400.0
+    request_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -483,6 +484,15 @@ def build_config(path: str, raw: Any) -> Config:
             "delivery", d, "seen_retention", DeliveryConfig.seen_retention, minimum=86400
         ),
         inbound_max_age=r.duration("delivery", d, "inbound_max_age", 7 * 86400.0, minimum=1),
+        request_timeout=r.duration(
+            "delivery",
+            d,
+            "request_timeout",
+            10.0,
+            minimum=0.5,
+            maximum=10.0,
+            why=" (a token refresh in flight at shutdown is awaited a little longer than this)",
+        ),
     )
 
     lg = r.section("logging", top.get("logging"), _fields(LoggingConfig))

@@ -20,6 +20,14 @@ They hold the daemon to SPEC §4 and §5, not to what the daemon happens to send
   spent by the next request to its route that passed the contract and authentication checks, and
   changes no state (no token consumed, no idempotency key stored). Status 599 drops the
   connection without an answer.
+- Random faults (`fault_mix`, a `FaultMix` per route) come from a seeded ``random.Random``: error
+  statuses (599: a reset connection), 429 bursts with ``Retry-After``, and slow answers that take
+  effect but arrive after the client's timeout. They are drawn where scripted failures are (after
+  the contract and authentication checks, before any state change), never recorded as
+  violations, and counted in ``faults`` by (route, kind).
+- Fake Cast can cache a transient error under the idempotency key (`FakeCast.error_cache_seconds`):
+  a 5xx answered to a send is replayed to that key for that long, as an idempotency layer that
+  stores every answer does; nothing was sent meanwhile.
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 
@@ -32,6 +40,7 @@ import functools
 import inspect
 import json
 import math
+import random
 import re
 import secrets
 import time
@@ -116,6 +125,31 @@ class _Reject(Exception):
     def __init__(self, answer: Answer):
         super().__init__(answer.status)
         self.answer = answer
+
+
+@dataclass
+class FaultMix:
+    """Random faults of one route, drawn per request from `rng` (seed it: a failing run replays).
+
+    `statuses`: probability of answering each status instead (599 resets the connection);
+    `slow`: probability of answering `slow_seconds` late (the request takes effect, the client may
+    have given up); `burst`: probability that a 429 burst starts, during which every request to the
+    route gets 429 with ``Retry-After: retry_after`` for `burst_seconds`.
+    """
+
+    rng: random.Random
+    statuses: dict[int, float] = field(default_factory=dict)
+    slow: float = 0.0
+    slow_seconds: float = 0.0
+    burst: float = 0.0
+    burst_seconds: float = 1.0
+    retry_after: str = "1"
+    burst_until: float = 0.0
+
+    def __post_init__(self) -> None:
+        total = sum(self.statuses.values()) + self.burst
+        if total > 1 or self.slow > 1 or min([self.slow, self.burst, *self.statuses.values()]) < 0:
+            raise ValueError("fault probabilities must be in [0, 1] and sum to at most 1")
 
 
 @dataclass
@@ -213,6 +247,11 @@ class _FakeServer:
         self._failures: defaultdict[str, deque[_Failure]] = defaultdict(deque)
         self._hangs: dict[str, asyncio.Event] = {}
         self._hung: Counter[str] = Counter()
+        self._mixes: dict[str, FaultMix] = {}
+        self.faults: Counter[tuple[str, str]] = Counter()
+        self.late: list[
+            Call
+        ] = []  # requests answered late by a fault mix (in effect, answer lost?)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -259,6 +298,15 @@ class _FakeServer:
             body = self._error_body(status, f"scripted failure {status}")
         self._failures[route].append(_Failure(Answer(status, body, dict(headers or {})), times))
 
+    def fault_mix(self, route: str, mix: FaultMix | None) -> None:
+        """Inject `mix`'s random faults into `route` from now on (None: stop)."""
+        if route not in {name for _, _, name, _ in self.routes}:
+            raise ValueError(f"unknown route {route!r}")
+        if mix is None:
+            self._mixes.pop(route, None)
+        else:
+            self._mixes[route] = mix
+
     def hang(self, route: str) -> None:
         """Hold requests to `route` (logged in `calls`) until `release(route)` or `stop()`."""
         self._hangs.setdefault(route, asyncio.Event())
@@ -293,7 +341,17 @@ class _FakeServer:
                 await self._pause(self.latency)
             route, action, params = self._route(call)
             await self._hold(route)
-            return action(call, **params)
+            mix = self._mixes.get(route)
+            late = mix is not None and mix.slow > 0 and mix.rng.random() < mix.slow
+            try:
+                answer = action(call, **params)
+            except _Reject as e:
+                answer = e.answer
+            if late:
+                self.faults[(route, "slow")] += 1
+                self.late.append(call)
+                await self._pause(mix.slow_seconds)
+            return answer
         except _Reject as e:
             return e.answer
         finally:
@@ -345,6 +403,7 @@ class _FakeServer:
     def _take_failure(self, route: str) -> None:
         queue = self._failures[route]
         if not queue:
+            self._take_fault(route)
             return
         failure = queue[0]
         failure.times -= 1
@@ -352,6 +411,31 @@ class _FakeServer:
             queue.popleft()
         answer = failure.answer
         raise _Reject(Answer(answer.status, copy.deepcopy(answer.body), dict(answer.headers)))
+
+    def _take_fault(self, route: str) -> None:
+        mix = self._mixes.get(route)
+        if mix is None:
+            return
+        now = time.monotonic()
+        status, headers = None, {}
+        if now < mix.burst_until:
+            status, headers = 429, {"Retry-After": mix.retry_after}
+        else:
+            draw = mix.rng.random()
+            for candidate, probability in mix.statuses.items():
+                if draw < probability:
+                    status = candidate
+                    break
+                draw -= probability
+            else:
+                if draw < mix.burst:
+                    mix.burst_until = now + mix.burst_seconds
+                    status, headers = 429, {"Retry-After": mix.retry_after}
+        if status is None:
+            return
+        self.faults[(route, str(status))] += 1
+        body = self._error_body(status, f"injected fault {status}")
+        raise _Reject(Answer(status, body, headers))
 
 
 # -- GHL ---------------------------------------------------------------------------------------
@@ -914,6 +998,9 @@ class FakeCast(_FakeServer):
         self.delivery_delay = delivery_delay
         self.sent: list[dict[str, Any]] = []
         self.replays = 0
+        self.error_cache_seconds = 0.0
+        self.cached_error_replays = 0
+        self._cached_errors: dict[tuple[str, str], tuple[Answer, float]] = {}
         self.status_polls: Counter[str] = Counter()
         self._answers: dict[tuple[str, str], tuple[dict[str, Any], Answer]] = {}
         self._by_id: dict[str, dict[str, Any]] = {}
@@ -973,7 +1060,7 @@ class FakeCast(_FakeServer):
         if not key:
             error = _cast_error(400, "X-Idempotency-Key is required", "INVALID_REQUEST")
             self._violate(call, 400, "no X-Idempotency-Key header", error)
-        self._take_failure("send")
+        self._take_send_failure(account, key)
         first = self._answers.get((account, key))
         if first is not None:
             return self._replay(call, body, *first)
@@ -981,6 +1068,23 @@ class FakeCast(_FakeServer):
         answer = self._deliver(account, key, body)
         self._answers[(account, key)] = (body, answer)
         return answer
+
+    def _take_send_failure(self, account: str, key: str) -> None:
+        """A scripted or random failure; with `error_cache_seconds`, a 5xx is kept for the key."""
+        now = time.monotonic()
+        cached = self._cached_errors.get((account, key))
+        if cached is not None and cached[1] > now:
+            self.cached_error_replays += 1
+            answer = cached[0]
+            raise _Reject(Answer(answer.status, copy.deepcopy(answer.body), dict(answer.headers)))
+        try:
+            self._take_failure("send")
+        except _Reject as e:
+            status = e.answer.status
+            fresh_key = (account, key) not in self._answers
+            if self.error_cache_seconds > 0 and 500 <= status < DROP_CONNECTION and fresh_key:
+                self._cached_errors[(account, key)] = (e.answer, now + self.error_cache_seconds)
+            raise
 
     def _send_body(self, call: Call) -> dict[str, Any]:
         body = call.json

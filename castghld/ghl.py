@@ -6,8 +6,9 @@ Guarantees:
 - Calls for one location are paced under GHL's 100 requests / 10 s (`GHL_RATE_LIMIT`), and a 429
   (or `X-RateLimit-Remaining: 0`) pauses every caller of that location until GHL's window passes.
 - `call()` retries 429, 5xx, timeouts and connection errors with exponential backoff and full
-  jitter, never sooner than `Retry-After`, and never past its deadline. A 401 triggers exactly one
-  token refresh and one retry. Anything else is raised as `GHLError` for the caller to map.
+  jitter, never sooner than `Retry-After`, and never past its deadline. A 401 triggers one token
+  refresh (itself retried within the deadline when it fails transiently) and one retry with the
+  new token. Anything else is raised as `GHLError` for the caller to map.
 - Tokens, codes and client secrets never appear in a raised error or a log line.
 """
 
@@ -299,9 +300,11 @@ class GHLClient:
                 except GHLError as e:
                     if e.status != 401 or refreshed:
                         raise
-                    refreshed = True
                     log.info("GHL 401 location=%s %s; refreshing token once", location_id, context)
                     await tokens.refresh_after_401(location_id, token)
+                    # Only a refresh that succeeded counts: after a transient refresh failure
+                    # the next 401 (same old token) must refresh again, not end the call.
+                    refreshed = True
                     continue
             except GHLError as e:
                 if not (e.retryable or (retry_if is not None and retry_if(e))):

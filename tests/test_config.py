@@ -111,6 +111,14 @@ def test_send_deadline_beyond_cast_replay_window_is_refused(config_dir):
     ]
 
 
+def test_request_timeout_longer_than_the_shutdown_refresh_wait_is_refused(config_dir):
+    problems = problems_of(config_dir, {"delivery": {"request_timeout": "30s"}})
+    assert problems == [
+        f"{config_dir.config_path}: delivery.request_timeout: must be at most 10s (a token "
+        "refresh in flight at shutdown is awaited a little longer than this), got '30s'"
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [(30, 30), ("30", 30), ("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800), ("2.5s", 2.5)],

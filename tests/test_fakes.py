@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
-from castghld.fakes import FakeCast, FakeGHL, wait_for
+from castghld.fakes import FakeCast, FakeGHL, FaultMix, wait_for
 
 CAST_KEY = "cast_test_key"
 
@@ -150,6 +151,52 @@ async def test_sending_faster_than_the_account_limit_is_a_violation(cast):
     assert codes == [200, 200, 429]
     assert cast.max_sends_in_window() == 2
     assert cast.violations == ["POST /api/v1/sms/send: more than 2 sends in 1 s for acct"]
+
+
+@pytest.mark.gen_test
+async def test_fault_mix_error_is_counted_not_a_violation_and_sends_nothing(cast):
+    cast.fault_mix("send", FaultMix(random.Random(1), {503: 1.0}))
+    answer = await send(cast, "ghl-msg-1")
+    assert answer.code == 503
+    assert json.loads(answer.body)["error_code"] == "SERVICE_UNAVAILABLE"
+    assert (cast.sent, cast.violations, cast.faults) == ([], [], {("send", "503"): 1})
+    cast.fault_mix("send", None)
+    assert (await send(cast, "ghl-msg-1")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_fault_mix_429_burst_answers_every_request_with_retry_after(cast):
+    cast.fault_mix("send", FaultMix(random.Random(1), burst=1.0, burst_seconds=60, retry_after="3"))
+    answers = [await send(cast, f"m{i}") for i in range(3)]
+    assert [(a.code, a.headers["Retry-After"]) for a in answers] == [(429, "3")] * 3
+    assert cast.sent == [] and cast.violations == []
+
+
+@pytest.mark.gen_test
+async def test_fault_mix_slow_answer_takes_effect_and_arrives_late(cast):
+    cast.fault_mix("send", FaultMix(random.Random(1), slow=1.0, slow_seconds=0.3))
+    started = asyncio.get_running_loop().time()
+    assert (await send(cast, "ghl-msg-1")).code == 200
+    assert asyncio.get_running_loop().time() - started >= 0.3
+    assert len(cast.sent) == 1 and [c.path for c in cast.late] == ["/api/v1/sms/send"]
+
+
+def test_fault_mix_rejects_probabilities_over_one():
+    with pytest.raises(ValueError):
+        FaultMix(random.Random(1), {500: 0.7, 503: 0.7})
+
+
+@pytest.mark.gen_test
+async def test_cached_transient_error_replays_under_the_key_until_it_expires(cast):
+    cast.error_cache_seconds = 0.3
+    cast.fail_next("send", 500)
+    assert (await send(cast, "ghl-msg-1")).code == 500
+    assert (await send(cast, "ghl-msg-1")).code == 500  # the cached answer, nothing sent
+    assert (await send(cast, "ghl-msg-2")).code == 200  # another key is not affected
+    assert (cast.cached_error_replays, len(cast.sent)) == (1, 1)
+    await asyncio.sleep(0.3)  # the cache entry's lifetime, by definition
+    assert (await send(cast, "ghl-msg-1")).code == 200
+    assert len(cast.sent) == 2 and cast.violations == []
 
 
 @pytest.mark.gen_test
