@@ -92,6 +92,21 @@ async def wait_settled(serve: ServeProcess, message_ids, seed: int, timeout: flo
     assert not left, f"seed {seed}: {len(left)} without a final status {left}; log: {lines[-30:]}"
 
 
+async def wait_inbound(serve: ServeProcess, reply_ids, seed: int, timeout: float) -> None:
+    """Every reply reached GHL; else fail naming the missing ones and their log lines."""
+
+    def missing() -> set[str]:
+        return set(reply_ids) - {m["altId"] for m in serve.ghl.inbound_messages}
+
+    try:
+        await wait_for(lambda: not missing(), timeout=timeout, interval=0.1)
+    except AssertionError:
+        pass  # said below, with the missing replies and their log lines
+    left = sorted(missing())
+    lines = [line for line in serve.log().splitlines() if any(m in line for m in left)]
+    assert not left, f"seed {seed}: {len(left)} replies not in GHL {left}; log: {lines[-30:]}"
+
+
 @pytest.mark.gen_test(timeout=300)
 async def test_fault_mix_loses_nothing_duplicates_nothing_reports_right(
     config_dir, fake_ghl, fake_cast, soak
@@ -131,10 +146,7 @@ async def test_fault_mix_loses_nothing_duplicates_nothing_reports_right(
         await clients.join(timeout=120)
 
         await wait_settled(serve, workload.outbound, seed, timeout=150)
-        await wait_for(
-            lambda: set(workload.inbound) <= {m["altId"] for m in fake_ghl.inbound_messages},
-            timeout=150,
-        )
+        await wait_inbound(serve, workload.inbound, seed, timeout=150)
         await serve.metrics()
         assert await serve.terminate() == 0
     finally:
