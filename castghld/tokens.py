@@ -481,6 +481,11 @@ class Installations:
     ) -> list[str]:
         """Forget a location, or a company and every location installed through it, unless the
         pair is newer than the UNINSTALL (see the module docstring: ordering)."""
+        if event_at is not None:
+            # Nothing happened after we heard of it: a timestamp ahead of our clock (GHL's skew,
+            # or a bad value) must not make a tombstone that outlives TOMBSTONE_AGE or outranks
+            # the next reinstall.
+            event_at = min(event_at, time.time())
         if event_at is None and webhook_id:
             # Dated by its first delivery, remembered in the state file: a retry of it after a
             # restart and a reinstall is older than the reinstall, so it deletes nothing.
@@ -893,6 +898,11 @@ class Installations:
         while True:
             if self.state.count(COMPANIES) or self.state.count(PENDING):
                 self.request_reconcile()
+            else:  # direct installs only: no reconciliation, but old tombstones still expire
+                try:
+                    await self._expire_pending()
+                except OSError as e:
+                    log.warning("cannot expire old UNINSTALL records now: %s", e.strerror)
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 
     async def start(self) -> None:

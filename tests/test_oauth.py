@@ -444,3 +444,17 @@ async def test_other_app_webhook_types_are_ignored_with_200(bridge):
     assert json.loads(response.body)["status"] == "ignored"
     assert bridge.daemon.installations.get("loc1") is not None
     assert len(bridge.ghl.calls) == calls
+
+
+@pytest.mark.gen_test
+async def test_uninstall_dated_in_the_future_leaves_a_tombstone_dated_now(bridge):
+    """A timestamp ahead of our clock (skew or a bad value) is taken as the moment we heard of
+    the event: its tombstone expires like any other and outranks no later reinstall."""
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1", timestamp=iso_timestamp(seconds_ago=-30 * 86400))
+    before = time.time()
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    tombstone = bridge.daemon.state.get("uninstalls", "loc1")
+    assert before <= tombstone["at"] <= time.time()
