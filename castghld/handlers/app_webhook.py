@@ -82,27 +82,10 @@ class AppWebhookHandler(APIHandler):
             return await installations.on_install_webhook(location_id, company_id, event_at)
         return "ignored"
 
-    def unusable(self, why: str) -> None:
-        self.daemon.metrics.webhooks.labels("app", "unusable").inc()
-        log.warning(
-            "app webhook ignored: %s",
-            why,
-            extra={"outcome": "ignored", "reason": why},
-        )
-        self.write_json(200, {"status": "ignored", "reason": why})
-
     async def post(self) -> None:
-        self.verify_ghl_signature("app")
-        try:
-            event = self.json_body()
-        except APIError as e:
-            if e.status_code != 400:
-                raise
-            return self.unusable("body is not valid JSON")
-        except RecursionError:
-            return self.unusable("body is nested too deeply")
-        if not isinstance(event, dict):
-            return self.unusable("body is not a JSON object")
+        event = self.signed_json_object("app")
+        if event is None:
+            return
         app_id = _id(event.get("appId"))
         if "appId" in event and app_id != self.daemon.config.ghl.app_id:
             self.daemon.metrics.webhooks.labels("app", "foreign_app").inc()
@@ -123,9 +106,11 @@ class AppWebhookHandler(APIHandler):
         if kind in ("INSTALL", "UNINSTALL"):
             # A locationId we cannot read must not turn into a company-wide UNINSTALL.
             if event.get("locationId") not in (None, "") and not location_id:
-                return self.unusable(f"{kind} with an unusable locationId")
+                return self.ignore_unusable("app", f"{kind} with an unusable locationId")
             if not location_id and not company_id:
-                return self.unusable(f"{kind} without a usable locationId or companyId")
+                return self.ignore_unusable(
+                    "app", f"{kind} without a usable locationId or companyId"
+                )
         if webhook_id:
             # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
             seen[webhook_id] = time.time()

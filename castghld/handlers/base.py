@@ -158,6 +158,31 @@ class APIHandler(tornado.web.RequestHandler):
             )
         return scheme
 
+    def signed_json_object(self, kind: str) -> dict[str, Any] | None:
+        """The body of an authentic GHL webhook as a JSON object (401 if not authentic); None,
+        answered 200 "ignored", if it is not a JSON object: GHL retries every non-2xx and pauses
+        an endpoint that fails (SPEC §3), so an authentic body is never refused for its shape."""
+        self.verify_ghl_signature(kind)
+        try:
+            body = self.json_body()
+        except APIError as e:
+            if e.status_code != 400:
+                raise
+            self.ignore_unusable(kind, e.message)
+            return None
+        if not isinstance(body, dict):
+            self.ignore_unusable(kind, "body is not a JSON object")
+            return None
+        return body
+
+    def ignore_unusable(self, kind: str, why: str) -> None:
+        """Answer an authentic webhook we cannot use 200 "ignored", counted and logged."""
+        self.daemon.metrics.webhooks.labels(kind, "unusable").inc()
+        app_log.warning(
+            "%s webhook ignored: %s", kind, why, extra={"outcome": "ignored", "reason": why}
+        )
+        self.write_json(200, {"status": "ignored", "reason": why})
+
     def write_json(self, status: int, doc: Any) -> None:
         self.set_status(status)
         self.finish(json.dumps(doc))

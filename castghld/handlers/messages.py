@@ -89,32 +89,17 @@ def outbound_payload(body: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, s
 
 
 class OutboundMessageHandler(APIHandler):
-    def unusable(self, why: str) -> None:
-        self.daemon.metrics.webhooks.labels("messages", "unusable").inc()
-        log.warning(
-            "outbound webhook ignored: %s",
-            why,
-            extra={"outcome": "ignored", "reason": why},
-        )
-        self.write_json(200, {"status": "ignored", "reason": why})
-
     async def post(self) -> None:
-        self.verify_ghl_signature("messages")
-        try:
-            body = self.json_body()
-        except APIError as e:
-            if e.status_code != 400:
-                raise
-            return self.unusable(e.message)
-        if not isinstance(body, dict):
-            return self.unusable("body is not a JSON object")
+        body = self.signed_json_object("messages")
+        if body is None:
+            return
         message_id, location_id = (
             usable_id(body.get("messageId")),
             usable_id(body.get("locationId")),
         )
         if message_id is None or location_id is None:
             name = "messageId" if message_id is None else "locationId"
-            return self.unusable(f"{name} is missing or not a short ASCII id")
+            return self.ignore_unusable("messages", f"{name} is missing or not a short ASCII id")
         payload, refused = outbound_payload(
             {**body, "messageId": message_id, "locationId": location_id}
         )
