@@ -33,6 +33,7 @@ import tornado.web
 
 from castghld import __version__, sdnotify
 from castghld.accept import accept_connections
+from castghld.admin import AdminServer
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
 from castghld.ghl import GHLClient
@@ -202,6 +203,7 @@ class Daemon:
         self._lag_probe: asyncio.Task | None = None
         self.port = 0
         self.route_of: dict[type, str] = {}  # handler class -> route pattern (make_app)
+        self.admin = AdminServer(self)
         problems = []
         try:
             self.keyring = KeyRing.load(config.state.key_file)
@@ -319,6 +321,7 @@ class Daemon:
         )
         self._server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        self.admin.start()
         self.phase = "serving"
         if os.environ.get(LAG_PROBE_ENV) == "1":
             histogram = prometheus_client.Histogram(
@@ -404,6 +407,7 @@ class Daemon:
         if self._lag_probe is not None:
             self._lag_probe.cancel()
         log.info("stopping: no new connections; draining %d request(s)", self.requests.count)
+        await self.admin.stop()
         self.installations.begin_stop()
         budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)
         deadline = time.monotonic() + budget

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
 
 from castghld import __version__
 from castghld.config import Config, ConfigError, default_config_path, load_config
@@ -24,14 +27,7 @@ EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
 
 DESCRIPTION = """\
 castghld makes Cast (Philippine SMS API) the SMS provider of GoHighLevel sub-accounts.
-
-commands:
-  serve         run the daemon in the foreground (systemd Type=notify)
-  check-config  validate config, key file, webhook keys and state file; print a summary
-  gen-key PATH  write a new random state key to PATH (0600; refuses to overwrite)
-  installs      list installed locations: id, company, token expiry, status, source (never a token)
-  reconcile     ask GHL which locations have the app installed (agency installs); mint/mark them
-  install-url   print the URL that starts the OAuth install of the marketplace app
+Global options (--config) may also follow the command: castghld check-config --config PATH.
 """
 
 
@@ -49,20 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"castghld {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser(
+    # --config after the command as well (`castghld check-config --config X`); SUPPRESS keeps the
+    # subparser from resetting a value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    add_command(
         "serve",
         help="run the daemon in the foreground",
         description="Run the daemon in the foreground until SIGTERM/SIGINT. Logs go to stderr; "
         "READY=1/STOPPING=1 go to systemd when $NOTIFY_SOCKET is set.",
     )
-    sub.add_parser(
+    add_command(
         "check-config",
         help="validate config, key file, webhook keys and state file",
         description="Load and validate the config, the state key file, the extra webhook public "
         "keys and the state file (decrypting it), then print a summary without secrets. "
         "Exit 0 if the daemon could start with this config, 2 otherwise.",
     )
-    gen = sub.add_parser(
+    gen = add_command(
         "gen-key",
         help="write a new random state key to PATH",
         description="Write a new random AES-256 state key to PATH, created with mode 0600. "
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="succeed without writing when PATH already exists (for setup scripts)",
     )
-    sub.add_parser(
+    installs_parser = add_command(
         "installs",
         help="list installed locations",
         description="List installed locations: location id, company id, access token expiry, "
@@ -84,7 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
         "install; agency: minted with an agency token; reconciled: minted by a reconciliation; "
         "webhook: a pending INSTALL). Never prints a token.",
     )
-    sub.add_parser(
+    installs_parser.add_argument(
+        "--json", action="store_true", help="one JSON document (for scripts); never a token"
+    )
+    outbox = add_command(
+        "outbox",
+        help="list / show / retry / drop unfinished messages of the running daemon",
+        description="Inspect the outbox of the running daemon through its admin socket "
+        "(<state.dir>/admin.sock, 0600: run as root or the service user). list: id, kind, stage, "
+        "location, age. show ID: the record without its text or full number. retry ID: dispatch "
+        "a waiting message now. drop ID: forget it (nothing more is sent or reported for it).",
+    )
+    outbox.add_argument(
+        "action", nargs="?", default="list", choices=("list", "show", "retry", "drop")
+    )
+    outbox.add_argument("id", nargs="?", metavar="ID")
+    outbox.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    forget = add_command(
+        "forget",
+        help="delete a location's tokens (the running daemon does it)",
+        description="Delete the stored tokens of LOCATION through the running daemon's admin "
+        "socket, as an UNINSTALL webhook would; its messages are ignored from then on until it "
+        "installs again.",
+    )
+    forget.add_argument("location", metavar="LOCATION")
+    add_command(
         "reconcile",
         help="reconcile agency installs with GHL now",
         description="Ask GHL (GET /oauth/installedLocations, with each stored agency token) which "
@@ -94,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "directory to itself (stop the daemon, or restart it to reconcile at once). Exit 0 when "
         "every company's list was read, 1 otherwise.",
     )
-    sub.add_parser(
+    add_command(
         "install-url",
         help="print the URL that starts the OAuth install",
         description="Print the marketplace URL that starts the OAuth install of the app for a "
@@ -114,7 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(config)
         if args.command == "installs":
-            return installs(config)
+            return installs(config, as_json=args.json)
+        if args.command == "outbox":
+            return outbox_command(config, args.action, args.id, as_json=args.json)
+        if args.command == "forget":
+            return forget(config, args.location)
         if args.command == "reconcile":
             return reconcile(config)
         if args.command == "install-url":
@@ -203,7 +235,7 @@ def check_config(config: Config) -> int:
     return 0
 
 
-def installs(config: Config) -> int:
+def installs(config: Config, as_json: bool = False) -> int:
     from castghld.app import StartupError
 
     try:
@@ -215,6 +247,9 @@ def installs(config: Config) -> int:
         pending = sorted(daemon.state.items("pending_installs"))
     finally:
         daemon.state.close()
+    if as_json:
+        print(json.dumps(_installs_doc(rows, pending), indent=2))
+        return 0
     if not rows and not pending:
         print("no installations")
         return 0
@@ -232,6 +267,82 @@ def installs(config: Config) -> int:
         # An INSTALL webhook not completed yet: a reconciliation or the OAuth callback will.
         company = record.get("company_id") or "-"
         print(f"{location_id:<26} {company:<26} {'-':<21} {'pending':<13} webhook")
+    return 0
+
+
+def _installs_doc(rows: list, pending: list) -> dict[str, Any]:
+    installed = {location_id for location_id, _ in rows}
+    out = [
+        {
+            "location_id": location_id,
+            "company_id": record.get("company_id"),
+            "expires_at": record.get("expires_at"),
+            "status": record.get("status", "ok"),
+            "source": record.get("source"),
+        }
+        for location_id, record in rows
+    ]
+    out += [
+        {
+            "location_id": location_id,
+            "company_id": record.get("company_id"),
+            "expires_at": None,
+            "status": "pending",
+            "source": "webhook",
+        }
+        for location_id, record in pending
+        if location_id not in installed
+    ]
+    return {"installations": out}
+
+
+def _admin(config: Config, method: str, path: str) -> tuple[int, Any] | None:
+    from castghld.admin import AdminUnavailable, call
+
+    try:
+        return call(config.state.dir, method, path)
+    except AdminUnavailable as e:
+        print(f"castghld: {e}", file=sys.stderr)
+        return None
+
+
+def outbox_command(config: Config, action: str, rid: str | None, as_json: bool = False) -> int:
+    """`castghld outbox [list|show ID|retry ID|drop ID]` through the running daemon."""
+    if action != "list" and not rid:
+        return fail([f"outbox {action} needs a message ID (see castghld outbox list)"])
+    path = "/outbox" if action == "list" else f"/outbox/{quote(rid or '', safe='')}"
+    if action in ("retry", "drop"):
+        path += "/" + action
+    answer = _admin(config, "POST" if action in ("retry", "drop") else "GET", path)
+    if answer is None:
+        return EXIT_TEMPFAIL
+    status, doc = answer
+    if status != 200:
+        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
+        return 1
+    if as_json or action == "show":
+        print(json.dumps(doc, indent=2))
+    elif action == "list":
+        records = doc["records"]
+        if not records:
+            print("outbox empty")
+        for r in records:
+            age = "-" if r["age_seconds"] is None else f"{r['age_seconds']:.0f}s"
+            print(f"{r['id']:<40} {r['kind']:<9} {r['stage']:<10} {r['location_id']:<26} {age}")
+    else:
+        print(f"{doc['id']}: {doc['outcome']}")
+    return 0
+
+
+def forget(config: Config, location_id: str) -> int:
+    answer = _admin(config, "POST", f"/installs/{quote(location_id, safe='')}/forget")
+    if answer is None:
+        return EXIT_TEMPFAIL
+    status, doc = answer
+    if status != 200:
+        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
+        return 1
+    print(f"{location_id}: forgotten")
     return 0
 
 

@@ -632,3 +632,25 @@ class Outbox:
             log.error("outbox: compaction failed (%s); the journal keeps growing", e.strerror)
             return
         self._entries_since_compaction = written
+
+    # -- operator actions (castghld outbox retry/drop, through the admin socket) ---------------
+
+    def retry(self, rid: str) -> bool:
+        """Dispatch a waiting record now; False if a pipeline or scheduler already holds it (it
+        goes on by itself: its backoff or pacing decides when)."""
+        if rid not in self.records or self._held(rid):
+            return False
+        self._dispatch(rid)
+        return True
+
+    async def drop(self, rid: str) -> bool:
+        """Forget a live record for good (its id stays seen, so a retry of the same webhook is
+        still a duplicate); a pipeline running it is cancelled first. False if unknown."""
+        if rid not in self.records:
+            return False
+        task = self._tasks.get(rid)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.finish(rid)
+        return True
