@@ -504,6 +504,7 @@ class FakeGHL(_FakeServer):
         self.token_lifetime = token_lifetime
         self.refresh_count: Counter[str] = Counter()  # successful refreshes by location/company
         self.refresh_reuse = 0
+        self.issued_tokens: list[str] = []  # every access and refresh token handed out (audits)
         self.statuses: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self.contacts: dict[tuple[str, str], dict[str, Any]] = {}  # (location, phone) -> contact
         self.deleted_contacts: set[str] = set()
@@ -628,6 +629,7 @@ class FakeGHL(_FakeServer):
     def _issue(self, grant: _Grant, expires_in: int | None = None) -> dict[str, Any]:
         lifetime = self.token_lifetime if expires_in is None else expires_in
         access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        self.issued_tokens += [access, refresh]
         self._access[access] = (grant, time.time() + lifetime)
         self._refresh[refresh] = grant
         answer: dict[str, Any] = {

@@ -31,7 +31,10 @@ from traffic import (
     Workload,
     assert_final_status,
     assert_inbound_once,
+    assert_no_leaks,
+    assert_private,
     assert_sent_exactly_once,
+    audit_secrets,
 )
 
 from castghld.fakes import wait_for
@@ -105,6 +108,7 @@ class Storm:
     async def random_kills(self, count: int) -> None:
         for _ in range(count):
             await asyncio.sleep(self.rng.uniform(0.3, 2.0))
+            await self.serve.metrics()  # the leak audit reads every scrape
             await self.kill()
             await self.serve.start()
 
@@ -249,5 +253,7 @@ async def test_crash_storm_loses_nothing_and_sends_nothing_twice(
     expected |= {saved: "ok", refreshed: "needs_reauth"}
     assert statuses == expected, context
     assert "Traceback" not in serve.log(), context
+    assert_private(serve.state_dir)
+    assert_no_leaks(serve, workload, audit_secrets(fake_ghl))
     assert fake_ghl.violations == [], context
     assert fake_cast.violations == [], context

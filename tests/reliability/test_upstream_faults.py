@@ -24,7 +24,10 @@ from traffic import (
     Workload,
     assert_final_status,
     assert_inbound_once,
+    assert_no_leaks,
+    assert_private,
     assert_sent_exactly_once,
+    audit_secrets,
     final_statuses,
 )
 
@@ -172,6 +175,8 @@ async def test_fault_mix_loses_nothing_duplicates_nothing_reports_right(
     assert fake_ghl.violations == [], context
     assert fake_cast.violations == [], context
     assert "Traceback" not in serve.log(), context
+    assert_private(serve.state_dir)
+    assert_no_leaks(serve, workload, audit_secrets(fake_ghl))
 
 
 @pytest.mark.gen_test(timeout=120)

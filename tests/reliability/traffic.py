@@ -6,12 +6,15 @@ that read only what the fakes recorded.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from conftest import BASE_CONFIG
 from tornado.httpclient import HTTPClientError
 
 INBOUND_ROUTE = "/conversations/messages/inbound"
@@ -226,3 +229,45 @@ def assert_inbound_once(
                 f"reply {alt_id} reached GHL {count} times without a kill between its posts "
                 f"(posts at {sorted(posts[alt_id])}, kills at {kills})"
             )
+
+
+def national(number: str) -> str:
+    """The digits that identify a PH mobile number in any form (+63..., 63..., 0...)."""
+    return "".join(ch for ch in number if ch.isdigit())[-10:]
+
+
+def audit_secrets(ghl) -> list[str]:
+    """What must never show: every token fake GHL issued and the configured secrets."""
+    configured = [
+        BASE_CONFIG["ghl"]["client_secret"],
+        BASE_CONFIG["cast"]["api_key"],
+        BASE_CONFIG["cast"]["inbound_secret"],
+    ]
+    return ghl.issued_tokens + configured
+
+
+def assert_no_leaks(serve, workload: Workload, secrets: Iterable[str]) -> None:
+    """No secret, full phone number or message body in the daemon's log, in any /metrics scrape,
+    or in the raw bytes of any file of its state directory (they are encrypted there)."""
+    places = {"log": serve.log().encode(), "metrics": "\n".join(serve.scrapes).encode()}
+    for entry in os.scandir(serve.state_dir):
+        with open(entry.path, "rb") as f:
+            places[entry.name] = f.read()
+    needles = {f"secret {n}": s for n, s in enumerate(secrets)}
+    needles |= {f"phone {p}": national(p) for p in workload.phones()}
+    needles |= {f"body {n}": b for n, b in enumerate(sorted(workload.bodies()))}
+    found = [
+        f"{what} in {where}"
+        for where, data in places.items()
+        for what, needle in needles.items()
+        if needle.encode() in data
+    ]
+    assert not found, f"{len(found)} leak(s): {found[:10]}"
+
+
+def assert_private(directory: str) -> None:
+    """The state directory is 0700 and every file in it 0600 (temp files a kill left included:
+    they show the mode a file had from birth)."""
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    modes = {e.name: stat.S_IMODE(e.stat().st_mode) for e in os.scandir(directory)}
+    assert modes and all(mode == 0o600 for mode in modes.values()), modes
