@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "every company's list was read, 1 otherwise.",
     )
     add_command(
+        "demo",
+        help="the whole round trip against fake GHL and Cast on loopback",
+        description="Start the package's fake GHL and fake Cast on loopback and a daemon wired to "
+        "them in a temporary directory; install a location, send an SMS, receive a reply, and "
+        "print each hop. No account or config needed; exit 0 when every hop happened.",
+    )
+    add_command(
         "install-url",
         help="print the URL that starts the OAuth install",
         description="Print the marketplace URL that starts the OAuth install of the app for a "
@@ -134,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            from castghld.demo import run_demo
+
+            return run_demo()
         if args.command == "gen-key":
             return gen_key(args.path, if_missing=args.if_missing)
         config = load_config(args.config or default_config_path())

@@ -1,0 +1,144 @@
+"""`castghld demo`: the whole round trip on loopback, no GHL or Cast account needed.
+
+Starts the package's strict fake GHL and fake Cast (castghld.fakes) and a daemon wired to them in
+a temporary directory, then: installs a location through the real OAuth callback, sends an SMS as
+GHL's Delivery URL webhook, and replies to it as Cast's inbound callback. Prints each hop (what
+GHL sent, what Cast received, what GHL was told). Exits 0 when every hop happened and neither fake
+saw a contract violation; removes the directory in any case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient
+
+from castghld.config import build_config
+from castghld.fakes import FakeCast, FakeGHL
+from castghld.state import create_private_file, new_key_line
+
+LOCATION = "demo-location"
+INBOUND_SECRET = "demo-inbound-secret"  # noqa: S105 (the fakes' demo value)
+
+
+def hop(arrow: str, what: str, detail: Any = None) -> None:
+    print(f"{arrow:<18} {what}")
+    if detail is not None:
+        print("                   " + json.dumps(detail, ensure_ascii=False))
+
+
+async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the demo round trip did not complete in time")
+        await asyncio.sleep(0.02)
+
+
+async def round_trip(directory: str) -> int:
+    from castghld.app import Daemon
+
+    ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
+    cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
+    await ghl.start()
+    await cast.start()
+    key_file = f"{directory}/state.key"
+    create_private_file(key_file, (new_key_line() + "\n").encode())
+    raw = {
+        "server": {"host": "127.0.0.1", "port": 0, "public_url": "https://demo.invalid"},
+        "ghl": {
+            "client_id": "demo-client",
+            "client_secret": "demo-secret",
+            "api_base": ghl.url,
+            "webhook_public_keys": ghl.write_public_keys(directory),
+        },
+        "cast": {
+            "api_base": cast.url,
+            "api_key": "cast_test_demo",
+            "inbound_secret": INBOUND_SECRET,
+            "sender_id": "CASTDEMO",
+        },
+        "state": {"dir": f"{directory}/state", "key_file": key_file},
+        "delivery": {"status_polls": [0.1, 0.2, 0.5]},
+    }
+    os.makedirs(raw["state"]["dir"], mode=0o700)
+    daemon = Daemon(build_config(f"{directory}/castghld.yaml", raw))
+    await daemon.start()
+    try:
+        print(f"castghld demo: fake GHL {ghl.url}, fake Cast {cast.url}, daemon {daemon.url}")
+        ghl.add_auth_code("demo-code", location_id=LOCATION, company_id="demo-company")
+        answer = await AsyncHTTPClient().fetch(
+            f"{daemon.url}/oauth/callback?code=demo-code", raise_error=False
+        )
+        assert answer.code == 200, answer.body
+        hop("GHL -> castghld", f"OAuth callback: HTTP {answer.code}, location {LOCATION} installed")
+        webhook = {
+            "contactId": "demo-contact",
+            "locationId": LOCATION,
+            "messageId": "demo-msg-1",
+            "type": "SMS",
+            "phone": "+639171234567",
+            "message": "Hello from the castghld demo",
+            "attachments": [],
+            "userId": "demo-user",
+        }
+        answer = await ghl.post_webhook(f"{daemon.url}/api/ghl/v1/webhook/messages", webhook)
+        hop("GHL -> castghld", f"signed outbound webhook: HTTP {answer.code}", webhook)
+        await wait_until(lambda: cast.sent)
+        sent = cast.sent[0]
+        hop(
+            "castghld -> Cast",
+            "POST /api/v1/sms/send",
+            {k: sent.get(k) for k in ("to", "message", "sender_id", "idempotency_key")},
+        )
+        await wait_until(lambda: "delivered" in [s["status"] for s in ghl.statuses["demo-msg-1"]])
+        for report in ghl.statuses["demo-msg-1"]:
+            hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
+        reply = {
+            "message_id": "CAST-DEMO-REPLY",
+            "from": "09171234567",
+            "to": "CASTDEMO",
+            "message": "Got it, thanks!",
+            "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        answer = await cast.post_inbound(
+            f"{daemon.url}/api/cast/v1/webhook/inbound", INBOUND_SECRET, reply
+        )
+        hop("Cast -> castghld", f"inbound reply: HTTP {answer.code}", reply)
+        await wait_until(lambda: ghl.inbound_messages)
+        posted = ghl.inbound_messages[0]
+        hop(
+            "castghld -> GHL",
+            "POST /conversations/messages/inbound",
+            {k: posted.get(k) for k in ("type", "contactId", "message", "altId", "locationId")},
+        )
+        violations = ghl.violations + cast.violations
+        if violations:
+            print(f"castghld demo: contract violations: {violations}")
+            return 1
+        print("castghld demo: round trip complete (install, outbound SMS, inbound reply)")
+        return 0
+    finally:
+        await daemon.stop()
+        await ghl.stop()
+        await cast.stop()
+
+
+def run_demo() -> int:
+    """Run the round trip in a temporary directory (removed afterwards); the exit code."""
+    from castghld.app import configure_http_client
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_http_client()
+    with tempfile.TemporaryDirectory(prefix="castghld-demo-") as directory:
+        try:
+            return asyncio.run(round_trip(directory))
+        except (TimeoutError, AssertionError) as e:
+            print(f"castghld demo: failed: {e}")
+            return 1
