@@ -104,6 +104,16 @@ def atomic(record: Record) -> Record:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
+def _lines(f: Any, path: str) -> Iterator[tuple[int, bytes]]:
+    """(number, line with its newline) of an open binary file; a read error is a StateError."""
+    try:
+        yield from enumerate(f, 1)
+    except OSError as e:
+        raise StateError(
+            f"{path}: cannot read the outbox: {e.strerror}", transient=is_transient(e)
+        ) from None
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -137,29 +147,41 @@ class Journal:
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> list[Record]:
-        """Every readable entry in order. A torn last line is skipped (and cut away by `open`);
-        a damaged line elsewhere is skipped, listed in `unreadable` and logged (`open` moves it
-        to the quarantine file); several lines under one key we lack raise StateError. Reading never
-        writes: `check-config` and `installs` use it."""
+        """Every readable entry in order (see `entries`)."""
+        return list(self.entries())
+
+    def entries(self) -> Iterator[Record]:
+        """Every readable entry in order, read and decoded one line at a time (a replay of a
+        large outbox never holds the file, its lines and all decoded entries at once). A torn
+        last line is skipped (and cut away by `open`); a damaged line elsewhere is skipped,
+        listed in `unreadable` and logged (`open` moves it to the quarantine file); several
+        lines under one key we lack raise StateError. Reading never writes: `check-config` and
+        `installs` use it."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            f = open(self.path, "rb")
         except FileNotFoundError:
-            return []
+            return
         except OSError as e:
             raise StateError(
                 f"{self.path}: cannot read the outbox: {e.strerror}", transient=is_transient(e)
             ) from None
-        entries = []
+        with f:
+            yield from self._entries(f)
+
+    def _entries(self, f: Any) -> Iterator[Record]:
         good_size = 0
         unreadable: list[tuple[int, str]] = []
         unreadable_last = 0
         foreign: dict[bytes, list[str]] = {}  # lines by the unknown key they name
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, 1):
-            last = number == len(lines)
+        for number, raw in _lines(f, self.path):
+            line = raw.rstrip(b"\n")
             if not line:
                 continue
+            if not raw.endswith(b"\n"):
+                # No newline after it: a write that a crash cut short (never acknowledged).
+                log.warning("outbox: dropping a torn last entry in %s", self.path)
+                unreadable_last = number
+                break
             blob = b""
             try:
                 blob = base64.b64decode(line, validate=True)
@@ -167,16 +189,12 @@ class Journal:
                 if not isinstance(entry, dict):
                     raise ValueError("not a journal entry")
             except (binascii.Error, ValueError, StateError) as e:
-                if last:  # no newline after it: a write that a crash cut short
-                    log.warning("outbox: dropping a torn last entry in %s", self.path)
-                    unreadable_last = number
-                    break
                 if isinstance(e, StateError) and self.keyring.lacks_key_of(blob):
                     foreign.setdefault(blob[:12], []).append(f"{self.path}: line {number}: {e}")
                 unreadable.append((number, str(e).removeprefix(self.path + ": ")))
                 continue
-            entries.append(entry)
-            good_size += len(line) + 1
+            good_size += len(raw)
+            yield entry
         for problems in foreign.values():
             # One line naming an unknown key is damage in its header; several are a key that
             # the key file no longer holds: the operator must restore it, nothing is moved.
@@ -196,7 +214,6 @@ class Journal:
                 why,
                 self.quarantine_path,
             )
-        return entries
 
     def open(self) -> None:
         """Open for appending (creating it 0600), first cutting away a torn last line and
@@ -399,9 +416,8 @@ class Outbox:
 
     def load(self) -> None:
         """Replay the journal (synchronous, read-only: at startup, before serving)."""
-        entries = self.journal.load()
-        self.restarted = bool(entries)
-        for entry in entries:
+        count = 0
+        for count, entry in enumerate(self.journal.entries(), 1):  # noqa: B007
             op, rid = entry.get("op"), entry.get("id")
             if op == "put":
                 self.records[rid] = _loaded(entry["record"])
@@ -412,7 +428,8 @@ class Outbox:
                 self.seen.add(rid, entry["at"])
             elif op in ("seen", "seen_hashes"):
                 self.seen.load_entry(entry)
-        self._entries_since_compaction = len(entries)
+        self.restarted = count > 0
+        self._entries_since_compaction = count
         self._prune_seen()
 
     async def start(self) -> None:
