@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -182,7 +183,9 @@ def gen_key(path: str, *, if_missing: bool = False) -> int:
         return 0
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700)
+            print(f"created directory {directory} (mode 0700)")
         create_private_file(path, (new_key_line() + "\n").encode("ascii"))
     except FileExistsError:
         return fail([f"{path}: already exists; refusing to overwrite a state key"])
@@ -240,10 +243,90 @@ def check_config(config: Config) -> int:
         print(f"state file:    {state.path} ({state.count('installs')} installation(s))")
         outbox = daemon.outbox
         print(f"outbox:        {outbox.journal.path} ({len(outbox.records)} unfinished)")
+        problems, transient, notes = predict_serve(config)
+        for note in notes:
+            print(f"warning:       {note}")
+        if problems:
+            return fail(problems, transient)
         print("ok")
     finally:
         daemon.state.close()
     return 0
+
+
+def predict_serve(config: Config) -> tuple[list[str], bool, list[str]]:
+    """What `serve` would run into that loading alone does not show: (problems, all of them
+    transient, warnings). Tests the state directory (writable, lockable) and the listen address
+    (bindable) the way serve uses them; both are skipped, with a note, while a daemon holds the
+    state directory (its own port is then in use by design)."""
+    import tempfile
+
+    import tornado.netutil
+
+    from castghld.state import StateError, lock_directory
+
+    problems: list[str] = []
+    transient: list[bool] = []
+    notes: list[str] = []
+    server, state_dir = config.server, config.state.dir
+    try:
+        mode = os.stat(state_dir).st_mode & 0o777
+        if mode & 0o077:
+            notes.append(
+                f"{config.path}: state.dir {state_dir} is mode {mode:04o}: other users can list "
+                "it; chmod 700 (systemd's StateDirectoryMode=0700 does)"
+            )
+    except OSError:
+        pass  # loading the state already named a missing directory
+    try:
+        lock_fd = lock_directory(state_dir)
+    except StateError as e:
+        if "another castghld process" in str(e):
+            notes.append(
+                f"{state_dir}: a castghld daemon is running here; bind and lock not tested"
+            )
+            return problems, False, notes + _config_warnings(config)
+        problems.append(f"{config.path}: state.dir: {e}")
+        transient.append(e.transient)
+        lock_fd = None
+    try:
+        fd, probe = tempfile.mkstemp(dir=state_dir, prefix=".check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        problems.append(f"{config.path}: state.dir {state_dir} is not writable: {e.strerror}")
+        transient.append(False)
+    try:
+        if server.port:
+            for sock in tornado.netutil.bind_sockets(server.port, server.host):
+                sock.close()
+    except OSError as e:
+        problems.append(
+            f"{config.path}: server.host/server.port: cannot listen on "
+            f"{server.host}:{server.port}: {e.strerror or e}"
+        )
+        transient.append(getattr(e, "errno", None) == errno.EADDRINUSE)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    return problems, bool(transient) and all(transient), notes + _config_warnings(config)
+
+
+def _config_warnings(config: Config) -> list[str]:
+    server = config.server
+    notes = []
+    if server.public_url.startswith("http://"):
+        notes.append(
+            f"{config.path}: server.public_url is http://: GHL requires an https redirect URL "
+            "and webhooks would travel in clear text"
+        )
+    if server.xheaders and server.host in ("0.0.0.0", "::", ""):  # noqa: S104 (detects it)
+        notes.append(
+            f"{config.path}: server.host {server.host} with server.xheaders: true: any client "
+            "reaching the port directly can forge X-Forwarded-For/-Proto; listen on 127.0.0.1 "
+            "behind the proxy, or set xheaders: false"
+        )
+    return notes
 
 
 def installs(config: Config, as_json: bool = False) -> int:

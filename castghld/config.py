@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from phonenumbers import SUPPORTED_REGIONS
 
 from castghld.phone import route_key
 
@@ -578,9 +579,15 @@ def _regions(r: _Reader, raw: dict) -> tuple[str, ...]:
         return DeliveryConfig.allowed_regions
     regions = r.string_list("delivery", raw, "allowed_regions")
     bad = [x for x in regions if x != "*" and not re.fullmatch(r"[A-Z]{2}", x)]
+    unknown = [x for x in regions if x not in bad and x != "*" and x not in SUPPORTED_REGIONS]
     if bad:
         r.problem(
             "delivery.allowed_regions",
             f"must be ISO 3166 region codes like PH, or * for any; got {', '.join(bad)}",
+        )
+    elif unknown:
+        r.problem(
+            "delivery.allowed_regions",
+            f"unknown region code(s) {', '.join(unknown)} (no numbering plan; e.g. PH, US, SG)",
         )
     return regions
