@@ -482,9 +482,15 @@ def reconcile(config: Config) -> int:
 
 
 def install_url(config: Config) -> int:
-    from castghld.oauth import build_install_url
+    from castghld.oauth import STATE_LIFETIME, build_install_url
 
     print(build_install_url(config))
+    # stderr: scripts that read the URL from stdout keep working.
+    print(
+        f"valid for {STATE_LIFETIME // 60} minutes; the permanent link to share is "
+        f"{config.server.public_url.rstrip('/')}/oauth/install",
+        file=sys.stderr,
+    )
     return 0
 
 
