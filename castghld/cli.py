@@ -390,14 +390,20 @@ def _installs_doc(rows: list, pending: list) -> dict[str, Any]:
     return {"installations": out}
 
 
-def _admin(config: Config, method: str, path: str) -> tuple[int, Any] | None:
+def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
+    """(0, the daemon's JSON answer), or (exit code, None) after saying why on stderr: 75 when no
+    daemon answers, 1 when it refused (its message)."""
     from castghld.admin import AdminUnavailable, call
 
     try:
-        return call(config.state.dir, method, path)
+        status, doc = call(config.state.dir, method, path)
     except AdminUnavailable as e:
         print(f"castghld: {e}", file=sys.stderr)
-        return None
+        return EXIT_TEMPFAIL, None
+    if status != 200:
+        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
+        return 1, None
+    return 0, doc
 
 
 def outbox_command(config: Config, action: str, rid: str | None, as_json: bool = False) -> int:
@@ -407,13 +413,9 @@ def outbox_command(config: Config, action: str, rid: str | None, as_json: bool =
     path = "/outbox" if action == "list" else f"/outbox/{quote(rid or '', safe='')}"
     if action in ("retry", "drop"):
         path += "/" + action
-    answer = _admin(config, "POST" if action in ("retry", "drop") else "GET", path)
-    if answer is None:
-        return EXIT_TEMPFAIL
-    status, doc = answer
-    if status != 200:
-        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
-        return 1
+    code, doc = _admin(config, "POST" if action in ("retry", "drop") else "GET", path)
+    if code:
+        return code
     if as_json or action == "show":
         print(json.dumps(doc, indent=2))
     elif action == "list":
@@ -429,13 +431,9 @@ def outbox_command(config: Config, action: str, rid: str | None, as_json: bool =
 
 
 def forget(config: Config, location_id: str) -> int:
-    answer = _admin(config, "POST", f"/installs/{quote(location_id, safe='')}/forget")
-    if answer is None:
-        return EXIT_TEMPFAIL
-    status, doc = answer
-    if status != 200:
-        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
-        return 1
+    code, _ = _admin(config, "POST", f"/installs/{quote(location_id, safe='')}/forget")
+    if code:
+        return code
     print(f"{location_id}: forgotten")
     return 0
 
