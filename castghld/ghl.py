@@ -309,6 +309,8 @@ class GHLClient:
             except GHLError as e:
                 if not (e.retryable or (retry_if is not None and retry_if(e))):
                     raise
+                # The token passed authentication: a later 401 is a new one, refreshed again.
+                refreshed = False
                 error: Exception = e
                 problem, retry_after = f"GHL {e.status}", e.retry_after
             except TokenUnavailable as e:
