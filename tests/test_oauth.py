@@ -458,3 +458,15 @@ async def test_uninstall_dated_in_the_future_leaves_a_tombstone_dated_now(bridge
     assert bridge.daemon.installations.get("loc1") is None
     tombstone = bridge.daemon.state.get("uninstalls", "loc1")
     assert before <= tombstone["at"] <= time.time()
+
+
+@pytest.mark.gen_test
+async def test_callback_with_oauth_error_says_the_install_was_not_authorised(bridge):
+    """`?error=access_denied` (the user declined) names GHL's error, escaped, and calls no one."""
+    await bridge.start()
+    response = await callback(bridge, error="access_denied<script>")
+    assert response.code == 400
+    page = response.body.decode()
+    assert "not authorised" in page and "access_denied&lt;script&gt;" in page
+    assert "<script>" not in page
+    assert bridge.ghl.calls_to("POST", "/oauth/token") == []

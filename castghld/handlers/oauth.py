@@ -43,6 +43,10 @@ class CallbackHandler(APIHandler):
     async def get(self) -> None:
         code = self.get_query_argument("code", "")
         if not code:
+            error = self.get_query_argument("error", "")[:100]
+            if error:  # OAuth's answer when the user declined or GHL could not authorise
+                text = f"GHL did not authorise the install ({error}); start it again if unintended."
+                return self.page(400, "Install not authorised", text)
             return self.page(400, "Install failed", "The request has no authorisation code.")
         state = self.get_query_argument("state", None)
         if state is not None:
@@ -64,6 +68,8 @@ class CallbackHandler(APIHandler):
                 return self.page(400, "Install failed", f"GHL refused the install: {e.message}")
             return self.page(502, "Install failed", f"GHL refused the install: {e.message}")
         except TokenUnavailable as e:
+            if e.retryable:  # castghld is stopping: the code was not sent to GHL
+                return self.page(503, "Install failed", "The bridge is restarting; try again.")
             return self.page(502, "Install failed", str(e))
         except OSError:
             return self.page(
