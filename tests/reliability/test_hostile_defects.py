@@ -12,6 +12,7 @@ import stat
 import time
 
 import pytest
+from test_inbound import reply
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from castghld.fakes import wait_for
@@ -23,17 +24,6 @@ MESSAGES = "/api/ghl/v1/webhook/messages"
 APP = "/api/ghl/v1/webhook/app"
 INBOUND = "/api/cast/v1/webhook/inbound"
 DEEP = b"[" * 100_000
-
-
-def reply(message_id: str = "CASTIN1", **fields) -> dict:
-    return {
-        "message_id": message_id,
-        "from": "09181234567",
-        "to": "09171234567",
-        "message": "Yes, see you tomorrow",
-        "received_at": "2026-11-26T09:00:00Z",
-        **fields,
-    }
 
 
 async def post_inbound(bridge, body: bytes | dict):
