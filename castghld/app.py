@@ -208,7 +208,7 @@ class Daemon:
         try:
             self.keyring = KeyRing.load(config.state.key_file)
         except StateError as e:
-            raise StartupError([str(e)], e.transient) from None
+            raise StartupError([f"{config.path}: {e}"], e.transient) from None
         self.state = StateStore(config.state.dir, self.keyring)
         self.state.on_write = self.metrics.state_write_seconds.observe
         state_transient = False

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +41,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from castghld.config import check_private_file
 
 log = logging.getLogger("castghld.state")
 
@@ -95,30 +94,70 @@ class StateError(Exception):
         self.transient = transient
 
 
+def key_file_error(path: str, problem: str, fix: str, transient: bool = False) -> StateError:
+    """A StateError for the state key file: the config key, the path once, the problem, the fix."""
+    return StateError(f"state.key_file {path}: {problem}; {fix}", transient)
+
+
 class KeyRing:
     """AES-256-GCM keys from a key file: one base64 key per line, newest first."""
 
     def __init__(self, keys: list[bytes], path: str = "<memory>"):
         if not keys:
-            raise StateError(f"{path}: key file holds no key (create one: castghld gen-key {path})")
+            raise key_file_error(
+                path,
+                "holds no key",
+                f"restore it from a backup, or delete it and run: castghld gen-key {path}",
+            )
         self.path = path
         self._keys = [(_key_id(k), AESGCM(k)) for k in keys]
 
     @classmethod
     def load(cls, path: str) -> KeyRing:
+        """The keys of `path`. Every failure (missing, not a regular file, readable by others,
+        unreadable, not a key file, an empty file) is a StateError that names `state.key_file`,
+        the path once and the fix; it is transient only for an I/O error a retry may not meet."""
         try:
-            check_private_file(path)
-            with open(path, encoding="ascii") as f:
-                lines = f.read().splitlines()
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise key_file_error(
+                    path,
+                    "is not a regular file",
+                    "point state.key_file at a file made by castghld gen-key",
+                )
+            if st.st_mode & 0o077:
+                raise key_file_error(
+                    path,
+                    f"is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o})",
+                    f"run: chmod 600 {path}",
+                )
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
-            raise StateError(
-                f"{path}: state key file does not exist (create it: castghld gen-key {path})"
+            raise key_file_error(
+                path, "does not exist", f"create it: castghld gen-key {path}"
             ) from None
-        except ValueError as e:
-            raise StateError(f"{path}: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise StateError(
-                f"{path}: cannot read state key file: {e}", transient=is_transient(e)
+        except PermissionError:
+            raise key_file_error(
+                path,
+                "cannot be read (permission denied)",
+                "run castghld as the file's owner (the service user) or chown the file to it",
+            ) from None
+        except OSError as e:
+            transient = is_transient(e)
+            raise key_file_error(
+                path,
+                f"cannot be read ({e.strerror or e})",
+                "retry once the I/O error is fixed" if transient else "check the path",
+                transient=transient,
+            ) from None
+        try:
+            lines = data.decode("ascii").splitlines()
+        except UnicodeDecodeError:
+            raise key_file_error(
+                path,
+                "is not a state key file (not ASCII text)",
+                "point state.key_file at a file made by castghld gen-key",
             ) from None
         keys = []
         for number, line in enumerate(lines, 1):
@@ -130,9 +169,11 @@ class KeyRing:
             except (binascii.Error, ValueError):
                 key = b""
             if len(key) != 32:
-                raise StateError(
-                    f"{path}: line {number} is not a state key (expected 32 bytes, base64; "
-                    "make one with castghld gen-key)"
+                raise key_file_error(
+                    path,
+                    f"line {number} is not a state key (expected 32 bytes, base64)",
+                    "restore the line from a backup of the key file, or replace it with the line "
+                    "of a new key (castghld gen-key NEW_PATH)",
                 )
             keys.append(key)
         return cls(keys, path)

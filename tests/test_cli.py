@@ -9,6 +9,8 @@ import subprocess
 import sys
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 from castghld.cli import main
 
 
@@ -62,8 +64,70 @@ def test_missing_key_file_is_exit_2(config_dir):
     result = run_cli("--config", path, "check-config")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"castghld: {config_dir.key_path}: state key file does not exist "
-        f"(create it: castghld gen-key {config_dir.key_path})"
+        f"castghld: {path}: state.key_file {config_dir.key_path}: does not exist; "
+        f"create it: castghld gen-key {config_dir.key_path}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def _key_file_readable_by_others(key_path: str) -> str:
+    os.chmod(key_path, 0o644)
+    return "is accessible by group/others (mode 0644); run: chmod 600 " + key_path
+
+
+def _key_file_is_a_directory(key_path: str) -> str:
+    os.unlink(key_path)
+    os.mkdir(key_path, 0o700)
+    return "is not a regular file; point state.key_file at a file made by castghld gen-key"
+
+
+def _key_file_malformed_line(key_path: str) -> str:
+    with open(key_path, "a") as f:
+        f.write("not-a-key\n")
+    return "line 2 is not a state key (expected 32 bytes, base64); restore the line"
+
+
+def _key_file_empty(key_path: str) -> str:
+    pathlib.Path(key_path).write_text("# rotated out\n")
+    return "holds no key; restore it from a backup, or delete it and run: castghld gen-key"
+
+
+def _key_file_binary(key_path: str) -> str:
+    pathlib.Path(key_path).write_bytes(b"\xff\xfe state key\n")
+    return "is not a state key file (not ASCII text); point state.key_file at a file made by"
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _key_file_readable_by_others,
+        _key_file_is_a_directory,
+        _key_file_malformed_line,
+        _key_file_empty,
+        _key_file_binary,
+    ],
+)
+def test_bad_key_file_is_exit_2_naming_state_key_file(config_dir, breakage):
+    expected = breakage(config_dir.key_path)
+    path = config_dir.write()
+    result = run_cli("--config", path, "check-config")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    prefix = f"castghld: {path}: state.key_file {config_dir.key_path}: "
+    assert lines[0].startswith(prefix), lines[0]
+    assert expected in lines[0][len(prefix) :]
+
+
+def test_unreachable_key_file_is_exit_2_naming_state_key_file(config_dir, tmp_path):
+    key_path = str(tmp_path / "castghld.yaml" / "state.key")  # a file used as a directory
+    path = config_dir.write({"state": {"key_file": key_path}})
+    result = run_cli("--config", path, "check-config")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"castghld: {path}: state.key_file {key_path}: cannot be read (Not a directory); "
+        "check the path"
     )
 
 

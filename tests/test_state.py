@@ -126,7 +126,10 @@ def test_tampered_or_truncated_file_is_refused(state_dir, tmp_path, damage):
 def test_missing_key_file(tmp_path):
     with pytest.raises(StateError) as info:
         KeyRing.load(str(tmp_path / "absent.key"))
-    assert "state key file does not exist (create it: castghld gen-key" in str(info.value)
+    path = str(tmp_path / "absent.key")
+    assert str(info.value) == (
+        f"state.key_file {path}: does not exist; create it: castghld gen-key {path}"
+    )
 
 
 def test_key_file_readable_by_others_is_refused(tmp_path):
