@@ -104,10 +104,15 @@ class CastAccount:
     api_key: str = dataclasses.field(repr=False)
     sender_id: str
 
-    @functools.cached_property
+    @property
     def name(self) -> str:
         """A stable, non-secret name for pacing and logs."""
-        return "acct-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:10]
+        return _account_name(self.api_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _account_name(api_key: str) -> str:
+    return "acct-" + hashlib.sha256(api_key.encode()).hexdigest()[:10]
 
 
 class CastClient:

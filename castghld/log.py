@@ -43,7 +43,18 @@ _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _HEADER_RE = re.compile(r"(?i)\b(x-api-key|authorization)(\s*[:=]\s*)[^\s,}]+")
 
 
+# Every pattern above needs one of these words (case-insensitively): a line without any of them
+# (most lines: access lines, outcomes) is returned as it is without running the patterns.
+_TRIGGERS = ("bearer", "x-api-key", "authorization", *SCRUB_KEYS)
+# The non-ASCII letters that `re.IGNORECASE` matches to an ASCII one but `str.lower` does not
+# turn into it (U+0130 and U+0131 -> i, U+017F long s -> s, U+212A Kelvin sign -> k).
+_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
 def scrub(text: str) -> str:
+    lowered = text.lower() if text.isascii() else text.translate(_FOLD).lower()
+    if not any(word in lowered for word in _TRIGGERS):
+        return text
     text = _BEARER_RE.sub(r"\1[secret]", text)
     text = _HEADER_RE.sub(r"\1\2[secret]", text)
     return _KV_RE.sub(r"\1[secret]", text)

@@ -13,12 +13,13 @@ from urllib.parse import quote, unquote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from castghld import log
 from castghld.handlers.app_webhook import webhook_time
 from castghld.handlers.base import MAX_ID_CHARS, APIError, usable_id
 from castghld.handlers.inbound import validate_inbound
 from castghld.handlers.messages import outbound_payload
 from castghld.inbound import received_at
-from castghld.log import redact_numbers
+from castghld.log import redact_numbers, scrub
 from castghld.outbound import sms_text
 from castghld.pacing import MAX_RETRY_AFTER, parse_interval_ms, parse_retry_after
 from castghld.phone import InvalidNumber, normalize_any, normalize_mobile
@@ -129,6 +130,44 @@ def test_any_phone_text_is_a_number_or_a_refusal(value):
 def test_a_phone_number_never_survives_redaction(number, before, after):
     redacted = redact_numbers(f"{before} {number} {after}")
     assert number not in redacted
+
+
+def _scrub_by_patterns(text):
+    text = log._BEARER_RE.sub(r"\1[secret]", text)
+    text = log._HEADER_RE.sub(r"\1\2[secret]", text)
+    return log._KV_RE.sub(r"\1[secret]", text)
+
+
+SECRETISH = st.lists(
+    st.sampled_from(
+        [
+            *log.SCRUB_KEYS,
+            *("Bearer ", "X-Api-Key: ", "AUTHORIZATION=", "=", ":", " ", '"', "&", "s3cr3t"),
+            *("\u0130", "\u0131", "\u017f", "\u212a", "toKen", "\u017ftate", "\u212aey"),
+        ]
+    )
+    | TEXT,
+    max_size=8,
+).map("".join)
+
+
+@PROPERTIES
+@given(SECRETISH)
+def test_scrub_fast_path_changes_nothing(text):
+    """`scrub` skips its patterns when no trigger word is in the line: that must never change
+    what it returns, whatever the case or Unicode folding of the words."""
+    assert scrub(text) == _scrub_by_patterns(text)
+
+
+def test_scrub_folds_like_the_patterns():
+    for text in (
+        "\u212aEY token=abc",
+        "\u017ftate=abc",
+        "acce\u017fs_token=abc",
+        "\u0130gnored code=1",
+    ):
+        assert scrub(text) == _scrub_by_patterns(text)
+    assert "abc" not in scrub("\u017ftate=abc")
 
 
 VERIFIER = SignatureVerifier()
