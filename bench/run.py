@@ -394,9 +394,23 @@ def scenario_ack_and_backlog(
     wait_http(setup.url + "/healthz", 60, daemon)
     run_wrk(wrk, setup.url, write_bodies(root / "warm2.bodies", ghl, "warm2", 500), 4, 30)
 
+    # The floor: bare + what the contract makes every ack pay (Ed25519 check, an fsync'd append).
+    floor_port, floor_dir = free_port(), root / "floor"
+    floor_dir.mkdir()
+    ed25519_pem = next(path for path in setup.public_keys if "ed25519" in path)
+    floor = procs.start(
+        [PYTHON, str(BENCH / "bare.py"), str(floor_port), "floor", ed25519_pem, str(floor_dir)],
+        stdout=subprocess.PIPE,
+    )
+    assert floor.stdout is not None
+    floor.stdout.readline()
+    floor_url = f"http://127.0.0.1:{floor_port}"
+    run_wrk(wrk, floor_url, write_bodies(root / "warm3.bodies", ghl, "warm3", 500), 4, 30)
+
     bare_1 = measured_wrk(wrk, bare_url, bare.pid, bodies_bare, 4, 60)
     ack = measured_wrk(wrk, setup.url, daemon.pid, bodies_ack, 4, 120)
     bare_2 = measured_wrk(wrk, bare_url, bare.pid, bodies_bare, 4, 60)  # the same (bare keeps none)
+    floor_stats = measured_wrk(wrk, floor_url, floor.pid, bodies_bare, 4, 60)
     bare_cpu = (bare_1["cpu_ms_per_request"] + bare_2["cpu_ms_per_request"]) / 2
     bare_rate = (bare_1["rate"] + bare_2["rate"]) / 2
     results["ack"] = {
@@ -404,9 +418,11 @@ def scenario_ack_and_backlog(
         "bare": [bare_1, bare_2],
         "bare_cpu_ms": bare_cpu,
         "bare_rate": bare_rate,
+        "floor": floor_stats,
         "load": load_average(),
     }
     procs.stop(bare)
+    procs.stop(floor)
 
     started = time.monotonic()
     spy = py_spy(daemon.pid, 30, args.profile / "fill.txt" if args.profile else None)
@@ -666,6 +682,21 @@ def table(r: dict[str, Any]) -> list[str]:
                 a["bare_cpu_ms"] / a["castghld"]["cpu_ms_per_request"] >= 0.5,
             )
         )
+        if "floor" in a:
+            floor_ms, ours_ms = (
+                a["floor"]["cpu_ms_per_request"],
+                a["castghld"]["cpu_ms_per_request"],
+            )
+            out.append(
+                row(
+                    "(context) the floor: bare + Ed25519 check + one fsync'd append per request",
+                    f"{floor_ms:.2f} ms ({a['bare_cpu_ms'] / floor_ms:.2f}x bare, "
+                    f"{a['floor']['rate']:.0f} req/s); castghld = {ours_ms / floor_ms:.2f}x "
+                    "the floor's CPU",
+                    "—",
+                    None,
+                )
+            )
     if "e2e" in r:
         e = r["e2e"]
         bare = r.get("ack", {}).get("bare_cpu_ms")
