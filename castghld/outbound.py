@@ -38,7 +38,10 @@ after it arrived is reported ``failed`` (``OUTCOME_UNKNOWN``) rather than risked
 Never stuck "pending" silently: only polls Cast answered use up the ``status_polls`` schedule (a
 status outage is retried with backoff), a message still undecided after the last one is logged.
 One ``info`` line per message outcome, with ``message_id``, ``location_id``, ``cast_id``,
-``outcome`` and ``reason`` as structured fields.
+``outcome`` and ``reason`` as structured fields. A final failure also logs what happened: ``Cast
+refused`` (error) only for Cast's final refusals, ``gave up on`` (error) when retries ran out or
+the send deadline passed, ``Cast reported undelivered|failed`` (warning) with Cast's
+``dlr_status`` and text; Cast's texts have numbers redacted.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from urllib.parse import quote
 
 from castghld.cast import (
     MAX_MESSAGE_CHARS,
+    PROVIDER_ERROR_RETRIES,
     CastAccount,
     CastClient,
     CastError,
@@ -63,6 +67,7 @@ from castghld.cast import (
 )
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
+from castghld.log import redact_numbers
 from castghld.metrics import Metrics
 from castghld.outbox import PIPELINE_RETRY, Outbox, Record
 from castghld.pacing import retry_delay
@@ -425,6 +430,14 @@ class OutboundDelivery:
         if record.get("tries"):
             # Retrying an error in this run: the error is what we know of its outcome.
             self._sends["gave_up"].inc()
+            self._log_gave_up(
+                record,
+                record["tries"],
+                record.get("last_status", 0),
+                record["last_code"],
+                record["last_reason"],
+                "the send deadline passed while it waited for its retry",
+            )
             await self._decide(rid, "failed", record["last_code"], record["last_reason"])
         elif resuming:
             # Cast may have taken the earlier attempt and no longer remembers its idempotency
@@ -445,15 +458,29 @@ class OutboundDelivery:
         reason = error.message
         if error.code == "NO_ANSWER":
             reason = "Cast did not answer before the send deadline; the SMS may have been sent"
-        if not worth_retrying(error, provider_errors):
+        if not error.retryable:
             self._sends["failed"].inc()
-            log.error("Cast refused %s: %d %s %s", context, error.status, error.code, reason)
+            log.error(
+                "Cast refused %s: %d %s %s",
+                context,
+                error.status,
+                error.code,
+                reason,
+                extra=_send_fields(record, "refused", error.status, error.code, reason, tries),
+            )
+            await self._decide(rid, "failed", error.code, reason)
+            return
+        if not worth_retrying(error, provider_errors):
+            self._sends["gave_up"].inc()
+            why = f"{PROVIDER_ERROR_RETRIES} retries of PROVIDER_ERROR used up"
+            self._log_gave_up(record, tries, error.status, error.code, reason, why)
             await self._decide(rid, "failed", error.code, reason)
             return
         delay = retry_delay(tries - 1, error.retry_after, *SEND_RETRY)
         if time.time() + delay > record["received_at"] + self.config.delivery.send_deadline:
             self._sends["gave_up"].inc()
-            log.error("Cast refused %s: %d %s %s", context, error.status, error.code, reason)
+            why = "the next retry would fall after the send deadline"
+            self._log_gave_up(record, tries, error.status, error.code, reason, why)
             await self._decide(rid, "failed", error.code, reason)
             return
         self._sends["retry"].inc()
@@ -469,10 +496,28 @@ class OutboundDelivery:
             rid,
             tries=tries,
             provider_errors=provider_errors,
+            last_status=error.status,
             last_code=error.code,
             last_reason=reason,
         )
         self._later(delay, rid, _SEND)
+
+    def _log_gave_up(
+        self, record: Record, tries: int, status: int, code: str, reason: str, why: str
+    ) -> None:
+        """The error line of a send retried until it could not be retried any more: not a
+        refusal by Cast, so it says how long we tried and what Cast last answered."""
+        log.error(
+            "gave up on %s after %d attempts over %.1fs: last error %d %s %s (%s)",
+            _context(record),
+            tries,
+            time.time() - record["received_at"],
+            status,
+            code,
+            reason,
+            why,
+            extra=_send_fields(record, "gave_up", status, code, reason, tries),
+        )
 
     async def _decide(
         self, rid: str, status: str, code: str = "", reason: str = "", refused: bool = False
@@ -539,8 +584,26 @@ class OutboundDelivery:
             answer = {}
         status = FINAL_STATUSES.get(str(answer.get("status")))
         if status == "failed":
-            code = str(answer.get("dlr_status") or answer.get("status")).upper()[:64]
+            code = redact_numbers(str(answer.get("dlr_status") or answer.get("status")))
+            code = code.upper()[:64]
             reason = str(answer.get("error_message") or "the carrier did not deliver it")[:300]
+            log.warning(
+                "Cast reported %s %s cast_id=%s: dlr_status=%s %s",
+                answer["status"],
+                _context(record),
+                record["cast_id"],
+                code,
+                reason,
+                extra={
+                    "message_id": record["message_id"],
+                    "location_id": record["location_id"],
+                    "cast_id": record["cast_id"],
+                    "outcome": "failed",
+                    "status": answer["status"],
+                    "error_code": code,
+                    "reason": reason,
+                },
+            )
             self.outbox.note(
                 rid, stage="report", status="failed", error_code=code, error_reason=reason
             )
@@ -646,6 +709,21 @@ class OutboundDelivery:
             )
             await self.outbox.finish(rid)
         self._release(rid)
+
+
+def _send_fields(
+    record: Record, outcome: str, status: int, code: str, reason: str, attempt: int
+) -> dict[str, Any]:
+    """The JSON fields of a send's final-failure line."""
+    return {
+        "message_id": record["message_id"],
+        "location_id": record["location_id"],
+        "outcome": outcome,
+        "status": status,
+        "error_code": code,
+        "reason": reason,
+        "attempt": attempt,
+    }
 
 
 def _error_of(record: Record) -> dict[str, str] | None:

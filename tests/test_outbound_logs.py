@@ -1,0 +1,148 @@
+"""The log line of each final outbound failure says what happened, with Cast's code and text,
+as JSON fields too, and never a full phone number."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+from castghld.cast import PROVIDER_ERROR_RETRIES
+from castghld.fakes import wait_for
+from castghld.log import _JSONFormatter, _TextFormatter
+
+NUMBER = "+639171234567"
+
+
+def statuses(ghl, message_id: str) -> list[str]:
+    return [report["status"] for report in ghl.statuses.get(message_id, [])]
+
+
+async def failed_message(bridge, caplog, extra: dict | None = None) -> list[logging.LogRecord]:
+    """Send msg-1 to NUMBER, wait until GHL was told `failed`; the outbound warnings/errors."""
+    caplog.set_level(logging.INFO, logger="castghld")
+    await bridge.start(extra)
+    await bridge.install("loc1")
+    await bridge.post_message(phone=NUMBER)
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] == ["failed"], timeout=25)
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+    return [
+        r for r in caplog.records if r.name == "castghld.outbound" and r.levelno >= logging.WARNING
+    ]
+
+
+def assert_no_full_number(records: list[logging.LogRecord]) -> None:
+    for formatter in (_TextFormatter(journal=False), _JSONFormatter(journal=False)):
+        for record in records:
+            assert "9171234567" not in formatter.format(record)
+
+
+def json_fields(record: logging.LogRecord) -> dict:
+    return json.loads(_JSONFormatter(journal=False).format(record))
+
+
+def cast_error(code: str, text: str) -> dict:
+    return {"success": False, "error": text, "error_code": code}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_final_refusal_logs_cast_refused_with_its_code(bridge, caplog):
+    bridge.cast.fail_next("send", 401, cast_error("INVALID_API_KEY", f"Bad key (to {NUMBER})"))
+    [line] = await failed_message(bridge, caplog)
+    assert line.levelno == logging.ERROR
+    assert line.getMessage() == (
+        "Cast refused message=msg-1 location=loc1: 401 INVALID_API_KEY Bad key (to [number])"
+    )
+    fields = json_fields(line)
+    assert {k: fields[k] for k in ("message_id", "location_id", "outcome", "status")} == {
+        "message_id": "msg-1",
+        "location_id": "loc1",
+        "outcome": "refused",
+        "status": 401,
+    }
+    assert fields["error_code"] == "INVALID_API_KEY"
+    assert fields["reason"] == "Bad key (to [number])"
+    assert_no_full_number(caplog.records)
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_provider_errors_retried_out_log_gave_up_not_refused(bridge, caplog):
+    bridge.cast.fail_next(
+        "send", 502, cast_error("PROVIDER_ERROR", f"carrier rejected {NUMBER}"), times=100
+    )
+    lines = await failed_message(bridge, caplog, {"delivery": {"send_deadline": "1h"}})
+    attempts = 1 + PROVIDER_ERROR_RETRIES
+    *retries, final = lines
+    assert len(retries) == PROVIDER_ERROR_RETRIES
+    assert all(r.getMessage().startswith("Cast 502 PROVIDER_ERROR") for r in retries)
+    assert final.levelno == logging.ERROR
+    assert re.fullmatch(
+        rf"gave up on message=msg-1 location=loc1 after {attempts} attempts over \d+\.\ds: "
+        r"last error 502 PROVIDER_ERROR carrier rejected \[number\] "
+        rf"\({PROVIDER_ERROR_RETRIES} retries of PROVIDER_ERROR used up\)",
+        final.getMessage(),
+    ), final.getMessage()
+    fields = json_fields(final)
+    assert fields["outcome"] == "gave_up"
+    assert fields["status"] == 502
+    assert fields["error_code"] == "PROVIDER_ERROR"
+    assert fields["attempt"] == attempts
+    assert fields["message_id"] == "msg-1" and fields["location_id"] == "loc1"
+    assert not any("Cast refused" in r.getMessage() for r in caplog.records)
+    assert_no_full_number(caplog.records)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_server_errors_until_the_send_deadline_log_gave_up(bridge, caplog):
+    bridge.cast.fail_next(
+        "send",
+        503,
+        cast_error("SERVICE_UNAVAILABLE", "maintenance"),
+        headers={"Retry-After": "1"},
+        times=100,
+    )
+    lines = await failed_message(bridge, caplog, {"delivery": {"send_deadline": "3s"}})
+    final = lines[-1]
+    assert final.levelno == logging.ERROR
+    assert re.fullmatch(
+        r"gave up on message=msg-1 location=loc1 after \d+ attempts over \d+\.\ds: "
+        r"last error 503 SERVICE_UNAVAILABLE maintenance \((the next retry would fall after the "
+        r"send deadline|the send deadline passed while it waited for its retry)\)",
+        final.getMessage(),
+    ), final.getMessage()
+    fields = json_fields(final)
+    assert fields["outcome"] == "gave_up"
+    assert fields["status"] == 503
+    assert fields["attempt"] == len(bridge.cast.calls_to("POST", "/api/v1/sms/send")) >= 2
+    assert bridge.ghl.statuses["msg-1"][-1]["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert not any("Cast refused" in r.getMessage() for r in caplog.records)
+    assert_no_full_number(caplog.records)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_failed_delivery_report_logs_casts_dlr_status_and_text(bridge, caplog):
+    bridge.cast.set_delivery(
+        NUMBER, "undelivered", dlr_status="UNDELIV", error_message=f"Subscriber {NUMBER} absent"
+    )
+    [line] = await failed_message(bridge, caplog)
+    cast_id = bridge.cast.sent[0]["message_id"]
+    assert line.getMessage() == (
+        f"Cast reported undelivered message=msg-1 location=loc1 cast_id={cast_id}: "
+        "dlr_status=UNDELIV Subscriber [number] absent"
+    )
+    fields = json_fields(line)
+    assert {
+        k: fields[k]
+        for k in ("message_id", "location_id", "cast_id", "outcome", "status", "reason")
+    } == {
+        "message_id": "msg-1",
+        "location_id": "loc1",
+        "cast_id": cast_id,
+        "outcome": "failed",
+        "status": "undelivered",
+        "reason": "Subscriber [number] absent",
+    }
+    assert fields["error_code"] == "UNDELIV"
+    assert_no_full_number(caplog.records)
