@@ -60,12 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the daemon in the foreground until SIGTERM/SIGINT. Logs go to stderr; "
         "READY=1/STOPPING=1 go to systemd when $NOTIFY_SOCKET is set.",
     )
-    add_command(
+    check = add_command(
         "check-config",
         help="validate config, key file, webhook keys and state file",
         description="Load and validate the config, the state key file, the extra webhook public "
         "keys and the state file (decrypting it), then print a summary without secrets. "
-        "Exit 0 if the daemon could start with this config, 2 otherwise.",
+        "Exit 0 if the daemon could start with this config, 2 otherwise. No network call "
+        "unless --online.",
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask GHL whether client_id/client_secret are accepted and Cast whether each "
+        "API key is (no SMS, no token, 5 s per request); one 'ok|FAIL|WARN what: detail' line "
+        "each; a FAIL exits 2 (75 if every FAIL is an upstream not answering)",
     )
     gen = add_command(
         "gen-key",
@@ -152,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(config)
         if args.command == "check-config":
-            return check_config(config)
+            return check_config(config, online=args.online)
         if args.command == "installs":
             return installs(config, as_json=args.json)
         if args.command == "outbox":
@@ -212,7 +220,7 @@ def _open_daemon_state(config: Config):
     return Daemon(config)
 
 
-def check_config(config: Config) -> int:
+def check_config(config: Config, online: bool = False) -> int:
     from castghld.app import StartupError
 
     try:
@@ -248,10 +256,31 @@ def check_config(config: Config) -> int:
             print(f"warning:       {note}")
         if problems:
             return fail(problems, transient)
-        print("ok")
     finally:
         daemon.state.close()
+    if online:
+        code = check_online(config)
+        if code:
+            return code
+    print("ok")
     return 0
+
+
+def check_online(config: Config) -> int:
+    """Print one line per online check; 0, or the exit code of the FAILs (2: a credential was
+    refused or an answer was unexpected, 75: only upstreams that did not answer)."""
+    from castghld.app import configure_http_client
+    from castghld.online import TIMEOUT, online_checks
+
+    configure_http_client(TIMEOUT)
+    results = asyncio.run(online_checks(config))
+    for result in results:
+        print(result)
+    failed = [r for r in results if r.level == "FAIL"]
+    if not failed:
+        return 0
+    print(f"castghld: {len(failed)} online check(s) failed", file=sys.stderr)
+    return EXIT_TEMPFAIL if all(r.transient for r in failed) else EXIT_USAGE
 
 
 def predict_serve(config: Config) -> tuple[list[str], bool, list[str]]:

@@ -1,0 +1,169 @@
+"""`castghld check-config --online`: ask GHL and Cast whether the configured credentials work.
+
+Guarantees:
+- No side effect upstream: GHL is asked to exchange a made-up authorization code (nothing is
+  issued), Cast is asked the delivery status of a made-up message id (nothing is sent, nothing is
+  charged). No SMS is sent and no token is stored.
+- One line per check, ``ok|FAIL|WARN <what>: <detail>``; never a secret (a Cast key is named by
+  its config key and its account name, ``acct-`` + 10 hex digits of its SHA-256, as in the logs).
+- Each request gets one attempt of at most `TIMEOUT` seconds: an upstream that does not answer is
+  a FAIL naming its host, not a retry loop.
+
+How each answer is read (GHL does not document the errors of ``POST /oauth/token``, and Cast
+documents no account, balance or sender-ID endpoint: SPEC §5 and Cast's reference cover sending
+and delivery status only):
+- GHL: the form carries the real client_id/client_secret and a made-up code. ``invalid_grant`` (or
+  another 400/422 that does not name the client) means GHL authenticated the client and refused
+  only the code: the credentials are accepted. ``invalid_client``, any 401, or an answer whose
+  text names the client means GHL rejected client_id/client_secret.
+- Cast: an answer other than 401/403 to the status lookup (404 for the unknown id) means the key
+  was accepted; 401 ``INVALID_API_KEY`` / 403 ``API_KEY_REVOKED`` ... fail with Cast's code.
+- sender_id: Cast can only tell whether a sender ID is approved by sending; the check says so
+  (WARN) instead of pretending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from urllib.parse import urlsplit
+
+from castghld.cast import CastAccount, CastClient, CastError
+from castghld.config import Config
+from castghld.ghl import GHLClient, GHLError
+from castghld.metrics import Metrics
+
+TIMEOUT = 5.0  # seconds per upstream request
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """One line of the online check. `transient`: a FAIL a later try may not meet (no answer,
+    429, 5xx) rather than a refused credential."""
+
+    level: str  # "ok", "FAIL" or "WARN"
+    what: str
+    detail: str
+    transient: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.what}: {self.detail}"
+
+
+async def online_checks(config: Config) -> list[CheckResult]:
+    """Every online check, in order: GHL client credentials, each Cast key, each sender ID."""
+    metrics = Metrics()
+    results = [await check_ghl_client(config, GHLClient(config, metrics))]
+    cast = CastClient(config, metrics)
+    for where, account in cast_accounts(config):
+        results.append(await check_cast_key(config, cast, where, account))
+    results += sender_id_notes(config)
+    return results
+
+
+def cast_accounts(config: Config) -> list[tuple[str, CastAccount]]:
+    """(config key, account) of the default Cast key and of each location's own key, each key
+    once (the first config key that names it)."""
+    cast = config.cast
+    found = [("cast.api_key", CastAccount(cast.api_key.value, cast.sender_id))]
+    for location_id, override in sorted(cast.locations.items()):
+        if override.api_key is not None:
+            sender_id = override.sender_id if override.sender_id is not None else cast.sender_id
+            account = CastAccount(override.api_key.value, sender_id)
+            found.append((f"cast.locations.{location_id}.api_key", account))
+    seen: set[str] = set()
+    unique = []
+    for where, account in found:
+        if account.name not in seen:
+            seen.add(account.name)
+            unique.append((where, account))
+    return unique
+
+
+async def check_ghl_client(config: Config, ghl: GHLClient) -> CheckResult:
+    what = f"GHL client credentials (ghl.client_id {config.ghl.client_id})"
+    host = urlsplit(config.ghl.api_base).netloc
+    code = "castghld-check-config-" + secrets.token_hex(16)
+    try:
+        await ghl.exchange_code(code)
+    except GHLError as e:
+        answer = f"{e.status} {e.oauth_error + ': ' if e.oauth_error else ''}{e.message}"
+        if e.status == 599:
+            return CheckResult("FAIL", what, _no_answer(host, e.message), True)
+        if e.oauth_error == "invalid_client" or e.status == 401:
+            return CheckResult("FAIL", what, f"GHL rejected client_id/client_secret ({answer})")
+        if e.oauth_error == "invalid_grant" or (
+            e.status in (400, 422) and "client" not in e.message.lower()
+        ):
+            return CheckResult(
+                "ok", what, f"accepted by {host} (a made-up authorization code got {answer})"
+            )
+        if e.status == 400:  # a 400 without an OAuth code whose text names the client
+            return CheckResult("FAIL", what, f"GHL rejected client_id/client_secret ({answer})")
+        return CheckResult(
+            "FAIL", what, f"{host} answered {answer}; the credentials were not checked", e.retryable
+        )
+    return CheckResult("WARN", what, f"{host} exchanged a made-up authorization code; unexpected")
+
+
+async def check_cast_key(
+    config: Config, cast: CastClient, where: str, account: CastAccount
+) -> CheckResult:
+    what = f"Cast key {where} ({account.name})"
+    host = urlsplit(config.cast.api_base).netloc
+    made_up = "CASTGHLD-CHECK-" + secrets.token_hex(12).upper()
+    try:
+        await cast.status(account, made_up)
+    except CastError as e:
+        answer = f"{e.status} {e.code} {e.message}"
+        if e.status == 599:
+            return CheckResult("FAIL", what, _no_answer(host, e.message), True)
+        if e.status in (401, 403):
+            return CheckResult("FAIL", what, f"Cast refused the key: {answer}")
+        if e.status == 402:
+            return CheckResult("WARN", what, f"accepted by {host}, but sends will fail: {answer}")
+        if e.retryable or e.code == "BAD_ANSWER":
+            return CheckResult(
+                "FAIL", what, f"{host} answered {answer}; the key was not checked", True
+            )
+        return CheckResult(
+            "ok", what, f"accepted by {host} (a made-up message id got {e.status} {e.code})"
+        )
+    return CheckResult("ok", what, f"accepted by {host}")
+
+
+def _no_answer(host: str, message: str) -> str:
+    """`message` is the client's "no answer from ...: <exception type>"."""
+    return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {message.split(': ')[-1]})"
+
+
+def sender_id_notes(config: Config) -> list[CheckResult]:
+    """A WARN per configured sender ID: approval is only known when Cast takes or refuses a send."""
+    cast = config.cast
+    where_of: dict[str, list[str]] = {}
+    if cast.sender_id:
+        where_of.setdefault(cast.sender_id, []).append("cast.sender_id")
+    for location_id, override in sorted(cast.locations.items()):
+        if override.sender_id:
+            where_of.setdefault(override.sender_id, []).append(
+                f"cast.locations.{location_id}.sender_id"
+            )
+    notes = [
+        CheckResult(
+            "WARN",
+            f"sender_id {sender_id!r} ({', '.join(keys)})",
+            "Cast has no documented way to check approval without sending; the first send "
+            "checks it (a refusal is logged as 'Cast refused message=...' with Cast's error_code "
+            "and reported failed to GHL)",
+        )
+        for sender_id, keys in where_of.items()
+    ]
+    if not cast.sender_id:
+        notes.append(
+            CheckResult(
+                "WARN",
+                "sender_id (cast.sender_id)",
+                "not set: Cast sends with the account's assigned sender ID",
+            )
+        )
+    return notes

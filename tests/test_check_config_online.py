@@ -1,0 +1,210 @@
+"""`check-config --online` against the fakes: one `ok|FAIL|WARN what: detail` line per check, a
+FAIL exits non-zero, no secret is printed, nothing is sent; without --online, no network call."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+
+import pytest
+
+from castghld.cast import CastAccount
+
+SECRETS = ("test-secret", "cast_test_key", "cast_loc2_key", "inbound-secret", "wrong-secret")
+
+
+async def check_config(config_dir, extra: dict, *options: str) -> tuple[int, str, str]:
+    """Run `castghld check-config` in a child process while the fakes keep serving."""
+    path = config_dir.write(extra)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "castghld",
+        "--config",
+        path,
+        "check-config",
+        *options,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    stdout, stderr = out.decode(), err.decode()
+    for secret in SECRETS:
+        assert secret not in stdout + stderr
+    assert "Traceback" not in stderr
+    return proc.returncode, stdout, stderr
+
+
+def wired(fake_ghl, fake_cast, **sections) -> dict:
+    extra = {"ghl": {"api_base": fake_ghl.url}, "cast": {"api_base": fake_cast.url}}
+    for name, values in sections.items():
+        extra[name] = {**extra.get(name, {}), **values}
+    return extra
+
+
+def closed_port_url() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def lines_of(stdout: str, level: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith(level + " ")]
+
+
+def host(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def key_name(api_key: str) -> str:
+    return CastAccount(api_key, "").name
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_passes_with_accepted_credentials(config_dir, fake_ghl, fake_cast):
+    fake_cast.api_keys["cast_loc2_key"] = "acct2"
+    extra = wired(
+        fake_ghl,
+        fake_cast,
+        cast={
+            "sender_id": "CASTDEMO",
+            "locations": {"loc2": {"api_key": "cast_loc2_key", "sender_id": "LOC2"}},
+        },
+    )
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 0, stdout
+    assert stdout.strip().endswith("\nok")
+    assert lines_of(stdout, "ok") == [
+        "ok GHL client credentials (ghl.client_id test-client): accepted by "
+        f"{host(fake_ghl.url)} (a made-up authorization code got 400 invalid_grant: "
+        "Invalid grant: authorization code is invalid)",
+        f"ok Cast key cast.api_key ({key_name('cast_test_key')}): accepted by "
+        f"{host(fake_cast.url)} (a made-up message id got 404 NOT_FOUND)",
+        f"ok Cast key cast.locations.loc2.api_key ({key_name('cast_loc2_key')}): accepted by "
+        f"{host(fake_cast.url)} (a made-up message id got 404 NOT_FOUND)",
+    ]
+    warnings = lines_of(stdout, "WARN")
+    assert [w.split(":", 1)[0] for w in warnings] == [
+        "WARN sender_id 'CASTDEMO' (cast.sender_id)",
+        "WARN sender_id 'LOC2' (cast.locations.loc2.sender_id)",
+    ]
+    assert all("no documented way to check approval without sending" in w for w in warnings)
+    [token_call] = fake_ghl.calls
+    assert (token_call.method, token_call.path) == ("POST", "/oauth/token")
+    assert token_call.form["grant_type"] == "authorization_code"
+    assert {c.headers["X-API-Key"] for c in fake_cast.calls} == {"cast_test_key", "cast_loc2_key"}
+    assert all(c.method == "GET" and "/api/v1/sms/status/" in c.path for c in fake_cast.calls)
+    assert fake_cast.sent == []
+    assert fake_ghl.issued_tokens == []
+    assert fake_ghl.violations == [] and fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_when_ghl_rejects_the_client_secret(
+    config_dir, fake_ghl, fake_cast
+):
+    extra = wired(fake_ghl, fake_cast, ghl={"client_secret": "wrong-secret"})
+    code, stdout, stderr = await check_config(config_dir, extra, "--online")
+    assert code == 2
+    assert lines_of(stdout, "FAIL") == [
+        "FAIL GHL client credentials (ghl.client_id test-client): GHL rejected "
+        "client_id/client_secret (401 invalid_client: client authentication failed)"
+    ]
+    assert "castghld: 1 online check(s) failed" in stderr
+    assert not stdout.strip().endswith("ok")
+    # The fake counts a wrong secret as a broken contract: here it is the mistake under test.
+    assert fake_ghl.violations == ["POST /oauth/token: wrong client_id or client_secret"]
+    assert fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_with_casts_code_for_a_wrong_key(config_dir, fake_ghl, fake_cast):
+    extra = wired(fake_ghl, fake_cast, cast={"api_key": "cast_wrong_key"})
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 2
+    assert lines_of(stdout, "FAIL") == [
+        f"FAIL Cast key cast.api_key ({key_name('cast_wrong_key')}): Cast refused the key: "
+        "401 INVALID_API_KEY Invalid API key"
+    ]
+    assert "cast_wrong_key" not in stdout
+    assert lines_of(stdout, "ok")[0].startswith("ok GHL client credentials")
+    assert fake_ghl.violations == [] and fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_with_casts_code_for_a_revoked_key(
+    config_dir, fake_ghl, fake_cast
+):
+    revoked = {"success": False, "error": "API key revoked", "error_code": "API_KEY_REVOKED"}
+    fake_cast.fail_next("sms_status", 403, revoked)
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert code == 2
+    assert lines_of(stdout, "FAIL") == [
+        f"FAIL Cast key cast.api_key ({key_name('cast_test_key')}): Cast refused the key: "
+        "403 API_KEY_REVOKED API key revoked"
+    ]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_names_an_unreachable_cast(config_dir, fake_ghl, fake_cast):
+    url = closed_port_url()
+    extra = wired(fake_ghl, fake_cast, cast={"api_base": url})
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 75  # only an upstream that did not answer: try again later
+    [line] = lines_of(stdout, "FAIL")
+    assert line.startswith(
+        f"FAIL Cast key cast.api_key ({key_name('cast_test_key')}): no answer from {host(url)} "
+        "(waited at most 5 s: "
+    )
+    assert lines_of(stdout, "ok")[0].startswith("ok GHL client credentials")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_names_an_unreachable_ghl(config_dir, fake_ghl, fake_cast):
+    url = closed_port_url()
+    extra = wired(fake_ghl, fake_cast, ghl={"api_base": url})
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 75
+    [line] = lines_of(stdout, "FAIL")
+    assert line.startswith(
+        f"FAIL GHL client credentials (ghl.client_id test-client): no answer from {host(url)} "
+        "(waited at most 5 s: "
+    )
+    assert lines_of(stdout, "ok")[0].startswith("ok Cast key cast.api_key")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_gives_a_hanging_upstream_5_seconds(config_dir, fake_ghl, fake_cast):
+    fake_cast.hang("sms_status")
+    started = time.monotonic()
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    elapsed = time.monotonic() - started
+    fake_cast.release("sms_status")
+    assert code == 75
+    assert "FAIL Cast key cast.api_key" in stdout and "waited at most 5 s" in stdout
+    assert 5.0 <= elapsed < 15.0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_on_a_refusal_even_beside_an_unreachable_upstream(
+    config_dir, fake_ghl, fake_cast
+):
+    extra = wired(fake_ghl, fake_cast, cast={"api_base": closed_port_url()})
+    extra["ghl"]["client_secret"] = "wrong-secret"
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 2  # a refused credential is a config problem, not a transient one
+    assert len(lines_of(stdout, "FAIL")) == 2
+    fake_ghl.violations.clear()  # the wrong secret under test
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_check_config_without_online_makes_no_network_call(config_dir, fake_ghl, fake_cast):
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast))
+    assert code == 0
+    assert stdout.strip().endswith("ok")
+    assert not any(line.split(" ", 1)[0] in ("FAIL", "WARN") for line in stdout.splitlines())
+    assert fake_ghl.calls == [] and fake_cast.calls == []
