@@ -9,9 +9,9 @@ Guarantees:
 - Each request gets one attempt of at most `TIMEOUT` seconds: an upstream that does not answer is
   a FAIL naming its host, not a retry loop.
 
-How each answer is read (GHL does not document the errors of ``POST /oauth/token``, and Cast
-documents no account, balance or sender-ID endpoint: SPEC §5 and Cast's reference cover sending
-and delivery status only):
+How each answer is read (GHL does not enumerate the errors of ``POST /oauth/token``; the Cast API
+of SPEC §5 has no account, balance or sender-ID endpoint, and the public copy of Cast's reference
+describes sending only, so a key is proven through a status lookup):
 - GHL: the form carries the real client_id/client_secret and a made-up code. ``invalid_grant`` (or
   another 400/422 that does not name the client) means GHL authenticated the client and refused
   only the code: the credentials are accepted. ``invalid_client``, any 401, or an answer whose

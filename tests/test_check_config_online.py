@@ -149,32 +149,24 @@ async def test_online_check_fails_with_casts_code_for_a_revoked_key(
     ]
 
 
+@pytest.mark.parametrize(
+    ("section", "failing", "working"),
+    [
+        ("cast", f"Cast key cast.api_key ({key_name('cast_test_key')})", "GHL client credentials"),
+        ("ghl", "GHL client credentials (ghl.client_id test-client)", "Cast key cast.api_key"),
+    ],
+)
 @pytest.mark.gen_test(timeout=60)
-async def test_online_check_names_an_unreachable_cast(config_dir, fake_ghl, fake_cast):
+async def test_online_check_names_an_unreachable_upstream(
+    config_dir, fake_ghl, fake_cast, section, failing, working
+):
     url = closed_port_url()
-    extra = wired(fake_ghl, fake_cast, cast={"api_base": url})
+    extra = wired(fake_ghl, fake_cast, **{section: {"api_base": url}})
     code, stdout, _ = await check_config(config_dir, extra, "--online")
     assert code == 75  # only an upstream that did not answer: try again later
     [line] = lines_of(stdout, "FAIL")
-    assert line.startswith(
-        f"FAIL Cast key cast.api_key ({key_name('cast_test_key')}): no answer from {host(url)} "
-        "(waited at most 5 s: "
-    )
-    assert lines_of(stdout, "ok")[0].startswith("ok GHL client credentials")
-
-
-@pytest.mark.gen_test(timeout=60)
-async def test_online_check_names_an_unreachable_ghl(config_dir, fake_ghl, fake_cast):
-    url = closed_port_url()
-    extra = wired(fake_ghl, fake_cast, ghl={"api_base": url})
-    code, stdout, _ = await check_config(config_dir, extra, "--online")
-    assert code == 75
-    [line] = lines_of(stdout, "FAIL")
-    assert line.startswith(
-        f"FAIL GHL client credentials (ghl.client_id test-client): no answer from {host(url)} "
-        "(waited at most 5 s: "
-    )
-    assert lines_of(stdout, "ok")[0].startswith("ok Cast key cast.api_key")
+    assert line.startswith(f"FAIL {failing}: no answer from {host(url)} (waited at most 5 s: ")
+    assert lines_of(stdout, "ok")[0].startswith(f"ok {working}")
 
 
 @pytest.mark.gen_test(timeout=60)
