@@ -255,14 +255,11 @@ class Daemon:
         """castghld_outbox_oldest_age_seconds{kind}: how long the oldest unfinished message of
         each kind has waited since we accepted it (a backlog that only grows shows here first)."""
         now = time.time()
-        oldest: dict[str, float] = {"outbound": now, "inbound": now}
-        for record in self.outbox.records.values():
+        for kind in ("outbound", "inbound"):
+            record = self.outbox.oldest(kind) or {}
             since = record.get("accepted_at") or record.get("received_at")
-            if isinstance(since, int | float):
-                kind = record.get("kind", "outbound")
-                oldest[kind] = min(oldest.get(kind, now), since)
-        for kind, since in oldest.items():
-            self.metrics.oldest_waiting.labels(kind).set(max(0.0, now - since))
+            age = now - since if isinstance(since, int | float) else 0.0
+            self.metrics.oldest_waiting.labels(kind).set(max(0.0, age))
 
     @property
     def url(self) -> str:

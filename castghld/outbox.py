@@ -455,6 +455,9 @@ class Outbox:
         self.metrics = metrics
         self.seen_retention = seen_retention
         self.records: dict[str, Record] = {}
+        # The ids of `records` per kind, in the order they were accepted: counts and the oldest
+        # waiting message for /metrics without a pass over 100k records on the loop.
+        self._by_kind: dict[str, dict[str, None]] = {}
         self.seen = SeenIds(seen_retention)
         self.pipelines: dict[str, Pipeline | Scheduler] = {}
         self._adding: dict[str, asyncio.Future[None]] = {}
@@ -473,11 +476,11 @@ class Outbox:
         for count, entry in enumerate(self.journal.entries(), 1):  # noqa: B007
             op, rid = entry.get("op"), entry.get("id")
             if op == "put":
-                self.records[rid] = _loaded(entry["record"])
+                self._keep(rid, _loaded(entry["record"]))
             elif op == "update" and rid in self.records:
                 self.records[rid] = {**self.records[rid], **atomic(entry["fields"])}
             elif op == "done":
-                self.records.pop(rid, None)
+                self._forget(rid)
                 self.seen.add(rid, entry["at"])
             elif op in ("seen", "seen_hashes"):
                 self.seen.load_entry(entry)
@@ -521,11 +524,23 @@ class Outbox:
         await self.journal.close()
 
     def update_metrics(self) -> None:
-        counts: dict[str, int] = {}
-        for record in self.records.values():
-            counts[record["kind"]] = counts.get(record["kind"], 0) + 1
         for kind in ("outbound", "inbound"):
-            self.metrics.outbox_pending.labels(kind).set(counts.get(kind, 0))
+            self.metrics.outbox_pending.labels(kind).set(len(self._by_kind.get(kind, ())))
+
+    def oldest(self, kind: str) -> Record | None:
+        """The unfinished record of `kind` that was accepted first, or None (O(1))."""
+        for rid in self._by_kind.get(kind, ()):
+            return self.records[rid]
+        return None
+
+    def _keep(self, rid: str, record: Record) -> None:
+        self.records[rid] = record
+        self._by_kind.setdefault(record.get("kind", "outbound"), {})[rid] = None
+
+    def _forget(self, rid: str) -> None:
+        record = self.records.pop(rid, None)
+        if record is not None:
+            self._by_kind.get(record.get("kind", "outbound"), {}).pop(rid, None)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -547,13 +562,13 @@ class Outbox:
         if self.known(rid):
             return False
         record = atomic(record)
-        self.records[rid] = record
+        self._keep(rid, record)
         future = self.journal.append({"op": "put", "id": rid, "record": record})
         self._adding[rid] = future
         try:
             await asyncio.shield(future)
         except OSError:
-            self.records.pop(rid, None)
+            self._forget(rid)
             raise
         finally:
             del self._adding[rid]
@@ -576,7 +591,7 @@ class Outbox:
         now = time.time()
         # Memory first, as for every change: a compaction snapshot taken while the entry is
         # being written must not bring the record back.
-        self.records.pop(rid, None)
+        self._forget(rid)
         self.seen.add(rid, now)
         await self._persist({"op": "done", "id": rid, "at": now})
         self._maybe_compact()
@@ -681,17 +696,22 @@ class Outbox:
         seen = self.seen.entries()
         # A record whose `put` is still queued is not durable yet: its entry lands after the
         # snapshot (in the copied tail) if it is written, and nowhere if the write fails.
-        adding = self._adding
-        records = [
-            (rid, record)
-            for rid, record in self.records.items()
-            if rid not in adding or (adding[rid].done() and adding[rid].exception() is None)
-        ]
+        # Only the (few) unwritten ids are picked out here; the loop over every record runs on
+        # the compaction thread. A dict copy is one object: 100k waiting records cost ~4 ms here,
+        # where a list of 100k (id, record) tuples costs 30-90 ms, mostly in the GC passes that
+        # 100k new tracked tuples set off.
+        unwritten = {
+            rid
+            for rid, future in self._adding.items()
+            if not (future.done() and future.exception() is None)
+        }
+        records = self.records.copy()
 
         def entries() -> Iterator[Record]:
             yield from seen
-            for rid, record in records:
-                yield {"op": "put", "id": rid, "record": record}
+            for rid, record in records.items():
+                if rid not in unwritten:
+                    yield {"op": "put", "id": rid, "record": record}
 
         return entries()
 

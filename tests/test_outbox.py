@@ -344,3 +344,82 @@ async def test_writer_thread_runs_calls_in_order_and_hands_back_errors():
     writer.shutdown()  # lets the queued call finish before the thread ends
     assert done == [1, 2, 3, 4]
     assert await queued == 40
+
+
+def _brute_force(outbox: Outbox) -> dict:
+    """What the per-kind index must say, computed from the records themselves."""
+    out = {}
+    for kind in ("outbound", "inbound"):
+        rids = [rid for rid, r in outbox.records.items() if r.get("kind") == kind]
+        out[kind] = (len(rids), rids[0] if rids else None)
+    return out
+
+
+def _indexed(outbox: Outbox) -> dict:
+    outbox.update_metrics()
+    out = {}
+    for kind in ("outbound", "inbound"):
+        oldest = outbox.oldest(kind)
+        first = next((rid for rid, r in outbox.records.items() if r is oldest), None)
+        out[kind] = (int(outbox.metrics.outbox_pending.labels(kind)._value.get()), first)
+    return out
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_pending_counts_and_oldest_follow_adds_finishes_drops_and_restarts(tmp_path):
+    """/metrics reads the backlog from a per-kind index (no pass over 100k records per scrape):
+    it must agree with the records after every kind of change, and after a replay."""
+    import random
+
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    outbox.pipelines["inbound"] = Recorder(finish=False)
+    await outbox.start()
+    rng = random.Random(7)
+    live: list[str] = []
+    for n in range(300):
+        action = rng.random()
+        if action < 0.55 or not live:
+            rid = f"r{n}"
+            kind = "inbound" if rng.random() < 0.3 else "outbound"
+            assert await outbox.add(rid, {**record(n), "kind": kind, "accepted_at": n})
+            live.append(rid)
+        elif action < 0.8:
+            await outbox.finish(live.pop(rng.randrange(len(live))))
+        elif action < 0.9:
+            assert await outbox.drop(live.pop(rng.randrange(len(live))))
+        else:
+            await outbox.update(rng.choice(live), stage="sent")
+        assert _indexed(outbox) == _brute_force(outbox)
+    assert await outbox.add(live[0], record(0)) is False  # a duplicate changes nothing
+    assert _indexed(outbox) == _brute_force(outbox)
+    await outbox.stop()
+    again = make_outbox(tmp_path, keys)
+    again.pipelines["inbound"] = Recorder(finish=False)
+    assert sorted(again.records) == sorted(live)
+    assert _indexed(again) == _brute_force(again)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_record_that_could_not_be_stored_leaves_the_counts(tmp_path):
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    os.chmod(tmp_path, 0o500)  # no new files; the journal's fd still writes: fail it instead
+    outbox.journal._fd, fd = os.open(os.devnull, os.O_RDONLY), outbox.journal._fd
+    try:
+        with pytest.raises(OSError):
+            await outbox.add("out:1", record(1))
+    finally:
+        os.close(outbox.journal._fd)
+        outbox.journal._fd = fd
+        os.chmod(tmp_path, 0o700)
+    assert (
+        _indexed(outbox)
+        == _brute_force(outbox)
+        == {
+            "outbound": (0, None),
+            "inbound": (0, None),
+        }
+    )
+    await outbox.stop()
