@@ -651,8 +651,8 @@ class Outbox:
     def redispatch(self, kind: str) -> int:
         """Start pipelines again for live records of `kind` that wait (for an install)."""
         count = 0
-        for rid, record in list(self.records.items()):
-            if record["kind"] == kind and not self._held(rid):
+        for rid in list(self._by_kind.get(kind, ())):
+            if not self._held(rid):
                 self._dispatch(rid)
                 count += 1
         return count
