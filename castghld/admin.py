@@ -7,13 +7,15 @@ service user, and root, can connect; nothing listens on a network port). It live
 serves and is removed at stop. Answers are JSON; they never carry a token, a message body or a
 full phone number (numbers are masked to their last 4 digits).
 
-Routes: `GET /outbox`, `GET /outbox/ID`, `POST /outbox/ID/retry`, `POST /outbox/ID/drop`,
-`POST /installs/LOCATION/forget`.
+Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
+listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
+`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("castghld.admin")
 
 SOCKET_NAME = "admin.sock"
+LIST_DEFAULT = 100
+LIST_MAX = 10_000
 # Record fields shown as they are; others are left out (bodies, numbers, tokens).
 SHOWN_FIELDS = (
     "kind",
@@ -108,9 +112,17 @@ class AdminHandler(tornado.web.RequestHandler):
 
 class OutboxListHandler(AdminHandler):
     def get(self) -> None:
+        try:
+            limit = int(self.get_argument("limit", str(LIST_DEFAULT)))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= LIST_MAX:
+            self.reply(400, {"error": "bad_limit", "message": f"limit must be 1..{LIST_MAX}"})
+            return
         now = time.time()
-        records = sorted(self.daemon.outbox.records.items())
-        self.reply(200, {"records": [summary(rid, r, now) for rid, r in records]})
+        records = self.daemon.outbox.records  # in the order they were accepted: oldest first
+        shown = [summary(rid, r, now) for rid, r in itertools.islice(records.items(), limit)]
+        self.reply(200, {"records": shown, "total": len(records)})
 
 
 class OutboxRecordHandler(AdminHandler):

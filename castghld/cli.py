@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outbox.add_argument("id", nargs="?", metavar="ID")
     outbox.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    outbox.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        metavar="N",
+        help="list: the N oldest unfinished messages (default 100, at most 10000)",
+    )
     forget = add_command(
         "forget",
         help="delete a location's tokens (the running daemon does it)",
@@ -164,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "installs":
             return installs(config, as_json=args.json)
         if args.command == "outbox":
-            return outbox_command(config, args.action, args.id, as_json=args.json)
+            return outbox_command(config, args.action, args.id, as_json=args.json, limit=args.limit)
         if args.command == "forget":
             return forget(config, args.location)
         if args.command == "reconcile":
@@ -435,11 +442,13 @@ def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
     return 0, doc
 
 
-def outbox_command(config: Config, action: str, rid: str | None, as_json: bool = False) -> int:
+def outbox_command(
+    config: Config, action: str, rid: str | None, as_json: bool = False, limit: int = 100
+) -> int:
     """`castghld outbox [list|show ID|retry ID|drop ID]` through the running daemon."""
     if action != "list" and not rid:
         return fail([f"outbox {action} needs a message ID (see castghld outbox list)"])
-    path = "/outbox" if action == "list" else f"/outbox/{quote(rid or '', safe='')}"
+    path = f"/outbox?limit={limit}" if action == "list" else f"/outbox/{quote(rid or '', safe='')}"
     if action in ("retry", "drop"):
         path += "/" + action
     code, doc = _admin(config, "POST" if action in ("retry", "drop") else "GET", path)
@@ -454,6 +463,11 @@ def outbox_command(config: Config, action: str, rid: str | None, as_json: bool =
         for r in records:
             age = "-" if r["age_seconds"] is None else f"{r['age_seconds']:.0f}s"
             print(f"{r['id']:<40} {r['kind']:<9} {r['stage']:<10} {r['location_id']:<26} {age}")
+        if doc["total"] > len(records):
+            print(
+                f"... the {len(records)} oldest of {doc['total']} unfinished messages "
+                "(--limit N shows more)"
+            )
     else:
         print(f"{doc['id']}: {doc['outcome']}")
     return 0

@@ -18,10 +18,10 @@ REPLY = {
 }
 
 
-def post_reply(port: int) -> int:
+def post_reply(port: int, **fields) -> int:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/api/cast/v1/webhook/inbound",
-        data=json.dumps(REPLY).encode(),
+        data=json.dumps({**REPLY, **fields}).encode(),
         headers={"Authorization": "Bearer inbound-secret", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (http literal)
@@ -69,6 +69,31 @@ def test_outbox_commands_against_a_running_daemon(config_dir, capsys):
         assert proc.wait(timeout=30) == 0
         proc.stderr.close()
     assert not os.path.exists(sock)
+
+
+def test_outbox_list_shows_the_oldest_first_and_says_how_many_more(config_dir, capsys):
+    """A campaign leaves 100k waiting: listing them all would hold the daemon's loop for
+    seconds, so the list is the N oldest (default 100) and says how many there are."""
+    path = config_dir.write()
+    proc = start_serve(path)
+    try:
+        port = wait_for_port(proc)
+        for n in (3, 1, 2):  # accepted in this order: ids do not sort like acceptance
+            assert post_reply(port, message_id=f"CASTIN{n}") == 200
+        code, out, _ = run(capsys, "--config", path, "outbox", "list", "--limit", "2")
+        lines = out.strip().splitlines()
+        assert code == 0 and [line.split()[0] for line in lines[:2]] == ["in:CASTIN3", "in:CASTIN1"]
+        assert lines[2] == "... the 2 oldest of 3 unfinished messages (--limit N shows more)"
+        code, out, _ = run(capsys, "--config", path, "outbox", "list", "--json")
+        doc = json.loads(out)
+        assert doc["total"] == 3 and len(doc["records"]) == 3
+        for bad in ("0", "10001"):
+            code, _, err = run(capsys, "--config", path, "outbox", "list", "--limit", bad)
+            assert code == 1 and "limit must be 1..10000" in err
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        proc.stderr.close()
 
 
 def test_outbox_without_a_daemon_says_so(config_dir, capsys):
