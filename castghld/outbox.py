@@ -33,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -139,40 +141,55 @@ class _WriterThread:
     comes back to the IOLoop with one `call_soon_threadsafe`. A write is one such call per batch,
     so this is paid once per fsync (profiled: about a third less CPU per batch than the executor).
     The thread is a daemon: a write it is doing when the process ends is a torn last line, which
-    the journal drops on load, as after kill -9. `shutdown` lets queued calls finish first.
+    the journal drops on load, as after kill -9. `shutdown` lets queued calls finish first; a
+    writer dropped without it (a journal never closed) ends its thread too. A thread that cannot
+    start (the unit's TasksMax, no memory) is an OSError for that call; the next call tries again.
     """
 
     def __init__(self, name: str):
         self.name = name
         self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # The thread holds the queue, not this object: dropping it ends the thread.
+        weakref.finalize(self, self._jobs.put, None).atexit = False
 
     def call(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=_work, args=(self._jobs,), name=self.name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread"
+                raise OSError(errno.EAGAIN, f"cannot start the {self.name} thread") from None
+            self._thread = thread
         self._jobs.put((loop, future, function, args))
         return future
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, function, args = job
-            try:
-                result, error = function(*args), None
-            except BaseException as e:  # handed to the awaiter, as an executor would
-                result, error = None, e
-            try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
     def shutdown(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+
+
+def _work(jobs: queue.SimpleQueue[tuple | None]) -> None:
+    while (job := jobs.get()) is not None:
+        _run_job(*job)
+        del job  # waiting for the next one holds no journal
+
+
+def _run_job(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], function: Callable, args: tuple
+) -> None:
+    try:
+        result, error = function(*args), None
+    except BaseException as e:  # handed to the awaiter, as an executor would
+        result, error = None, e
+    try:
+        loop.call_soon_threadsafe(_resolve, future, result, error)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
 
 
 class Journal:

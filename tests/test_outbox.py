@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import os
 import stat
+import threading
 import time
+import weakref
 
 import pytest
 
@@ -423,3 +427,50 @@ async def test_a_record_that_could_not_be_stored_leaves_the_counts(tmp_path):
         }
     )
     await outbox.stop()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_writer_thread_that_cannot_start_refuses_the_write_and_the_next_one_starts_it(
+    tmp_path,
+):
+    """No thread can start when the unit is at its TasksMax or memory is short: the write is
+    refused (OSError: the webhook gets 503 and GHL retries), never left waiting, and a later
+    write starts the thread."""
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    threading.stack_size(2**50)  # more than the address space: "can't start new thread"
+    try:
+        with pytest.raises(OSError) as refused:
+            await asyncio.wait_for(outbox.add("out:1", record(1)), 5)
+        assert refused.value.errno == errno.EAGAIN  # not the TimeoutError of a write left waiting
+    finally:
+        threading.stack_size(0)
+    assert not outbox.known("out:1")
+    assert await outbox.add("out:1", record(1)) is True
+    await asyncio.wait_for(outbox.stop(), 5)
+    assert make_outbox(tmp_path, keys).records == {"out:1": record(1)}
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_journal_dropped_unclosed_lets_its_writer_thread_end(tmp_path):
+    """Tests build many outboxes and do not stop them all: each writer thread ends with its
+    journal instead of waiting forever for a job."""
+    keys = keyring()
+
+    def writers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "castghld-outbox"}
+
+    before = writers()
+    for n in range(3):
+        (tmp_path / str(n)).mkdir()
+        outbox = make_outbox(tmp_path / str(n), keys)
+        await outbox.start()
+        assert await outbox.add(f"out:{n}", record(n)) is True
+        await outbox.wait_idle()
+    assert len(writers() - before) == 3
+    journal = weakref.ref(outbox.journal)
+    del outbox
+    gc.collect()
+    assert journal() is None
+    await wait_for(lambda: not writers() - before)
