@@ -570,7 +570,9 @@ class Outbox:
     async def add(self, rid: str, record: Record) -> bool:
         """Store `record` durably and dispatch it; False if `rid` is a duplicate.
 
-        Raises OSError if it could not be stored: then it is not kept and not dispatched.
+        Raises OSError if it could not be stored: then it is not kept and not dispatched. A
+        caller cancelled while the write runs does not change that: the write goes on, and its
+        outcome (dispatched, or forgotten) is settled when it ends, not when the caller resumes.
         """
         pending = self._adding.get(rid)
         if pending is not None:  # the same id arrived while its first copy is being written
@@ -582,16 +584,17 @@ class Outbox:
         self._keep(rid, record)
         future = self.journal.append({"op": "put", "id": rid, "record": record})
         self._adding[rid] = future
-        try:
-            await asyncio.shield(future)
-        except OSError:
+        future.add_done_callback(lambda _: self._added(rid, future))  # runs before the caller
+        await asyncio.shield(future)
+        return True
+
+    def _added(self, rid: str, future: asyncio.Future[None]) -> None:
+        del self._adding[rid]
+        if future.cancelled() or future.exception() is not None:
             self._forget(rid)
-            raise
-        finally:
-            del self._adding[rid]
+            return
         self._entries_since_compaction += 1
         self._dispatch(rid)
-        return True
 
     async def update(self, rid: str, **fields: Any) -> None:
         """Merge `fields` into the record, durably; retried until the journal takes it."""

@@ -135,3 +135,39 @@ def test_snapshot_left_by_a_crash_mid_compaction_is_removed_at_start(daemons, co
     assert [path for path in leftovers if os.path.exists(path)] == []
     assert os.path.exists(os.path.join(config_dir.state_dir, JOURNAL_FILENAME))
     daemons.stop(daemon)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_add_whose_caller_is_cancelled_is_refused_or_stored_and_sent(tmp_path):
+    """outbox.py: `add` "Raises OSError if it could not be stored: then it is not kept and not
+    dispatched". Its caller cancelled while the write ran (the write goes on) left the record in
+    memory: `known` said yes, so GHL's next retry was answered 'duplicate' although the write had
+    failed (acknowledged, never stored); and a write that succeeded was not dispatched before the
+    next restart."""
+    from test_outbox import Recorder
+
+    from castghld.fakes import wait_for
+
+    recorder = Recorder()
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys, recorder)
+    await outbox.start()
+    good_fd = outbox.journal._fd
+    outbox.journal._fd = os.open("/dev/full", os.O_WRONLY)  # the next append fails (ENOSPC)
+    adding = asyncio.ensure_future(outbox.add("out:1", record(1)))
+    await asyncio.sleep(0)  # its `put` is being written
+    adding.cancel()
+    with pytest.raises(OSError):  # GHL's retry meanwhile: 503, not 'duplicate'
+        await outbox.add("out:1", record(1))
+    assert not outbox.known("out:1")
+    os.close(outbox.journal._fd)
+    outbox.journal._fd = good_fd
+    adding = asyncio.ensure_future(outbox.add("out:2", record(2)))
+    await asyncio.sleep(0)
+    adding.cancel()
+    await wait_for(lambda: recorder.seen == ["out:2"])  # stored, then sent without a restart
+    assert outbox.known("out:2")
+    await outbox.stop()
+    again = make_outbox(tmp_path, keys)
+    assert again.known("out:2")
+    assert not again.known("out:1")
