@@ -5,6 +5,7 @@ The fakes run in the test process; the daemon talks to them over loopback like p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -145,3 +146,29 @@ async def test_sigterm_lets_a_send_in_flight_finish_and_records_it(serve, fake_c
     await serve.start()
     await wait_for(lambda: statuses(fake_ghl, "m-term") == ["pending", "delivered"], timeout=20)
     assert len(fake_cast.calls_to("POST", SEND)) == 1  # recorded as sent: not asked again
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_during_a_burst_keeps_every_acknowledged_message(serve, fake_cast, fake_ghl):
+    """The stop begins while webhooks are being written (batches queued for the journal's writer
+    thread): it waits for them and exits 0; after the restart GHL's retry of every message
+    answered 200 is a duplicate (stored), and none is sent twice."""
+    await serve.start()
+    await serve.install("loc1")
+    posts = [asyncio.ensure_future(serve.post_message(f"m{n}")) for n in range(200)]
+    await wait_for(lambda: sum(post.done() for post in posts) >= 10)
+    assert await serve.terminate() == 0
+    answers = await asyncio.gather(*posts, return_exceptions=True)
+    acknowledged = [
+        f"m{n}"
+        for n, answer in enumerate(answers)
+        if not isinstance(answer, BaseException) and answer.code == 200
+    ]
+    assert len(acknowledged) >= 10
+    await serve.start()
+    for message_id in acknowledged:
+        response = await serve.post_message(message_id)
+        assert json.loads(response.body)["status"] == "duplicate", message_id
+    assert await serve.terminate() == 0
+    keys = [s["idempotency_key"] for s in fake_cast.sent]
+    assert len(keys) == len(set(keys))
