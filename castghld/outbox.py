@@ -499,7 +499,7 @@ class Outbox:
             elif op == "done":
                 self._forget(rid)
                 self.seen.add(rid, entry["at"])
-            elif op in ("seen", "seen_hashes"):
+            elif op in ("seen_run", "seen", "seen_hashes"):
                 self.seen.load_entry(entry)
         self.restarted = count > 0
         self._entries_since_compaction = count
