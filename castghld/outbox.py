@@ -594,7 +594,8 @@ class Outbox:
             self._forget(rid)
             return
         self._entries_since_compaction += 1
-        self._dispatch(rid)
+        if rid in self.records:  # else dropped meanwhile (castghld outbox drop)
+            self._dispatch(rid)
 
     async def update(self, rid: str, **fields: Any) -> None:
         """Merge `fields` into the record, durably; retried until the journal takes it."""
