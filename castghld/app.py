@@ -116,7 +116,14 @@ def configure_http_client(request_timeout: float = REQUEST_TIMEOUT) -> str:
     # every request header and body: bearer tokens, refresh tokens, the client secret, the Cast
     # API key. Debug logging of castghld must never switch it on.
     logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
-    defaults = {"connect_timeout": CONNECT_TIMEOUT, "request_timeout": request_timeout}
+    # Redirects are never followed: libcurl would hand the X-API-Key header, and for a 307/308 the
+    # form with the client secret or a refresh token, to whatever host a Location names. GHL and
+    # Cast do not redirect their API calls, so a 3xx is an answer like any other non-2xx.
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "request_timeout": request_timeout,
+        "follow_redirects": False,
+    }
     try:
         import pycurl  # noqa: F401
 

@@ -74,9 +74,19 @@ PROVIDER_ERROR_RETRIES = 3
 class CastError(Exception):
     """A Cast answer other than success (status 599: no answer)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+    ):
         super().__init__(f"Cast {status} {code}: {message}")
         self.status = status
+        # The HTTP status Cast (or whatever answered) sent; `status` is 502 for an answer that is
+        # not Cast's (a body that is not a JSON object, a 2xx/3xx without success).
+        self.http_status = status if http_status is None else http_status
         self.code = code
         self.message = message
         self.retry_after = retry_after
@@ -221,6 +231,7 @@ class CastClient:
                 "BAD_ANSWER",
                 f"Cast answered {method} {path} with HTTP {response.code} and a body that is not "
                 "a JSON object",
+                http_status=response.code,
             )
         if 200 <= response.code < 300 and answer.get("success", True) is not False:
             return answer
@@ -230,6 +241,7 @@ class CastClient:
             # Cast's text may echo the number it refused: it reaches logs and GHL without it.
             redact_numbers(str(answer.get("error") or response.reason or "error"))[:500],
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            http_status=response.code,
         )
 
     # -- sends ---------------------------------------------------------------------------------

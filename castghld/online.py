@@ -13,11 +13,15 @@ How each answer is read (GHL does not enumerate the errors of ``POST /oauth/toke
 of SPEC §5 has no account, balance or sender-ID endpoint, and the public copy of Cast's reference
 describes sending only, so a key is proven through a status lookup):
 - GHL: the form carries the real client_id/client_secret and a made-up code. ``invalid_grant`` (or
-  another 400/422 that does not name the client) means GHL authenticated the client and refused
-  only the code: the credentials are accepted. ``invalid_client``, any 401, or an answer whose
-  text names the client means GHL rejected client_id/client_secret.
-- Cast: an answer other than 401/403 to the status lookup (404 for the unknown id) means the key
-  was accepted; 401 ``INVALID_API_KEY`` / 403 ``API_KEY_REVOKED`` ... fail with Cast's code.
+  another 400/422 JSON error that does not name the client) means GHL authenticated the client and
+  refused only the code: the credentials are accepted. ``invalid_client``, any 401, or an answer
+  whose text names the client means GHL rejected client_id/client_secret. An answer without a JSON
+  error (empty, HTML, a 3xx: redirects are never followed) or a success proves nothing: FAIL.
+- Cast: an error answer of Cast's shape (a JSON object with an ``error_code``) other than 401/403
+  to the status lookup (404 for the unknown id) means the key was accepted; 401
+  ``INVALID_API_KEY`` / 403 ``API_KEY_REVOKED`` ... fail with Cast's code. Any other answer (a
+  proxy's page, an empty body, another service's JSON) proves nothing: FAIL, transient only for
+  429/5xx.
 - sender_id: Cast can only tell whether a sender ID is approved by sending; the check says so
   (WARN) instead of pretending.
 """
@@ -28,9 +32,10 @@ import dataclasses
 import secrets
 from urllib.parse import urlsplit
 
-from castghld.cast import CastAccount, CastClient, CastError
+from castghld.cast import RETRYABLE_STATUSES, CastAccount, CastClient, CastError
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError
+from castghld.log import one_line, scrub
 from castghld.metrics import Metrics
 
 TIMEOUT = 5.0  # seconds per upstream request
@@ -51,14 +56,27 @@ class CheckResult:
 
 
 async def online_checks(config: Config) -> list[CheckResult]:
-    """Every online check, in order: GHL client credentials, each Cast key, each sender ID."""
+    """Every online check, in order: GHL client credentials, each Cast key, each sender ID. Each
+    detail is one line without a configured secret, whatever an upstream put in its answer."""
     metrics = Metrics()
     results = [await check_ghl_client(config, GHLClient(config, metrics))]
     cast = CastClient(config, metrics)
     for where, account in cast_accounts(config):
         results.append(await check_cast_key(config, cast, where, account))
     results += sender_id_notes(config)
-    return results
+    return [dataclasses.replace(r, detail=_printable(config, r.detail)) for r in results]
+
+
+def _printable(config: Config, text: str) -> str:
+    """`text` (which may quote an upstream's answer: an echo of our request, a line break) on one
+    line, scrubbed like a log line, with every configured secret replaced by ``[secret]``."""
+    cast = config.cast
+    values = [config.ghl.client_secret.value, cast.api_key.value, cast.inbound_secret.value]
+    values += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
+    text = one_line(scrub(text))
+    for value in sorted(filter(None, values), key=len, reverse=True):
+        text = text.replace(value, "[secret]")
+    return text
 
 
 def cast_accounts(config: Config) -> list[tuple[str, CastAccount]]:
@@ -92,6 +110,15 @@ async def check_ghl_client(config: Config, ghl: GHLClient) -> CheckResult:
             return CheckResult("FAIL", what, _no_answer(host, e.message), True)
         if e.oauth_error == "invalid_client" or e.status == 401:
             return CheckResult("FAIL", what, f"GHL rejected client_id/client_secret ({answer})")
+        if not isinstance(e.body, dict) or not e.body:
+            # An empty or HTML answer (a proxy, a wrong api_base) says nothing about the client.
+            return CheckResult(
+                "FAIL",
+                what,
+                f"{host} answered {answer} without GHL's JSON error; the credentials were not "
+                "checked",
+                e.retryable,
+            )
         if e.oauth_error == "invalid_grant" or (
             e.status in (400, 422) and "client" not in e.message.lower()
         ):
@@ -103,7 +130,12 @@ async def check_ghl_client(config: Config, ghl: GHLClient) -> CheckResult:
         return CheckResult(
             "FAIL", what, f"{host} answered {answer}; the credentials were not checked", e.retryable
         )
-    return CheckResult("WARN", what, f"{host} exchanged a made-up authorization code; unexpected")
+    return CheckResult(
+        "FAIL",
+        what,
+        f"{host} answered a made-up authorization code with success: not GHL's token endpoint? "
+        "the credentials were not checked",
+    )
 
 
 async def check_cast_key(
@@ -115,16 +147,21 @@ async def check_cast_key(
     try:
         await cast.status(account, made_up)
     except CastError as e:
-        answer = f"{e.status} {e.code} {e.message}"
+        answer = f"{e.http_status} {e.code} {e.message}"
         if e.status == 599:
             return CheckResult("FAIL", what, _no_answer(host, e.message), True)
         if e.status in (401, 403):
             return CheckResult("FAIL", what, f"Cast refused the key: {answer}")
         if e.status == 402:
             return CheckResult("WARN", what, f"accepted by {host}, but sends will fail: {answer}")
-        if e.retryable or e.code == "BAD_ANSWER":
+        # Only Cast's own error answer (a JSON object with its error_code) proves the key: not a
+        # proxy's page, an empty body or a JSON answer of some other service.
+        if e.retryable or e.code == "BAD_ANSWER" or e.code.startswith("HTTP_"):
             return CheckResult(
-                "FAIL", what, f"{host} answered {answer}; the key was not checked", True
+                "FAIL",
+                what,
+                f"{host} answered {answer}; the key was not checked",
+                e.http_status in RETRYABLE_STATUSES,
             )
         return CheckResult(
             "ok", what, f"accepted by {host} (a made-up message id got {e.status} {e.code})"

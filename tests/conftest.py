@@ -10,7 +10,9 @@ import os
 import time
 
 import pytest
+import tornado.httpserver
 import tornado.testing
+import tornado.web
 import yaml
 from tornado.httpclient import AsyncHTTPClient
 
@@ -227,3 +229,27 @@ def bridge(io_loop, config_dir, daemons, fake_ghl, fake_cast):
     yield Bridge(io_loop, config_dir, daemons, fake_ghl, fake_cast)
     assert fake_ghl.violations == []
     assert fake_cast.violations == []
+
+
+class _Record(tornado.web.RequestHandler):
+    """Records every request that reaches it: a redirect target must see none."""
+
+    def initialize(self, seen: list) -> None:
+        self.seen = seen
+
+    def prepare(self) -> None:
+        self.seen.append((self.request.method, dict(self.request.headers), self.request.body))
+        self.finish("{}")
+
+
+@pytest.fixture
+def elsewhere():
+    """(url, requests it received) of a server on loopback a hostile 3xx may point at."""
+    seen: list = []
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(
+        tornado.web.Application([(r"/.*", _Record, {"seen": seen})])
+    )
+    server.add_sockets([sock])
+    yield f"http://127.0.0.1:{port}/collect", seen
+    server.stop()

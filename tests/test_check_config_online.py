@@ -7,6 +7,7 @@ import asyncio
 import socket
 import sys
 import time
+from http import HTTPStatus
 
 import pytest
 
@@ -200,3 +201,85 @@ async def test_check_config_without_online_makes_no_network_call(config_dir, fak
     assert stdout.strip().endswith("ok")
     assert not any(line.split(" ", 1)[0] in ("FAIL", "WARN") for line in stdout.splitlines())
     assert fake_ghl.calls == [] and fake_cast.calls == []
+
+
+@pytest.mark.parametrize("status", [302, 307, 308])
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_follows_no_redirect_with_the_secret_or_the_key(
+    config_dir, fake_ghl, fake_cast, elsewhere, status
+):
+    url, seen = elsewhere
+    fake_ghl.fail_next("token", status, "", headers={"Location": url})
+    fake_cast.fail_next("sms_status", status, "", headers={"Location": url})
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert seen == []  # libcurl would re-POST client_secret (307/308) and resend X-API-Key
+    assert code == 2  # an answer, not an upstream that did not answer
+    ghl_line, cast_line = lines_of(stdout, "FAIL")
+    assert ghl_line.startswith("FAIL GHL client credentials (ghl.client_id test-client): ")
+    assert ghl_line.endswith("; the credentials were not checked")
+    assert f" answered {status} " in ghl_line
+    assert cast_line.startswith(f"FAIL Cast key cast.api_key ({key_name('cast_test_key')}): ")
+    assert cast_line.endswith(
+        f" answered {status} HTTP_{status} {HTTPStatus(status).phrase}; the key was not checked"
+    )
+
+
+HTML_400 = "<html><body><h1>400 Bad Request</h1>nginx</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (400, HTML_400, 2),  # a proxy's page: neither upstream said anything about the credentials
+        (400, "", 2),
+        (404, {"detail": "Not Found"}, 2),  # some other JSON service behind a wrong api_base
+        (502, "<html>502 Bad Gateway</html>", 75),  # a proxy whose upstream is down: try later
+    ],
+)
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_is_not_fooled_by_an_answer_that_is_not_the_upstreams(
+    config_dir, fake_ghl, fake_cast, status, body, code
+):
+    fake_ghl.fail_next("token", status, body)
+    fake_cast.fail_next("sms_status", status, body)
+    got, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert got == code, stdout
+    assert lines_of(stdout, "ok") == []
+    ghl_line, cast_line = lines_of(stdout, "FAIL")
+    assert ghl_line.endswith("the credentials were not checked"), ghl_line
+    assert cast_line.endswith("the key was not checked"), cast_line
+    assert f" answered {status} " in ghl_line and f" answered {status} " in cast_line
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_when_a_made_up_code_gets_a_success(
+    config_dir, fake_ghl, fake_cast
+):
+    fake_ghl.fail_next("token", 200, {})  # a catch-all JSON service behind a wrong api_base
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert code == 2
+    assert not stdout.strip().endswith("ok")
+    [line] = lines_of(stdout, "FAIL")
+    assert line.startswith("FAIL GHL client credentials (ghl.client_id test-client): ")
+    assert line.endswith("the credentials were not checked")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_prints_neither_an_echoed_secret_nor_an_upstreams_line_break(
+    config_dir, fake_ghl, fake_cast
+):
+    echo = (
+        "bad request: client_id=test-client&client_secret=test-secret&code=x\n"
+        "ok Cast key cast.api_key (acct-forged): accepted"
+    )
+    fake_ghl.fail_next("token", 400, {"error": "invalid_request", "error_description": echo})
+    forged = {"success": False, "error": "key cast_test_key\nok all good", "error_code": "NOPE"}
+    fake_cast.fail_next("sms_status", 403, forged)
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    # check_config() asserts no SECRETS in stdout/stderr
+    assert code == 2
+    assert "acct-forged" not in "".join(lines_of(stdout, "ok"))
+    assert not any(line.startswith("ok all good") for line in stdout.splitlines())
+    ghl_line, cast_line = lines_of(stdout, "FAIL")
+    assert "\\nok Cast key cast.api_key (acct-forged)" in ghl_line
+    assert cast_line.endswith("403 NOPE key [secret]\\nok all good")
