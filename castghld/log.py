@@ -27,13 +27,25 @@ SCRUB_KEYS = (
     "password",
 )
 # 9 to 15 digits, optionally "+"-prefixed and grouped by spaces or dashes: a phone number.
-_PHONE_RE = re.compile(r"(?<![\w.])\+?\d(?:[ -]?\d){8,14}(?![\w.:])")
+# A "." right after it ends a sentence ("... to 09171234567."); only a "." and a digit (a decimal,
+# a dotted version) mean the digits are part of something else.
+_PHONE_RE = re.compile(r"(?<![\w.])\+?\d(?:[ -]?\d){8,14}(?![\w:]|\.\d)")
 
 
 def redact_numbers(text: str) -> str:
     """`text` with phone numbers replaced by ``[number]``: upstream error messages may echo the
     number they refused, and logs and metrics must stay free of personal data."""
     return _PHONE_RE.sub("[number]", text)
+
+
+# Line breaks and other control characters (but tab): upstream text (Cast's and GHL's error
+# messages) must not start a line of its own that looks like one of ours.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters written as escapes (``\\n``)."""
+    return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 _KV_RE = re.compile(
@@ -115,6 +127,11 @@ class _TextFormatter(logging.Formatter):
     def __init__(self, journal: bool):
         super().__init__("%(levelname)s %(name)s: %(message)s")
         self.journal = journal
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The event itself is one line whatever its arguments hold; only a traceback (appended
+        # after this) spans lines.
+        return one_line(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         text = scrub(super().format(record))

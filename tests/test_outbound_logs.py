@@ -146,3 +146,50 @@ async def test_failed_delivery_report_logs_casts_dlr_status_and_text(bridge, cap
     }
     assert fields["error_code"] == "UNDELIV"
     assert_no_full_number(caplog.records)
+
+
+FORGED = "\nERROR castghld.app: forged line\r\n<3>CRITICAL castghld: forged too"
+
+
+def assert_one_line_each(records: list[logging.LogRecord]) -> None:
+    """Whatever Cast's text holds, each event is one line in every format (under journald each
+    line is an entry of its own: a line break would forge one)."""
+    formatters = [_TextFormatter(journal=False), _TextFormatter(journal=True)]
+    formatters.append(_JSONFormatter(journal=False))
+    for record in records:
+        for formatter in formatters:
+            text = formatter.format(record)
+            assert "\n" not in text and "\r" not in text, text
+            assert "forged" not in text or "\\nERROR castghld.app: forged line" in text, text
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_casts_error_text_cannot_forge_a_log_line(bridge, caplog):
+    bridge.cast.fail_next("send", 400, cast_error("VALIDATION_ERROR", "bad" + FORGED))
+    [line] = await failed_message(bridge, caplog)
+    assert line.getMessage().startswith("Cast refused message=msg-1 location=loc1: 400 ")
+    assert_one_line_each(caplog.records)
+    assert json_fields(line)["reason"] == "bad" + FORGED  # JSON keeps the text, escaped
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_failed_delivery_reports_text_cannot_forge_a_log_line_or_leak_a_number(
+    bridge, caplog
+):
+    text = f"Message to {NUMBER}." + FORGED
+    bridge.cast.set_delivery(NUMBER, "failed", dlr_status="REJECTD", error_message=text)
+    [line] = await failed_message(bridge, caplog)
+    assert "Message to [number]." in line.getMessage()
+    assert_one_line_each(caplog.records)
+    assert_no_full_number(caplog.records)
+    assert "9171234567" not in str(bridge.ghl.statuses["msg-1"])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cast_redirect_is_not_followed_with_the_key_and_the_sms(bridge, caplog, elsewhere):
+    url, seen = elsewhere
+    bridge.cast.fail_next("send", 307, "", headers={"Location": url}, times=100)
+    lines = await failed_message(bridge, caplog, {"delivery": {"send_deadline": "2s"}})
+    assert seen == []  # libcurl would resend the SMS, its number and X-API-Key there
+    assert lines[-1].getMessage().startswith("gave up on message=msg-1 location=loc1 after ")
+    assert " last error 502 HTTP_307 " in lines[-1].getMessage()
