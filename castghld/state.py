@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import concurrent.futures
 import errno
 import fcntl
@@ -45,6 +46,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 log = logging.getLogger("castghld.state")
 
 STATE_FILENAME = "state.bin"
+# A key file is one ~45-byte line per key: anything larger is not one (a 1 GB file was read whole).
+MAX_KEY_FILE = 64 * 1024
 _MAGIC = b"CGS1"
 _KEY_ID_LEN = 8
 _NONCE_LEN = 12
@@ -115,24 +118,37 @@ class KeyRing:
     @classmethod
     def load(cls, path: str) -> KeyRing:
         """The keys of `path`. Every failure (missing, not a regular file, readable by others,
-        unreadable, not a key file, an empty file) is a StateError that names `state.key_file`,
-        the path once and the fix; it is transient only for an I/O error a retry may not meet."""
+        unreadable, larger than `MAX_KEY_FILE`, not a key file, an empty file) is a StateError
+        that names `state.key_file`, the path once and the fix; it is transient only for an I/O
+        error a retry may not meet. Never blocks on a FIFO, never reads more than `MAX_KEY_FILE`
+        bytes. A UTF-8 byte-order mark (an editor's) is ignored."""
+        not_regular = key_file_error(
+            path, "is not a regular file", "point state.key_file at a file made by castghld gen-key"
+        )
         try:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
-                raise key_file_error(
-                    path,
-                    "is not a regular file",
-                    "point state.key_file at a file made by castghld gen-key",
-                )
+                raise not_regular
             if st.st_mode & 0o077:
                 raise key_file_error(
                     path,
                     f"is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o})",
                     f"run: chmod 600 {path}",
                 )
-            with open(path, "rb") as f:
-                data = f.read()
+            # Non-blocking: a FIFO swapped in after the stat must not hang serve or check-config.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise not_regular
+                data = f.read(MAX_KEY_FILE + 1)
+            if len(data) > MAX_KEY_FILE:
+                raise key_file_error(
+                    path,
+                    f"is {st.st_size} bytes, not a state key file (at most {MAX_KEY_FILE} bytes: "
+                    "one line per key)",
+                    "point state.key_file at a file made by castghld gen-key",
+                )
         except FileNotFoundError:
             raise key_file_error(
                 path, "does not exist", f"create it: castghld gen-key {path}"
@@ -152,7 +168,7 @@ class KeyRing:
                 transient=transient,
             ) from None
         try:
-            lines = data.decode("ascii").splitlines()
+            lines = data.removeprefix(codecs.BOM_UTF8).decode("ascii").splitlines()
         except UnicodeDecodeError:
             raise key_file_error(
                 path,

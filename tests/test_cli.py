@@ -97,6 +97,18 @@ def _key_file_binary(key_path: str) -> str:
     return "is not a state key file (not ASCII text); point state.key_file at a file made by"
 
 
+def _key_file_huge(key_path: str) -> str:
+    with open(key_path, "r+b") as f:  # sparse: a valid first line, then 1 GB of holes
+        f.truncate(1 << 30)
+    return f"is {1 << 30} bytes, not a state key file (at most 65536 bytes: one line per key)"
+
+
+def _key_file_is_a_fifo(key_path: str) -> str:
+    os.unlink(key_path)
+    os.mkfifo(key_path, 0o600)  # no writer: a blocking read would never return
+    return "is not a regular file; point state.key_file at a file made by castghld gen-key"
+
+
 @pytest.mark.parametrize(
     "breakage",
     [
@@ -105,6 +117,8 @@ def _key_file_binary(key_path: str) -> str:
         _key_file_malformed_line,
         _key_file_empty,
         _key_file_binary,
+        _key_file_huge,
+        _key_file_is_a_fifo,
     ],
 )
 def test_bad_key_file_is_exit_2_naming_state_key_file(config_dir, breakage):
@@ -118,6 +132,21 @@ def test_bad_key_file_is_exit_2_naming_state_key_file(config_dir, breakage):
     prefix = f"castghld: {path}: state.key_file {config_dir.key_path}: "
     assert lines[0].startswith(prefix), lines[0]
     assert expected in lines[0][len(prefix) :]
+
+
+def test_key_file_edited_on_windows_still_loads(config_dir):
+    """A byte-order mark, CRLF line ends and trailing spaces (an editor's) are not key damage;
+    a symlink to the file is followed."""
+    key = pathlib.Path(config_dir.key_path)
+    line = key.read_text().strip()
+    real = config_dir.path / "real.key"
+    real.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"  \r\n" + line.encode() + b"\r\n")
+    real.chmod(0o600)
+    key.unlink()
+    key.symlink_to(real)
+    result = run_cli("--config", config_dir.write(), "check-config")
+    assert result.returncode == 0, result.stderr
+    assert f"state key:     {config_dir.key_path} (2 key(s))" in result.stdout
 
 
 def test_unreachable_key_file_is_exit_2_naming_state_key_file(config_dir, tmp_path):
