@@ -383,6 +383,8 @@ class OutboundDelivery:
             # key, same account) only while Cast still remembers the key.
             not_after = record["received_at"] + SAFE_RESEND_AGE
             account = self._account(record)
+            # `tries` counts this run's attempts only (the journal does not keep them).
+            self.outbox.note(rid, resumed=True)
         else:
             not_after = record["received_at"] + self.config.delivery.send_deadline
             account = (
@@ -506,11 +508,15 @@ class OutboundDelivery:
         self, record: Record, tries: int, status: int, code: str, reason: str, why: str
     ) -> None:
         """The error line of a send retried until it could not be retried any more: not a
-        refusal by Cast, so it says how long we tried and what Cast last answered."""
+        refusal by Cast, so it says how long we tried and what Cast last answered. After a
+        restart it counts this run's attempts and says so."""
+        attempts = f"{tries} attempt{'' if tries == 1 else 's'}"
+        if record.get("resumed"):
+            attempts += " since castghld restarted"
         log.error(
-            "gave up on %s after %d attempts over %.1fs: last error %d %s %s (%s)",
+            "gave up on %s after %s over %.1fs: last error %d %s %s (%s)",
             _context(record),
-            tries,
+            attempts,
             time.time() - record["received_at"],
             status,
             code,

@@ -3,6 +3,7 @@ as JSON fields too, and never a full phone number."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -193,3 +194,30 @@ async def test_a_cast_redirect_is_not_followed_with_the_key_and_the_sms(bridge, 
     assert seen == []  # libcurl would resend the SMS, its number and X-API-Key there
     assert lines[-1].getMessage().startswith("gave up on message=msg-1 location=loc1 after ")
     assert " last error 502 HTTP_307 " in lines[-1].getMessage()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_gave_up_after_a_restart_does_not_pass_off_its_attempts_as_all(bridge, caplog):
+    caplog.set_level(logging.INFO, logger="castghld")
+    unavailable = cast_error("SERVICE_UNAVAILABLE", "maintenance")
+    bridge.cast.fail_next("send", 503, unavailable, times=100)
+    extra = {"delivery": {"send_deadline": "2s"}}
+    await bridge.start(extra)
+    await bridge.install("loc1")
+    await bridge.post_message(phone=NUMBER)
+    await wait_for(lambda: len(bridge.cast.calls_to("POST", "/api/v1/sms/send")) >= 1)
+    await bridge.stop()
+    before = len(bridge.cast.calls_to("POST", "/api/v1/sms/send"))
+    await asyncio.sleep(2.5)  # down past the send deadline: the restart resends once (same key)
+    await bridge.start(extra)
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] == ["failed"], timeout=15)
+    after = len(bridge.cast.calls_to("POST", "/api/v1/sms/send")) - before
+    [final] = [r for r in caplog.records if r.getMessage().startswith("gave up on ")]
+    message = final.getMessage()
+    # This run knows its own attempts only: it must not present them as every attempt.
+    assert re.match(
+        rf"gave up on message=msg-1 location=loc1 after {after} attempts? since castghld "
+        r"restarted over \d+\.\ds: last error 503 SERVICE_UNAVAILABLE maintenance ",
+        message,
+    ), message
+    assert json_fields(final)["attempt"] == after
