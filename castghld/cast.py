@@ -47,7 +47,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 
 from castghld.config import Config
 from castghld.inflight import InFlight
-from castghld.log import redact_numbers
+from castghld.log import no_answer_reason, redact_numbers
 from castghld.metrics import Metrics
 from castghld.pacing import (
     LimiterMap,
@@ -215,11 +215,12 @@ class CastClient:
             response = await fetch
         except (OSError, HTTPClientError) as e:
             self.metrics.upstream_answer("cast", started, None)
-            raise CastError(599, "NO_ANSWER", f"no answer from Cast: {type(e).__name__}") from None
+            reason = no_answer_reason(e)
+            raise CastError(599, "NO_ANSWER", f"no answer from Cast: {reason}") from None
         self.metrics.upstream_answer("cast", started, response)
         if response.code == 599:
             raise CastError(
-                599, "NO_ANSWER", f"no answer from Cast: {type(response.error).__name__}"
+                599, "NO_ANSWER", f"no answer from Cast: {no_answer_reason(response.error)}"
             )
         try:
             answer = json.loads(response.body) if response.body else {}

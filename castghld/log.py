@@ -48,6 +48,17 @@ def one_line(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def no_answer_reason(error: BaseException | None) -> str:
+    """Why a request got no HTTP answer, for logs and errors: the exception's type and its own
+    one-line text (libcurl's: "Could not resolve host: ...", "SSL certificate problem: ...",
+    "Operation timed out after 5001 milliseconds ..."): it names hosts, never a header or a body."""
+    name = type(error).__name__
+    text = getattr(error, "message", None) or getattr(error, "strerror", None) or ""
+    if not text or text == name:
+        return name
+    return f"{name} ({redact_numbers(one_line(str(text)))[:200]})"
+
+
 _KV_RE = re.compile(
     r"(?i)([\"']?\b(?:" + "|".join(SCRUB_KEYS) + r")\b[\"']?\s*[=:]\s*[\"']?)([^\s&\"',}]+)"
 )

@@ -170,8 +170,8 @@ async def check_cast_key(
 
 
 def _no_answer(host: str, message: str) -> str:
-    """`message` is the client's "no answer from ...: <exception type>"."""
-    return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {message.split(': ')[-1]})"
+    """`message` is the client's "no answer from ...: <exception type> (<its text>)"."""
+    return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {message.split(': ', 1)[-1]})"
 
 
 def sender_id_notes(config: Config) -> list[CheckResult]:

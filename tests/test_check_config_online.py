@@ -167,6 +167,8 @@ async def test_online_check_names_an_unreachable_upstream(
     assert code == 75  # only an upstream that did not answer: try again later
     [line] = lines_of(stdout, "FAIL")
     assert line.startswith(f"FAIL {failing}: no answer from {host(url)} (waited at most 5 s: ")
+    # libcurl's own words say why, not only "CurlError"
+    assert "s: CurlError (Failed to connect to 127.0.0.1" in line, line
     assert lines_of(stdout, "ok")[0].startswith(f"ok {working}")
 
 
