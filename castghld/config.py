@@ -199,12 +199,22 @@ def check_private_file(path: str) -> None:
         )
 
 
+# A secret is one line; a larger file is a wrong path (a 1 GB one was read whole, at every reload).
+MAX_SECRET_FILE = 64 * 1024
+
+
 def read_secret_file(path: str) -> str:
-    """The stripped content of a private secret file; ValueError naming the fix otherwise."""
+    """The stripped content of a private secret file; ValueError naming the fix otherwise. Never
+    reads more than `MAX_SECRET_FILE` bytes."""
     try:
         check_private_file(path)
         with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+            text = f.read(MAX_SECRET_FILE + 1)
+        if len(text) > MAX_SECRET_FILE:
+            raise ValueError(
+                f"secret file {path} is over {MAX_SECRET_FILE} bytes: not a secret (one line)"
+            )
+        return text.strip()
     except FileNotFoundError:
         raise ValueError(f"secret file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

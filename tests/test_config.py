@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import yaml
@@ -80,6 +81,21 @@ def test_world_readable_secret_file_is_refused(config_dir, tmp_path):
     assert "cast.api_key_file:" in problems[0]
     assert "accessible by group/others (mode 0644)" in problems[0]
     assert "cast_live_x" not in problems[0]
+
+
+def test_a_huge_secret_file_is_refused_without_reading_it(config_dir, tmp_path):
+    secret = tmp_path / "cast_key"
+    secret.write_text("cast_live_x\n")
+    secret.chmod(0o600)
+    with open(secret, "r+b") as f:  # sparse: 1 GB that would be read whole
+        f.truncate(1 << 30)
+    started = time.monotonic()
+    problems = problems_of(config_dir, {"cast": {"api_key": None, "api_key_file": str(secret)}})
+    assert time.monotonic() - started < 5
+    assert problems == [
+        f"{config_dir.config_path}: cast.api_key_file: secret file {secret} is over 65536 bytes: "
+        "not a secret (one line)"
+    ]
 
 
 def test_missing_secret_file(config_dir, tmp_path):
