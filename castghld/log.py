@@ -27,9 +27,10 @@ SCRUB_KEYS = (
     "password",
 )
 # 9 to 15 digits, optionally "+"-prefixed and grouped by spaces or dashes: a phone number.
-# A "." right after it ends a sentence ("... to 09171234567."); only a "." and a digit (a decimal,
-# a dotted version) mean the digits are part of something else.
-_PHONE_RE = re.compile(r"(?<![\w.])\+?\d(?:[ -]?\d){8,14}(?![\w:]|\.\d)")
+# A "." or ":" right after it is punctuation ("... to 09171234567.", "for +639171234567: ...");
+# only one followed by a digit (a decimal, a dotted version, a time) means the digits are part of
+# something else.
+_PHONE_RE = re.compile(r"(?<![\w.])\+?\d(?:[ -]?\d){8,14}(?!\w|[.:]\d)")
 
 
 def redact_numbers(text: str) -> str:

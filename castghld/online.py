@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from castghld.cast import RETRYABLE_STATUSES, CastAccount, CastClient, CastError
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError
-from castghld.log import one_line, scrub
+from castghld.log import one_line, redact_numbers, scrub
 from castghld.metrics import Metrics
 
 TIMEOUT = 5.0  # seconds per upstream request
@@ -68,12 +68,13 @@ async def online_checks(config: Config) -> list[CheckResult]:
 
 
 def _printable(config: Config, text: str) -> str:
-    """`text` (which may quote an upstream's answer: an echo of our request, a line break) on one
-    line, scrubbed like a log line, with every configured secret replaced by ``[secret]``."""
+    """`text` (which may quote an upstream's answer: an echo of our request, a line break, a
+    phone number) on one line, scrubbed like a log line, numbers redacted, with every configured
+    secret replaced by ``[secret]``."""
     cast = config.cast
     values = [config.ghl.client_secret.value, cast.api_key.value, cast.inbound_secret.value]
     values += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
-    text = one_line(scrub(text))
+    text = redact_numbers(one_line(scrub(text)))
     for value in sorted(filter(None, values), key=len, reverse=True):
         text = text.replace(value, "[secret]")
     return text

@@ -274,7 +274,8 @@ async def test_online_check_prints_neither_an_echoed_secret_nor_an_upstreams_lin
         "bad request: client_id=test-client&client_secret=test-secret&code=x\n"
         "ok Cast key cast.api_key (acct-forged): accepted"
     )
-    fake_ghl.fail_next("token", 400, {"error": "invalid_request", "error_description": echo})
+    answer = {"error": "invalid_request for +639171234567", "error_description": echo}
+    fake_ghl.fail_next("token", 400, answer)
     forged = {"success": False, "error": "key cast_test_key\nok all good", "error_code": "NOPE"}
     fake_cast.fail_next("sms_status", 403, forged)
     code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
@@ -284,4 +285,5 @@ async def test_online_check_prints_neither_an_echoed_secret_nor_an_upstreams_lin
     assert not any(line.startswith("ok all good") for line in stdout.splitlines())
     ghl_line, cast_line = lines_of(stdout, "FAIL")
     assert "\\nok Cast key cast.api_key (acct-forged)" in ghl_line
+    assert "400 invalid_request for [number]: bad request: " in ghl_line
     assert cast_line.endswith("403 NOPE key [secret]\\nok all good")

@@ -49,6 +49,7 @@ def test_normalize_any_keeps_sender_ids_apart():
         ("Invalid number +639171234567", "Invalid number [number]"),
         ("to 0917-123-4567 refused", "to [number] refused"),
         ("Message to 09171234567.", "Message to [number]."),
+        ("refused +639171234567: not a mobile", "refused [number]: not a mobile"),
         ("at epoch 1764200000.5", "at epoch 1764200000.5"),
         ("at 2026-11-26 13:05:51", "at 2026-11-26 13:05:51"),
         ("location ve9EPM428h8vShlRW1KT", "location ve9EPM428h8vShlRW1KT"),
