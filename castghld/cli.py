@@ -230,10 +230,12 @@ def _open_daemon_state(config: Config):
 def check_config(config: Config, online: bool = False) -> int:
     from castghld.app import StartupError
 
+    # Asked for --online but stopped before it: say so, or no FAIL line reads as "all accepted".
+    not_run = ["online checks not run (--online): fix the problem(s) above first"] if online else []
     try:
         daemon = _open_daemon_state(config)
     except StartupError as e:
-        return fail(e.problems, e.transient)
+        return fail(e.problems + not_run, e.transient)
     try:
         state = daemon.state
         print(f"config:        {config.path}")
@@ -262,7 +264,7 @@ def check_config(config: Config, online: bool = False) -> int:
         for note in notes:
             print(f"warning:       {note}")
         if problems:
-            return fail(problems, transient)
+            return fail(problems + not_run, transient)
     finally:
         daemon.state.close()
     if online:

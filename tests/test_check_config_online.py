@@ -4,6 +4,7 @@ FAIL exits non-zero, no secret is printed, nothing is sent; without --online, no
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -287,3 +288,17 @@ async def test_online_check_prints_neither_an_echoed_secret_nor_an_upstreams_lin
     assert "\\nok Cast key cast.api_key (acct-forged)" in ghl_line
     assert "400 invalid_request for [number]: bad request: " in ghl_line
     assert cast_line.endswith("403 NOPE key [secret]\\nok all good")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_not_run_says_so_when_the_config_fails_first(
+    config_dir, fake_ghl, fake_cast
+):
+    os.chmod(config_dir.key_path, 0o644)  # a problem found before the online checks
+    code, _, stderr = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
+        "castghld: online checks not run (--online): fix the problem(s) above first"
+    )
+    assert "state.key_file" in stderr
+    assert fake_ghl.calls == [] and fake_cast.calls == []
