@@ -487,11 +487,12 @@ class OutboundDelivery:
             return
         self._sends["retry"].inc()
         log.warning(
-            "Cast %d %s %s attempt=%d; retrying in %.1fs",
+            "Cast %d %s %s attempt=%d: %s; retrying in %.1fs",
             error.status,
             error.code,
             context,
             tries,
+            error.message,  # what Cast said, or why it did not answer (the gave-up line cannot)
             delay,
         )
         self.outbox.note(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 
 import pytest
 
@@ -221,3 +222,21 @@ async def test_gave_up_after_a_restart_does_not_pass_off_its_attempts_as_all(bri
         message,
     ), message
     assert json_fields(final)["attempt"] == after
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_retried_send_logs_why_cast_did_not_answer(bridge, caplog):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every send is refused at connect
+    extra = {"cast": {"api_base": f"http://127.0.0.1:{port}"}, "delivery": {"send_deadline": "2s"}}
+    lines = await failed_message(bridge, caplog, extra)
+    *retries, final = lines
+    assert retries, [r.getMessage() for r in lines]
+    assert all(
+        "attempt=" in r.getMessage()
+        and ": no answer from Cast: CurlError (Failed to connect to 127.0.0.1" in r.getMessage()
+        for r in retries
+    ), [r.getMessage() for r in retries]
+    assert final.getMessage().startswith("gave up on message=msg-1 location=loc1 after ")
