@@ -51,6 +51,26 @@ def record(n: int = 0) -> dict:
 
 
 @pytest.mark.gen_test(timeout=10)
+async def test_replayed_records_share_one_string_per_key(tmp_path):
+    # json.loads makes new key strings for every object: 100k replayed records kept ~50 MB of
+    # copies of the same few keys alive.
+    keys = keyring()
+    outbox = make_outbox(tmp_path, keys)
+    await outbox.start()
+    for n in range(3):
+        await outbox.add(f"out:{n}", {**record(n), "attachments": ["https://ex.am/a"]})
+        await outbox.update(f"out:{n}", stage="sent", cast_id=f"c{n}")
+    await outbox.stop()
+    again = make_outbox(tmp_path, keys)
+    first, *others = (again.records[f"out:{n}"] for n in range(3))
+    assert first["stage"] == "sent" and first["attachments"] == ("https://ex.am/a",)
+    for other in others:
+        assert list(other) == list(first)
+        assert all(a is b for a, b in zip(other, first, strict=True))  # the same key objects
+        assert other["stage"] is first["stage"] and other["kind"] is first["kind"]
+
+
+@pytest.mark.gen_test(timeout=10)
 async def test_added_records_survive_a_restart_encrypted_and_private(tmp_path):
     keys = keyring()
     outbox = make_outbox(tmp_path, keys)
