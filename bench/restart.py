@@ -1,6 +1,7 @@
 """Restart with a large backlog: memory and time of the outbox replay, and of `castghld serve`.
 
 Run: .venv/bin/python bench/restart.py [waiting] [--serve] [--trace]   (default 100000)
+Another revision: PYTHONPATH=<its checkout> .venv/bin/python bench/restart.py ...
 Not part of the test suite.
 
 1. Builds, in a temporary directory, an outbox journal of `waiting` unfinished outbound messages
@@ -151,7 +152,7 @@ def measure_serve(directory: pathlib.Path) -> dict[str, float]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=open(directory / "serve.log", "ab"),
-        cwd=ROOT,
+        cwd=directory,  # not the checkout: PYTHONPATH picks the castghld to measure
     )
     try:
         while True:
