@@ -20,8 +20,8 @@ describes sending only, so a key is proven through a status lookup):
 - Cast: an error answer of Cast's shape (a JSON object with an ``error_code``) other than 401/403
   to the status lookup (404 for the unknown id) means the key was accepted; 401
   ``INVALID_API_KEY`` / 403 ``API_KEY_REVOKED`` ... fail with Cast's code. Any other answer (a
-  proxy's page, an empty body, another service's JSON) proves nothing: FAIL, transient only for
-  429/5xx.
+  proxy's page, an empty body, another service's JSON, a 2xx without ``success: true``) proves
+  nothing: FAIL, transient only for 429/5xx.
 - sender_id: Cast can only tell whether a sender ID is approved by sending; the check says so
   (WARN) instead of pretending.
 """
@@ -146,7 +146,7 @@ async def check_cast_key(
     host = urlsplit(config.cast.api_base).netloc
     made_up = "CASTGHLD-CHECK-" + secrets.token_hex(12).upper()
     try:
-        await cast.status(account, made_up)
+        answer = await cast.status(account, made_up)
     except CastError as e:
         answer = f"{e.http_status} {e.code} {e.message}"
         if e.status == 599:
@@ -166,6 +166,13 @@ async def check_cast_key(
             )
         return CheckResult(
             "ok", what, f"accepted by {host} (a made-up message id got {e.status} {e.code})"
+        )
+    if answer.get("success") is not True:
+        # Cast's answers say success: true; `{}` is any JSON service behind a wrong api_base.
+        return CheckResult(
+            "FAIL",
+            what,
+            f"{host} answered 2xx without Cast's success: true; the key was not checked",
         )
     return CheckResult("ok", what, f"accepted by {host}")
 

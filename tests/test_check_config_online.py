@@ -255,16 +255,20 @@ async def test_online_check_is_not_fooled_by_an_answer_that_is_not_the_upstreams
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_online_check_fails_when_a_made_up_code_gets_a_success(
+async def test_online_check_fails_when_a_made_up_code_or_id_gets_a_success(
     config_dir, fake_ghl, fake_cast
 ):
     fake_ghl.fail_next("token", 200, {})  # a catch-all JSON service behind a wrong api_base
+    fake_cast.fail_next("sms_status", 200, {})
     code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
     assert code == 2
     assert not stdout.strip().endswith("ok")
-    [line] = lines_of(stdout, "FAIL")
-    assert line.startswith("FAIL GHL client credentials (ghl.client_id test-client): ")
-    assert line.endswith("the credentials were not checked")
+    assert lines_of(stdout, "ok") == []
+    ghl_line, cast_line = lines_of(stdout, "FAIL")
+    assert ghl_line.startswith("FAIL GHL client credentials (ghl.client_id test-client): ")
+    assert ghl_line.endswith("the credentials were not checked")
+    assert cast_line.startswith(f"FAIL Cast key cast.api_key ({key_name('cast_test_key')}): ")
+    assert cast_line.endswith("answered 2xx without Cast's success: true; the key was not checked")
 
 
 @pytest.mark.gen_test(timeout=60)
