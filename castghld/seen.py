@@ -17,7 +17,8 @@ Guarantees:
 - Expiry: ``prune`` drops whole segments whose newest id is older than ``retention`` and the
   expired recent ids; merges drop the expired ids of what they merge; a segment whose sampled
   hours say a quarter or more of it expired is rewritten alone. Stale ids held beyond the
-  window are a bounded share of the store.
+  window are a bounded share of the store, even after an id finished while the clock ran years
+  ahead (its hour is capped 16 bits past the horizon, see `SeenIds._ceiling`).
 - No step holds the loop long: a merge advances in slices of at most ``step`` ids (2,048, a few
   ms), one slice per ``step / MERGE_CREDIT`` adds (each add earns credit for ``MERGE_CREDIT`` ids
   of merging, several times the amortised need), so no caller ever runs a whole merge; a seal
@@ -120,10 +121,11 @@ def _chunk_newest(chunk: Chunk) -> int:
     return chunk[2] + max(chunk[1])
 
 
-def _sealed(recent: dict[int, int]) -> _Segment:
-    """A one-chunk segment of the ids in `recent` (hash -> hour)."""
+def _sealed(recent: dict[int, int], ceiling: int = _NEVER) -> _Segment:
+    """A one-chunk segment of the ids in `recent` (hash -> hour), hours over `ceiling` lowered
+    to it (see `SeenIds._ceiling`)."""
     keys = sorted(recent)
-    hours = list(map(recent.__getitem__, keys))
+    hours = [min(recent[h], ceiling) for h in keys]
     oldest, newest = min(hours), max(hours)
     base = max(oldest, newest - MAX_OFFSET)  # raising an hour keeps its id longer, never shorter
     if oldest < base:
@@ -138,12 +140,14 @@ class _Merge:
     of each source (a chunk partly merged stays whole until it is consumed): every id is in one
     of them, and each consumed chunk of a source is released."""
 
-    def __init__(self, sources: list[_Segment], horizon: int):
+    def __init__(self, sources: list[_Segment], horizon: int, ceiling: int = _NEVER):
         # Own copies of the chunk lists: a consumed chunk is dropped from them (None).
         self.sources = [(list(s.chunks), s.newest) for s in sources]
         self.cursors = [[0, 0] for _ in sources]  # chunk index, position in it
         self.horizon = horizon
-        self.newest = max(s.newest for s in sources)
+        # Hours over `ceiling` are lowered to it (see `SeenIds._ceiling`), then hours older
+        # than the base raised to it: each fits 16 bits, none kept shorter than its window.
+        self.newest = min(max(s.newest for s in sources), ceiling)
         self.base = max(horizon, self.newest - MAX_OFFSET)
         self.done: list[Chunk] = []
         self.views: list[_Segment] = list(sources)
@@ -200,8 +204,9 @@ class _Merge:
                 latest[h] = max(hour, latest.get(h, hour))
             kept = [(h, latest.pop(h)) for h, _ in kept if h in latest]
             keys = [h for h, _ in kept]
-        if base > horizon:  # hours older than the base are raised to it (kept longer)
-            offsets = [hour - base if hour > base else 0 for _, hour in kept]
+        top = self.newest
+        if base > horizon or any(hour > top for _, hour in kept):
+            offsets = [min(max(hour, base), top) - base for _, hour in kept]
         else:
             offsets = [hour - base for _, hour in kept]
         hashes, hours = array.array("q", keys), array.array("H", offsets)
@@ -268,7 +273,7 @@ class SeenIds:
         """Turn the recent ids into a sorted segment."""
         if not self._recent:
             return
-        self._segments.append(_sealed(self._recent))
+        self._segments.append(_sealed(self._recent, self._ceiling()))
         self._recent = {}
         self._recent_oldest = _NEVER
         self._plan()
@@ -288,6 +293,19 @@ class SeenIds:
             self._recent_oldest = min(self._recent.values(), default=_NEVER)
         self._plan()
 
+    def _ceiling(self) -> int:
+        """The latest hour an id is kept with: 16 bits (7.5 years) after the horizon. An id's
+        hour is later than that only if the clock ran years ahead when it finished (a `done`
+        entry's `at`); kept with its own hour, it would make every id merged with it raised to
+        within 16 bits of it, so that none of them ever expires. Lowered to the ceiling, it is
+        still kept years longer than any window up to a quarter of that span (the check below;
+        a longer window is not capped). A true hour passes the ceiling only if `prune` was not
+        called for over 5 years (the outbox prunes at start and at each compaction, at least
+        every 2,000 journal entries)."""
+        if self._horizon == _NO_HORIZON or self.retention > MAX_OFFSET * 3600 / 4:
+            return _NEVER
+        return self._horizon + MAX_OFFSET
+
     # -- merging -------------------------------------------------------------------------------
 
     def _plan(self) -> None:
@@ -298,11 +316,11 @@ class SeenIds:
         segments = self._segments
         for k in range(len(segments) - 2, -1, -1):
             if segments[k].size <= RATIO * segments[k + 1].size:
-                self._merge = _Merge(segments[k : k + 2], self._horizon)
+                self._merge = _Merge(segments[k : k + 2], self._horizon, self._ceiling())
                 return
         for segment in segments:
             if segment.expired_share(self._horizon) >= PURGE_SHARE:
-                self._merge = _Merge([segment], self._horizon)
+                self._merge = _Merge([segment], self._horizon, self._ceiling())
                 return
 
     def _work(self, credit: int) -> None:

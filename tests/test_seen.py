@@ -207,3 +207,27 @@ async def test_a_compaction_during_a_merge_keeps_every_id_across_a_restart(tmp_p
     again = make_outbox(tmp_path, keys)
     assert all(again.known(f"out:{n}") for n in range(0, count, 7))
     assert not again.known("out:new")
+
+
+def test_an_id_finished_while_the_clock_ran_years_ahead_does_not_pin_the_window():
+    # A `done` entry written while the clock was 10 years ahead (then NTP set it back): merges
+    # must not raise every id they merge with it to its hour minus 16 bits (7.5 years), or
+    # nothing merged with it ever expires and the store grows without bound.
+    retention = 30 * 86400.0
+    store = SeenIds(retention, seal_size=256, step=128)
+    store.add("clock-ahead", START + 10 * 365 * 86400)
+    count = 40_000
+    for n in range(count):  # 120 days of traffic
+        at = START + n * (120 * 86400 / count)
+        store.add(rid(n), at)
+        if n % 1000 == 0:
+            store.prune(at)
+    now = START + 120 * 86400
+    store.prune(now)
+    store.settle()
+    store.prune(now)
+    store.settle()
+    window = sum(START + n * (120 * 86400 / count) >= now - retention for n in range(count))
+    assert all(rid(n) in store for n in range(count - window, count))
+    assert "clock-ahead" in store  # kept longer than the window, never forgotten early
+    assert len(store) <= window + window // 4
