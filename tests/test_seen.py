@@ -24,14 +24,24 @@ START = 1_700_000_000.0
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(0, 60)),
+        # A `done` entry stamped while the clock was off: years ahead, or up to two windows back.
+        st.tuples(st.just("add_ahead"), st.integers(0, 60)),
+        st.tuples(st.just("add_behind"), st.integers(0, 60)),
         st.tuples(st.just("advance"), st.integers(0, 4 * 3600)),
+        # To just before, at or after an edge of the window (an hour is the store's unit).
+        st.tuples(st.just("advance"), st.sampled_from([1, 3599, 3600, 3601, RETENTION - 1])),
+        st.tuples(
+            st.just("advance"), st.sampled_from([RETENTION, RETENTION + 1, RETENTION + 3600])
+        ),
         st.tuples(st.just("prune"), st.just(0)),
+        # A prune when the last id added is about to leave the window, or just left it.
+        st.tuples(st.just("prune_edge"), st.sampled_from([-3600, -1, 0, 1, 3599])),
         st.tuples(st.just("seal"), st.just(0)),
         st.tuples(st.just("step"), st.integers(1, 8)),
         st.tuples(st.just("settle"), st.just(0)),
         st.tuples(st.just("snapshot"), st.just(0)),
         st.tuples(st.just("restore"), st.just(0)),
-        st.tuples(st.just("reload"), st.just(0)),
+        st.tuples(st.just("reload"), st.integers(0, 1)),
     ),
     max_size=150,
 )
@@ -62,16 +72,29 @@ def test_membership_equals_a_set_within_the_window_whatever_merges_expiry_and_re
     with mock.patch.object(seen_module, "CHUNK", 4), mock.patch.object(seen_module, "SAMPLE", 4):
         store = SeenIds(RETENTION, seal_size=3, step=2)
         added: dict[str, float] = {}  # the model: id -> latest time added
+        log: list[tuple[str, float]] = []  # every add, as the journal's `done` entries
         now = START
-        snapshot = None  # (entries not read yet, the ids of the window when it was taken)
+        pruned = None  # the time of the last prune: ids added since its window must be held
+        snapshot = None  # (entries not read yet, how many adds the journal had then)
+
+        def window(since: float | None) -> list[str]:
+            return [i for i, at in added.items() if since is None or at >= since - RETENTION]
+
         for op, arg in ops:
-            if op == "add":
-                store.add(rid(arg), now)
-                added[rid(arg)] = now
+            if op.startswith("add"):
+                at = {"add": now, "add_ahead": now + 10 * 365 * 86400.0}.get(
+                    op, now - 2 * arg * 600
+                )
+                store.add(rid(arg), at)
+                added[rid(arg)] = max(at, added.get(rid(arg), at))
+                log.append((rid(arg), at))
             elif op == "advance":
                 now += arg
-            elif op == "prune":
+            elif op in ("prune", "prune_edge"):
+                if op == "prune_edge" and log and log[-1][1] <= now:
+                    now = max(now, log[-1][1] + RETENTION + arg)
                 store.prune(now)
+                pruned = now
             elif op == "seal":
                 store.seal()
             elif op == "step":
@@ -80,21 +103,27 @@ def test_membership_equals_a_set_within_the_window_whatever_merges_expiry_and_re
             elif op == "settle":
                 store.settle()
             elif op == "snapshot":
-                snapshot = (store.entries(), set(added))
+                snapshot = (store.entries(), len(log))
             elif op == "restore" and snapshot is not None:
-                # Encoded after the merges that ran since it was taken, as on the compaction
-                # thread: it holds every id it held when taken.
-                entries, ids = snapshot
+                # A compaction: the snapshot, encoded after the merges that ran since it was
+                # taken (as on the compaction thread), then the `done` entries appended since,
+                # replayed and pruned as `Outbox.load` does: every id of the window is held.
+                entries, written = snapshot
                 restored = reloaded(entries)
-                assert all(i in restored for i in ids)
+                for i, at in log[written:]:
+                    restored.add(i, at)
+                restored.prune(now)
+                assert all(i in restored for i in window(now))
                 snapshot = None
             elif op == "reload":
                 store = reloaded(store.entries())
-            inside = [i for i, at in added.items() if at >= now - RETENTION]
-            assert all(i in store for i in inside), op
+                if arg % 2:  # as `Outbox.load` ends
+                    store.prune(now)
+                    pruned = now
+            assert all(i in store for i in window(pruned)), op
             assert not any(f"never-{n}" in store for n in range(5))
         store.settle()
-        assert all(i in store for i, at in added.items() if at >= now - RETENTION)
+        assert all(i in store for i in window(pruned))
 
 
 def test_segments_stay_logarithmic_in_the_ids_held():
