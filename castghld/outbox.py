@@ -493,6 +493,9 @@ class Outbox:
 
     def load(self) -> None:
         """Replay the journal (synchronous, read-only: at startup, before serving)."""
+        # The window first: the merges that the replay runs drop expired ids and cap hours from
+        # a clock that ran years ahead (see SeenIds._ceiling), instead of raising ids to them.
+        self._prune_seen()
         count = 0
         for count, entry in enumerate(self.journal.entries(), 1):  # noqa: B007
             op, rid = entry.get("op"), entry.get("id")
