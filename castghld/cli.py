@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from castghld import __version__
+from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
 
 EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
@@ -116,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument(
         "--limit",
         type=int,
-        default=100,
+        default=LIST_DEFAULT,
         metavar="N",
-        help="list: the N oldest unfinished messages (default 100, at most 10000)",
+        help=f"list: the N oldest unfinished messages (default {LIST_DEFAULT}, at most {LIST_MAX})",
     )
     forget = add_command(
         "forget",
@@ -445,7 +446,7 @@ def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
 
 
 def outbox_command(
-    config: Config, action: str, rid: str | None, as_json: bool = False, limit: int = 100
+    config: Config, action: str, rid: str | None, as_json: bool = False, limit: int = LIST_DEFAULT
 ) -> int:
     """`castghld outbox [list|show ID|retry ID|drop ID]` through the running daemon."""
     if action != "list" and not rid:

@@ -57,7 +57,7 @@ def no_answer_reason(error: BaseException | None) -> str:
     text = getattr(error, "message", None) or getattr(error, "strerror", None) or ""
     if not text or text == name:
         return name
-    return f"{name} ({redact_numbers(one_line(str(text)))[:200]})"
+    return f"{name} ({one_line(redact_numbers(str(text)))[:200]})"
 
 
 _KV_RE = re.compile(
@@ -142,8 +142,9 @@ class _TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # The event itself is one line whatever its arguments hold; only a traceback (appended
-        # after this) spans lines.
-        return one_line(super().formatMessage(record))
+        # after this) spans lines. Scrubbed before the escaping: a line break written as a
+        # backslash and "n" right before a secret's name would hide it from the patterns.
+        return one_line(scrub(super().formatMessage(record)))
 
     def format(self, record: logging.LogRecord) -> str:
         text = scrub(super().format(record))

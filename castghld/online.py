@@ -74,7 +74,7 @@ def _printable(config: Config, text: str) -> str:
     cast = config.cast
     values = [config.ghl.client_secret.value, cast.api_key.value, cast.inbound_secret.value]
     values += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
-    text = redact_numbers(one_line(scrub(text)))
+    text = one_line(redact_numbers(scrub(text)))  # escaping last: it would hide what follows
     for value in sorted(filter(None, values), key=len, reverse=True):
         text = text.replace(value, "[secret]")
     return text

@@ -306,3 +306,11 @@ async def test_online_check_not_run_says_so_when_the_config_fails_first(
     )
     assert "state.key_file" in stderr
     assert fake_ghl.calls == [] and fake_cast.calls == []
+
+
+def test_printed_upstream_text_redacts_a_number_and_a_secret_after_a_line_break(config_dir):
+    from castghld.online import _printable
+
+    config = config_dir.load()
+    text = _printable(config, "refused for\n09171234567\nclient_secret=SUPERSECRET")
+    assert "9171234567" not in text and "SUPERSECRET" not in text and "\n" not in text

@@ -120,3 +120,31 @@ async def test_refused_webhook_logs_why_and_counts_the_request(daemon, caplog):
         'castghld_http_requests_total{route="/api/ghl/v1/webhook/messages",status="401"} 1.0'
         in text
     )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "bad request\nclient_secret=SUPERSECRET",
+        "Host: x\r\nX-API-Key: SUPERSECRET",
+        "answer:\nAuthorization: Bearer SUPERSECRET",
+    ],
+)
+def test_a_secret_after_a_line_break_is_scrubbed_in_both_formats(fmt, text):
+    """Upstream text is written on one line (breaks escaped); the secret after the break must
+    still be scrubbed: escaping first turned the break into a word character before its name."""
+    from castghld.log import _JSONFormatter, _TextFormatter
+
+    formatter = _JSONFormatter(False) if fmt == "json" else _TextFormatter(False)
+    record = logging.LogRecord("castghld.test", logging.WARNING, __file__, 1, "%s", (text,), None)
+    line = formatter.format(record)
+    assert "SUPERSECRET" not in line and "[secret]" in line
+    assert "\n" not in line
+
+
+def test_a_reason_for_no_answer_redacts_a_number_after_a_line_break():
+    from castghld.log import no_answer_reason
+
+    reason = no_answer_reason(OSError(1, "refused for\n09171234567"))
+    assert "9171234567" not in reason and "[number]" in reason and "\n" not in reason
