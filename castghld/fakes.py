@@ -134,7 +134,8 @@ class FaultMix:
     `statuses`: probability of answering each status instead (599 resets the connection);
     `slow`: probability of answering `slow_seconds` late (the request takes effect, the client may
     have given up); `burst`: probability that a 429 burst starts, during which every request to the
-    route gets 429 with ``Retry-After: retry_after`` for `burst_seconds`.
+    route gets 429 with ``Retry-After: retry_after`` for `burst_seconds`. `first`: statuses the
+    route's first requests get, in order, before the draws start (so a run surely meets them).
     """
 
     rng: random.Random
@@ -145,6 +146,7 @@ class FaultMix:
     burst_seconds: float = 1.0
     retry_after: str = "1"
     burst_until: float = 0.0
+    first: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         total = sum(self.statuses.values()) + self.burst
@@ -418,7 +420,9 @@ class _FakeServer:
             return
         now = time.monotonic()
         status, headers = None, {}
-        if now < mix.burst_until:
+        if mix.first:
+            status = mix.first.pop(0)
+        elif now < mix.burst_until:
             status, headers = 429, {"Retry-After": mix.retry_after}
         else:
             draw = mix.rng.random()
