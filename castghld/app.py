@@ -15,7 +15,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
 import logging
 import os
@@ -57,6 +56,7 @@ from castghld.state import (
     remove_leftover_temp_files,
 )
 from castghld.tokens import Installations
+from castghld.webhook_ids import RecentWebhookIds
 
 log = logging.getLogger("castghld")
 
@@ -235,7 +235,7 @@ class Daemon:
             extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=self.metrics
         )
         self.code_exchanges = CodeExchangeLimits()
-        self.seen_app_webhooks: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.app_webhook_ids = RecentWebhookIds()
         self.ghl = GHLClient(config, self.metrics)
         self.installations = Installations(config, self.state, self.ghl, self.metrics)
         self.components.append(self.installations)

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 from typing import Any
 
 from castghld.handlers.base import APIError, APIHandler
 
 log = logging.getLogger("castghld.webhook.app")
 
-SEEN_WEBHOOK_IDS = 10_000
 MAX_ID_CHARS = 200
 
 
@@ -96,7 +94,7 @@ class AppWebhookHandler(APIHandler):
             )
             return self.write_json(200, {"status": "ignored", "reason": "not this app"})
         webhook_id = _id(event.get("webhookId"))
-        seen = self.daemon.seen_app_webhooks
+        seen = self.daemon.app_webhook_ids
         if webhook_id and webhook_id in seen:
             self.daemon.metrics.webhooks.labels("app", "duplicate").inc()
             return self.write_json(200, {"status": "duplicate"})
@@ -112,17 +110,13 @@ class AppWebhookHandler(APIHandler):
                     "app", f"{kind} without a usable locationId or companyId"
                 )
         if webhook_id:
-            # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
-            seen[webhook_id] = time.time()
-            while len(seen) > SEEN_WEBHOOK_IDS:
-                seen.popitem(last=False)
+            seen.mark(webhook_id)  # a copy arriving while this one awaits GHL is a duplicate
         event_at = webhook_time(event.get("timestamp"))
         try:
             outcome = await self.act(kind, location_id, company_id, event_at, webhook_id)
         except BaseException as e:
-            # Not done: GHL's retry of this webhook must be acted on, not called a duplicate.
             if webhook_id:
-                seen.pop(webhook_id, None)
+                seen.forget(webhook_id)  # not done: GHL's retry must be acted on
             if isinstance(e, OSError):
                 raise APIError(
                     503, "store_failed", f"cannot store the change ({e.strerror}); retry later"
