@@ -23,7 +23,7 @@ import tornado.web
 from castghld.log import redact_numbers, scrub
 
 if TYPE_CHECKING:
-    from castghld.app import Daemon
+    from castghld.services import Services
 
 MAX_BODY_SIZE = 1024 * 1024
 access_log = logging.getLogger("castghld.access")
@@ -90,9 +90,9 @@ class APIError(tornado.web.HTTPError):
 
 @tornado.web.stream_request_body
 class APIHandler(tornado.web.RequestHandler):
-    daemon: Daemon
+    daemon: Services
 
-    def initialize(self, daemon: Daemon) -> None:
+    def initialize(self, daemon: Services) -> None:
         self.daemon = daemon
         self._chunks: list[bytes] = []
         self._received = 0
