@@ -427,10 +427,10 @@ class Daemon:
         """SIGHUP: re-read the config file, its secret files and the webhook public keys.
 
         All or nothing: a new config with any problem is rejected (each problem logged) and the
-        running one stays. Otherwise every component holding the running config object sees the
-        new one from its next use on (no restart of loops or workers; a send in progress finishes
-        with what it started with). Keys in `reload.RESTART_KEYS` keep their running value and are
-        logged as waiting for a restart. Returns whether the new config was taken.
+        running one stays. Otherwise every component that keeps the config (`config_holders`)
+        sees the new one from its next use on (no restart of loops or workers; a send in progress
+        finishes with what it started with). Keys in `reload.RESTART_KEYS` keep their running
+        value and are logged as waiting for a restart. Returns whether the new config was taken.
         """
         running = self.config
         try:
@@ -451,9 +451,8 @@ class Daemon:
             return False
         changes = config_changes(running, loaded)
         new = effective_config(running, loaded)
-        for holder in self._config_holders():
-            if getattr(holder, "config", None) is running:
-                holder.config = new
+        for holder in self.config_holders():
+            holder.config = new
         self.verifier = SignatureVerifier(
             extra_keys, accept_legacy=new.ghl.accept_legacy_rsa, metrics=self.metrics
         )
@@ -474,11 +473,10 @@ class Daemon:
         )
         return True
 
-    def _config_holders(self) -> list[Any]:
-        """Every object of this daemon that may keep a reference to the config."""
-        holders: list[Any] = [self, *vars(self).values(), *self.components]
-        holders += list(self.outbox.pipelines.values())
-        return holders
+    def config_holders(self) -> list[Any]:
+        """The components that keep the config and read it at each use; a reload hands each the
+        new one. A component that keeps a reference to the config belongs in this list."""
+        return [self, self.ghl, self.installations, self.cast, self.outbound, self.inbound]
 
     def request_stop(self) -> None:
         self._stop_requested.set()
