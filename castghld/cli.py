@@ -40,6 +40,8 @@ Global options (--config) may also follow the command: castghld check-config --c
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one table of the commands, in `castghld --help` order (long on
+    purpose: split up, a command's options would sit apart from its help text)."""
     parser = argparse.ArgumentParser(
         prog="castghld",
         description=DESCRIPTION,
