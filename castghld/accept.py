@@ -35,7 +35,8 @@ def accept_connections(
     metrics: Metrics,
 ) -> Callable[[], None]:
     """Call `callback(connection, address)` for each connection accepted on `sock`; returns the
-    function that stops it (as `tornado.netutil.add_accept_handler` does)."""
+    function that stops it (as `tornado.netutil.add_accept_handler` does). One function on
+    purpose: its four closures share one socket's pause state, read top to bottom."""
     io_loop = IOLoop.current()
     removed = False
     paused: object | None = None  # the timeout handle while paused

@@ -28,7 +28,7 @@ import tornado.netutil
 import tornado.web
 
 if TYPE_CHECKING:
-    from castghld.app import Daemon
+    from castghld.services import Services
 
 log = logging.getLogger("castghld.admin")
 
@@ -92,7 +92,7 @@ def detail(rid: str, record: dict[str, Any], now: float) -> dict[str, Any]:
 
 
 class AdminHandler(tornado.web.RequestHandler):
-    def initialize(self, daemon: Daemon) -> None:
+    def initialize(self, daemon: Services) -> None:
         self.daemon = daemon
 
     def reply(self, status: int, doc: Any) -> None:
@@ -187,7 +187,7 @@ default_handlers = [
 class AdminServer:
     """The admin socket of one daemon (see the module docstring)."""
 
-    def __init__(self, daemon: Daemon):
+    def __init__(self, daemon: Services):
         self.daemon = daemon
         self.path = socket_path(daemon.config.state.dir)
         self._server: tornado.httpserver.HTTPServer | None = None

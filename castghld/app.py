@@ -1,4 +1,6 @@
-"""Wires castghld together: `Daemon` (the components), `make_app()` (the routes), `run()`.
+"""Wires castghld together: the startup steps (`init_state`, `init_webhook_keys`, `init_tokens`,
+`init_delivery`), `Daemon` (the components, started and stopped in order), `make_app()` (the
+routes), `run()` (`castghld serve`).
 
 Guarantees:
 - Startup validates everything that can be validated before listening (config, key file, webhook
@@ -15,7 +17,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
 import logging
 import os
@@ -57,6 +58,7 @@ from castghld.state import (
     remove_leftover_temp_files,
 )
 from castghld.tokens import Installations
+from castghld.webhook_ids import RecentWebhookIds
 
 log = logging.getLogger("castghld")
 
@@ -142,16 +144,24 @@ def configure_http_client(request_timeout: float = REQUEST_TIMEOUT) -> str:
     return "curl" if impl else "simple"
 
 
-class Delivery:
-    """The outbox and its pipelines as one component.
+class DeliveryPipelines:
+    """The outbox and the two pipelines it dispatches to (Cast sends and GHL inbound posts), as
+    one component.
 
     Stop: no new Cast send or GHL inbound post starts; those in flight get SEND_DRAIN_SECONDS to
     finish and record their outcome; then every pipeline stops where it is (on disk).
     """
 
-    def __init__(self, outbox: Outbox, cast: CastClient, inbound: InboundDelivery):
+    def __init__(
+        self,
+        outbox: Outbox,
+        cast: CastClient,
+        outbound: OutboundDelivery,
+        inbound: InboundDelivery,
+    ):
         self.outbox = outbox
         self.cast = cast
+        self.outbound = outbound
         self.inbound = inbound
 
     async def start(self) -> None:
@@ -192,10 +202,109 @@ class HTTPServer(tornado.httpserver.HTTPServer):
             )
 
 
+# -- Startup steps ---------------------------------------------------------------------------
+# Each builds one part of a daemon from the config. `Daemon` runs them all; an offline command
+# runs only those whose parts it reads (cli.py): `installs` the state, `reconcile` the state and
+# the token side, `check-config` the files `serve` would load. None of them locks, binds or
+# writes: `Daemon.start` does.
+
+
+class StartupProblems:
+    """Problems of the steps after which the next step can still run, so that one start (or
+    check-config) names all of them; `raise_any` raises them as one StartupError."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._transient: list[bool] = []
+
+    def add(self, problem: str, transient: bool = False) -> None:
+        self.problems.append(problem)
+        self._transient.append(transient)
+
+    def raise_any(self) -> None:
+        if self.problems:
+            raise StartupError(self.problems, all(self._transient))
+
+
+def init_state(
+    config: Config, metrics: Metrics, problems: StartupProblems
+) -> tuple[KeyRing, StateStore]:
+    """The key ring and the state file, loaded. Without a readable key ring nothing else can be
+    read: StartupError at once; a state file that does not load is one of `problems`."""
+    try:
+        keyring = KeyRing.load(config.state.key_file)
+    except StateError as e:
+        raise StartupError([f"{config.path}: {e}"], e.transient) from None
+    state = StateStore(config.state.dir, keyring)
+    state.on_write = metrics.state_write_seconds.observe
+    try:
+        state.load()
+    except StateError as e:
+        problems.add(str(e), e.transient)
+    return keyring, state
+
+
+def init_webhook_keys(
+    config: Config, metrics: Metrics, problems: StartupProblems
+) -> SignatureVerifier:
+    """The verifier of GHL webhook signatures: the built-in keys and `ghl.webhook_public_keys`
+    (a file that does not load is one of `problems`)."""
+    try:
+        extra_keys = load_public_keys(config.ghl.webhook_public_keys)
+    except KeyFileError as e:
+        problems.add(f"{config.path}: ghl.webhook_public_keys: {e}")
+        extra_keys = []
+    return SignatureVerifier(
+        extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=metrics
+    )
+
+
+def init_tokens(
+    config: Config, state: StateStore, metrics: Metrics
+) -> tuple[GHLClient, Installations]:
+    """The GHL client and the install records with their tokens (nothing runs until started)."""
+    ghl = GHLClient(config, metrics)
+    return ghl, Installations(config, state, ghl, metrics)
+
+
+def init_outbox(config: Config, keyring: KeyRing, metrics: Metrics) -> Outbox:
+    """The outbox, empty until `load_outbox`."""
+    return Outbox(config.state.dir, keyring, metrics, config.delivery.seen_retention)
+
+
+def load_outbox(outbox: Outbox, metrics: Metrics) -> None:
+    """Replay the outbox journal (read-only); StartupError if it cannot be read."""
+    try:
+        outbox.load()
+    except (StateError, OSError) as e:
+        raise StartupError([str(e)], is_transient(e)) from None
+    metrics.outbox_quarantined.set(len(outbox.journal.unreadable))
+
+
+def init_delivery(
+    config: Config,
+    keyring: KeyRing,
+    ghl: GHLClient,
+    installations: Installations,
+    metrics: Metrics,
+) -> DeliveryPipelines:
+    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines."""
+    cast = CastClient(config, metrics)
+    outbox = init_outbox(config, keyring, metrics)
+    outbound = OutboundDelivery(config, cast, ghl, installations, metrics)
+    inbound = InboundDelivery(config, ghl, installations, metrics)
+    outbox.pipelines["outbound"] = outbound
+    outbox.pipelines["inbound"] = inbound
+    # Replies kept for want of an installed location go on once one is installed.
+    installations.on_usable.append(lambda _location_id: outbox.redispatch("inbound"))
+    return DeliveryPipelines(outbox, cast, outbound, inbound)
+
+
 class Daemon:
     """Everything one castghld process holds; tests run it in-process on loopback."""
 
     def __init__(self, config: Config):
+        """Build every part (the startup steps above); StartupError names what is wrong."""
         self.config = config
         self.metrics = Metrics()
         self.phase = "starting"
@@ -203,59 +312,25 @@ class Daemon:
         self.exit_code = 0
         self._lock_fd: int | None = None
         self.started_at = time.time()
-        self.components: list[Component] = []
-        self._server: tornado.httpserver.HTTPServer | None = None
+        self._server: HTTPServer | None = None
         self._stop_requested = asyncio.Event()
         self._stopped = False
         self._lag_probe: asyncio.Task | None = None
         self.port = 0
         self.route_of: dict[type, str] = {}  # handler class -> route pattern (make_app)
         self.admin = AdminServer(self)
-        problems = []
-        try:
-            self.keyring = KeyRing.load(config.state.key_file)
-        except StateError as e:
-            raise StartupError([f"{config.path}: {e}"], e.transient) from None
-        self.state = StateStore(config.state.dir, self.keyring)
-        self.state.on_write = self.metrics.state_write_seconds.observe
-        state_transient = False
-        try:
-            self.state.load()
-        except StateError as e:
-            problems.append(str(e))
-            state_transient = e.transient
-        try:
-            extra_keys = load_public_keys(config.ghl.webhook_public_keys)
-        except KeyFileError as e:
-            problems.append(f"{config.path}: ghl.webhook_public_keys: {e}")
-            extra_keys = []
-        if problems:
-            raise StartupError(problems, state_transient and len(problems) == 1)
-        self.verifier = SignatureVerifier(
-            extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=self.metrics
-        )
+        problems = StartupProblems()
+        self.keyring, self.state = init_state(config, self.metrics, problems)
+        self.verifier = init_webhook_keys(config, self.metrics, problems)
+        problems.raise_any()
         self.code_exchanges = CodeExchangeLimits()
-        self.seen_app_webhooks: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self.ghl = GHLClient(config, self.metrics)
-        self.installations = Installations(config, self.state, self.ghl, self.metrics)
-        self.components.append(self.installations)
-        self.cast = CastClient(config, self.metrics)
-        self.outbox = Outbox(
-            config.state.dir, self.keyring, self.metrics, config.delivery.seen_retention
-        )
-        self.outbox.pipelines["outbound"] = OutboundDelivery(
-            config, self.cast, self.ghl, self.installations, self.metrics
-        )
-        self.inbound = InboundDelivery(config, self.ghl, self.installations, self.metrics)
-        self.outbox.pipelines["inbound"] = self.inbound
-        # Replies kept for want of an installed location go on once one is installed.
-        self.installations.on_usable.append(lambda _location_id: self.outbox.redispatch("inbound"))
-        try:
-            self.outbox.load()
-        except (StateError, OSError) as e:
-            raise StartupError([str(e)], is_transient(e)) from None
-        self.metrics.outbox_quarantined.set(len(self.outbox.journal.unreadable))
-        self.components.append(Delivery(self.outbox, self.cast, self.inbound))
+        self.app_webhook_ids = RecentWebhookIds()
+        self.ghl, self.installations = init_tokens(config, self.state, self.metrics)
+        delivery = init_delivery(config, self.keyring, self.ghl, self.installations, self.metrics)
+        self.outbox, self.cast = delivery.outbox, delivery.cast
+        self.outbound, self.inbound = delivery.outbound, delivery.inbound
+        load_outbox(self.outbox, self.metrics)
+        self.components: list[Component] = [self.installations, delivery]
         self.metrics.before_scrape.append(self._update_backlog_age)
 
     def _update_backlog_age(self) -> None:
@@ -300,20 +375,35 @@ class Daemon:
             raise StartupError([str(e)], e.transient) from None
         remove_leftover_temp_files(self.config.state.dir)
         if sockets is None:
-            server = self.config.server
-            try:
-                sockets = tornado.netutil.bind_sockets(server.port, server.host)
-            except OSError as e:
-                raise StartupError(
-                    [f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"],
-                    is_transient(e),
-                ) from None
+            sockets = self._bind()
         try:
             for component in self.components:
                 await component.start()
         except (StateError, OSError) as e:
             raise StartupError([str(e)], is_transient(e)) from None
-        self._server = HTTPServer(
+        self._server = self.init_server()
+        self._server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.admin.start()
+        self.phase = "serving"
+        if os.environ.get(LAG_PROBE_ENV) == "1":
+            self._start_lag_probe()
+        log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
+        sdnotify.notify("READY=1")
+
+    def _bind(self) -> list[socket.socket]:
+        server = self.config.server
+        try:
+            return tornado.netutil.bind_sockets(server.port, server.host)
+        except OSError as e:
+            raise StartupError(
+                [f"cannot listen on {server.host}:{server.port}: {e.strerror or e}"],
+                is_transient(e),
+            ) from None
+
+    def init_server(self) -> HTTPServer:
+        """The HTTP server of `make_app()`'s routes, not listening yet."""
+        return HTTPServer(
             self.make_app(),
             metrics=self.metrics,
             xheaders=self.config.server.xheaders,
@@ -323,29 +413,24 @@ class Daemon:
             idle_connection_timeout=60,
             body_timeout=30,
         )
-        self._server.add_sockets(sockets)
-        self.port = sockets[0].getsockname()[1]
-        self.admin.start()
-        self.phase = "serving"
-        if os.environ.get(LAG_PROBE_ENV) == "1":
-            histogram = prometheus_client.Histogram(
-                "castghld_loop_lag_seconds",
-                "How late a 5 ms timer fires: IOLoop blocked (benchmark probe)",
-                buckets=LAG_BUCKETS,
-                registry=self.metrics.registry,
-            )
-            self._lag_probe = asyncio.ensure_future(probe_loop_lag(histogram))
-        log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
-        sdnotify.notify("READY=1")
+
+    def _start_lag_probe(self) -> None:
+        histogram = prometheus_client.Histogram(
+            "castghld_loop_lag_seconds",
+            "How late a 5 ms timer fires: IOLoop blocked (benchmark probe)",
+            buckets=LAG_BUCKETS,
+            registry=self.metrics.registry,
+        )
+        self._lag_probe = asyncio.ensure_future(probe_loop_lag(histogram))
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file, its secret files and the webhook public keys.
 
         All or nothing: a new config with any problem is rejected (each problem logged) and the
-        running one stays. Otherwise every component holding the running config object sees the
-        new one from its next use on (no restart of loops or workers; a send in progress finishes
-        with what it started with). Keys in `reload.RESTART_KEYS` keep their running value and are
-        logged as waiting for a restart. Returns whether the new config was taken.
+        running one stays. Otherwise every component that keeps the config (`config_holders`)
+        sees the new one from its next use on (no restart of loops or workers; a send in progress
+        finishes with what it started with). Keys in `reload.RESTART_KEYS` keep their running
+        value and are logged as waiting for a restart. Returns whether the new config was taken.
         """
         running = self.config
         try:
@@ -366,9 +451,8 @@ class Daemon:
             return False
         changes = config_changes(running, loaded)
         new = effective_config(running, loaded)
-        for holder in self._config_holders():
-            if getattr(holder, "config", None) is running:
-                holder.config = new
+        for holder in self.config_holders():
+            holder.config = new
         self.verifier = SignatureVerifier(
             extra_keys, accept_legacy=new.ghl.accept_legacy_rsa, metrics=self.metrics
         )
@@ -389,11 +473,10 @@ class Daemon:
         )
         return True
 
-    def _config_holders(self) -> list[Any]:
-        """Every object of this daemon that may keep a reference to the config."""
-        holders: list[Any] = [self, *vars(self).values(), *self.components]
-        holders += list(self.outbox.pipelines.values())
-        return holders
+    def config_holders(self) -> list[Any]:
+        """The components that keep the config and read it at each use; a reload hands each the
+        new one. A component that keeps a reference to the config belongs in this list."""
+        return [self, self.ghl, self.installations, self.cast, self.outbound, self.inbound]
 
     def request_stop(self) -> None:
         self._stop_requested.set()

@@ -17,12 +17,18 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
+
+if TYPE_CHECKING:
+    from castghld.metrics import Metrics
+    from castghld.outbox import Outbox
+    from castghld.signatures import SignatureVerifier
+    from castghld.state import KeyRing, StateStore
 
 EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
 EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
@@ -34,6 +40,8 @@ Global options (--config) may also follow the command: castghld check-config --c
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one table of the commands, in `castghld --help` order (long on
+    purpose: split up, a command's options would sit apart from its help text)."""
     parser = argparse.ArgumentParser(
         prog="castghld",
         description=DESCRIPTION,
@@ -222,10 +230,40 @@ def serve(config: Config) -> int:
         return fail(e.problems, e.transient)
 
 
-def _open_daemon_state(config: Config):
-    from castghld.app import Daemon
+# The offline commands build only the parts they read (app.py's startup steps): no HTTP server,
+# no pipelines, so nothing is sent or posted while they run.
 
-    return Daemon(config)
+
+def _open_state(config: Config, metrics: Metrics) -> StateStore:
+    """The loaded state file (`installs`, `reconcile`); StartupError if it cannot be read."""
+    from castghld.app import StartupProblems, init_state
+
+    problems = StartupProblems()
+    _keyring, state = init_state(config, metrics, problems)
+    problems.raise_any()
+    return state
+
+
+def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier, Outbox]:
+    """What `serve` loads before it listens (check-config): key ring, state file, webhook keys
+    and the outbox journal; StartupError naming every problem, as `serve` would."""
+    from castghld.app import (
+        StartupProblems,
+        init_outbox,
+        init_state,
+        init_webhook_keys,
+        load_outbox,
+    )
+    from castghld.metrics import Metrics
+
+    metrics = Metrics()
+    problems = StartupProblems()
+    keyring, state = init_state(config, metrics, problems)
+    verifier = init_webhook_keys(config, metrics, problems)
+    problems.raise_any()
+    outbox = init_outbox(config, keyring, metrics)
+    load_outbox(outbox, metrics)
+    return keyring, state, verifier, outbox
 
 
 def check_config(config: Config, online: bool = False) -> int:
@@ -234,11 +272,10 @@ def check_config(config: Config, online: bool = False) -> int:
     # Asked for --online but stopped before it: say so, or no FAIL line reads as "all accepted".
     not_run = ["online checks not run (--online): fix the problem(s) above first"] if online else []
     try:
-        daemon = _open_daemon_state(config)
+        keyring, state, verifier, outbox = _load_files(config)
     except StartupError as e:
         return fail(e.problems + not_run, e.transient)
     try:
-        state = daemon.state
         print(f"config:        {config.path}")
         print(
             f"listen:        {config.server.host}:{config.server.port} (xheaders: "
@@ -256,10 +293,9 @@ def check_config(config: Config, online: bool = False) -> int:
             f"{config.cast.messages_per_second} msg/s, {len(config.cast.locations)} "
             "location override(s))"
         )
-        print(f"webhook keys:  {len(daemon.verifier.keys)} (built in + ghl.webhook_public_keys)")
-        print(f"state key:     {config.state.key_file} ({len(daemon.keyring.key_ids)} key(s))")
+        print(f"webhook keys:  {len(verifier.keys)} (built in + ghl.webhook_public_keys)")
+        print(f"state key:     {config.state.key_file} ({len(keyring.key_ids)} key(s))")
         print(f"state file:    {state.path} ({state.count('installs')} installation(s))")
-        outbox = daemon.outbox
         print(f"outbox:        {outbox.journal.path} ({len(outbox.records)} unfinished)")
         problems, transient, notes = predict_serve(config)
         for note in notes:
@@ -267,7 +303,7 @@ def check_config(config: Config, online: bool = False) -> int:
         if problems:
             return fail(problems + not_run, transient)
     finally:
-        daemon.state.close()
+        state.close()
     if online:
         code = check_online(config)
         if code:
@@ -370,16 +406,17 @@ def _config_warnings(config: Config) -> list[str]:
 
 def installs(config: Config, as_json: bool = False) -> int:
     from castghld.app import StartupError
+    from castghld.metrics import Metrics
 
     try:
-        daemon = _open_daemon_state(config)
+        state = _open_state(config, Metrics())
     except StartupError as e:
         return fail(e.problems, e.transient)
     try:
-        rows = sorted(daemon.state.items("installs"))
-        pending = sorted(daemon.state.items("pending_installs"))
+        rows = sorted(state.items("installs"))
+        pending = sorted(state.items("pending_installs"))
     finally:
-        daemon.state.close()
+        state.close()
     if as_json:
         print(json.dumps(_installs_doc(rows, pending), indent=2))
         return 0
@@ -485,13 +522,17 @@ def forget(config: Config, location_id: str) -> int:
 
 
 def reconcile(config: Config) -> int:
-    from castghld.app import StartupError, configure_http_client
+    from castghld.app import StartupError, configure_http_client, init_tokens
+    from castghld.metrics import Metrics
     from castghld.state import StateError, lock_directory
 
+    metrics = Metrics()
     try:
-        daemon = _open_daemon_state(config)
+        state = _open_state(config, metrics)
     except StartupError as e:
         return fail(e.problems, e.transient)
+    # The state and the token side only: replies waiting in the outbox stay there for `serve`.
+    _ghl, installations = init_tokens(config, state, metrics)
     try:
         try:
             lock_fd = lock_directory(config.state.dir)
@@ -504,14 +545,14 @@ def reconcile(config: Config) -> int:
             return 1
         try:
             configure_http_client(config.delivery.request_timeout)
-            report = asyncio.run(daemon.installations.reconcile())
+            report = asyncio.run(installations.reconcile())
         except OSError as e:
             print(f"castghld: cannot save the state file: {e.strerror or e}", file=sys.stderr)
             return 1
         finally:
             os.close(lock_fd)
     finally:
-        daemon.state.close()
+        state.close()
     for location_id in report["minted"]:
         print(f"minted       {location_id}")
     for location_id in report["marked"]:

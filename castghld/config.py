@@ -10,23 +10,24 @@ Guarantees:
   is refused. Secret values are wrapped in `Secret`, whose repr never shows the value.
 - Relative paths are resolved against the directory of the config file, so the daemon does not
   depend on its working directory.
+
+Here: the schema (one frozen dataclass per section) and `build_config`, one builder per section;
+how a single value is read and checked (types, ``${ENV}``, secret files) is `config_values`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from phonenumbers import SUPPORTED_REGIONS
 
+from castghld.config_values import Reader, Secret, StrictLoader, parse_duration
 from castghld.phone import route_key
 
 # A send may be retried until this long after GHL handed us the message; a later attempt could
@@ -36,10 +37,7 @@ MAX_SEND_DEADLINE = 12 * 3600.0
 MAX_SENDER_ID = 11
 DEFAULT_CONFIG_PATH = "/etc/castghld/castghld.yaml"
 CONFIG_ENV = "CASTGHLD_CONFIG"
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+NO_SECRET = Secret("")  # the default of a secret not given (frozen: one instance serves all)
 
 
 class ConfigError(Exception):
@@ -48,21 +46,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class Secret:
-    """A secret string; `repr`/`str` never reveal it, `.value` does (only where it is sent)."""
-
-    value: str = field(repr=False)
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self.value)
 
 
 @dataclass(frozen=True)
@@ -77,7 +60,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class GHLConfig:
     client_id: str = ""
-    client_secret: Secret = Secret("")
+    client_secret: Secret = NO_SECRET
     api_base: str = "https://services.leadconnectorhq.com"
     auth_base: str = "https://marketplace.gohighlevel.com"
     webhook_public_keys: tuple[str, ...] = ()
@@ -96,11 +79,11 @@ class CastLocationConfig:
 @dataclass(frozen=True)
 class CastConfig:
     api_base: str = "https://api.cast.ph"
-    api_key: Secret = Secret("")
+    api_key: Secret = NO_SECRET
     sender_id: str = ""
     messages_per_second: int = 10
     requests_per_second: int = 30
-    inbound_secret: Secret = Secret("")
+    inbound_secret: Secret = NO_SECRET
     locations: Mapping[str, CastLocationConfig] = field(default_factory=dict)
 
 
@@ -155,241 +138,6 @@ def default_config_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping: with plain YAML the last one
-    silently wins, and a second `cast:` section would replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30``, ``2.5``, ``30s``, ``5m``, ``1h`` or ``7d``; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError("not a duration")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION_RE.match(str(value))
-        if not match:
-            raise ValueError("not a duration")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0 or not math.isfinite(seconds):
-        raise ValueError("negative or infinite duration")
-    return seconds
-
-
-def check_private_file(path: str) -> None:
-    """Raise ValueError unless `path` is a regular file no one but its owner may access."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ValueError(
-            f"{path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {path}"
-        )
-
-
-# A secret is one line; a larger file is a wrong path (a 1 GB one was read whole, at every reload).
-MAX_SECRET_FILE = 64 * 1024
-
-
-def read_secret_file(path: str) -> str:
-    """The stripped content of a private secret file; ValueError naming the fix otherwise. Never
-    reads more than `MAX_SECRET_FILE` bytes."""
-    try:
-        check_private_file(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read(MAX_SECRET_FILE + 1)
-        if len(text) > MAX_SECRET_FILE:
-            raise ValueError(
-                f"secret file {path} is over {MAX_SECRET_FILE} bytes: not a secret (one line)"
-            )
-        return text.strip()
-    except FileNotFoundError:
-        raise ValueError(f"secret file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read secret file {path}: {e}") from None
-
-
-class _Reader:
-    """Walks the parsed YAML, collecting problems instead of stopping at the first."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.base_dir = os.path.dirname(os.path.abspath(path))
-        self.problems: list[str] = []
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.path}: {key}: {message}")
-
-    def interpolate(self, key: str, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-
-        def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                self.problem(key, f"environment variable {name} is not set")
-                return ""
-            return os.environ[name]
-
-        return _ENV_RE.sub(sub, value)
-
-    def section(self, key: str, value: Any, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.problem(key, f"must be a mapping, got {type(value).__name__}")
-            return {}
-        for name in value:
-            if name not in allowed:
-                hint = f" (did you mean {_closest(str(name), allowed)}?)" if allowed else ""
-                self.problem(f"{key}.{name}" if key else str(name), "unknown key" + hint)
-        return value
-
-    def typed(self, key: str, raw: dict[str, Any], name: str, default: Any, conv: Callable) -> Any:
-        if name not in raw:
-            return default
-        full = f"{key}.{name}"
-        value = self.interpolate(full, raw[name])
-        try:
-            return conv(value)
-        except (TypeError, ValueError) as e:
-            self.problem(full, str(e))
-            return default
-
-    def string(self, key: str, raw: dict, name: str, default: str = "") -> str:
-        def conv(v: Any) -> str:
-            if v is None:
-                return ""
-            if isinstance(v, (dict, list, bool)):
-                raise ValueError(f"must be a string, got {type(v).__name__}")
-            return str(v)
-
-        return self.typed(key, raw, name, default, conv)
-
-    def integer(self, key: str, raw: dict, name: str, default: int, lo: int, hi: int) -> int:
-        def conv(v: Any) -> int:
-            if isinstance(v, bool) or not isinstance(v, (int, str)):
-                raise ValueError(f"must be an integer from {lo} to {hi}")
-            try:
-                n = int(v)
-            except ValueError:
-                raise ValueError(f"must be an integer from {lo} to {hi}, got {v!r}") from None
-            if not lo <= n <= hi:
-                raise ValueError(f"must be an integer from {lo} to {hi}, got {n}")
-            return n
-
-        return self.typed(key, raw, name, default, conv)
-
-    def boolean(self, key: str, raw: dict, name: str, default: bool) -> bool:
-        def conv(v: Any) -> bool:
-            if isinstance(v, bool):
-                return v
-            if isinstance(v, str) and v.lower() in (
-                "true",
-                "yes",
-                "on",
-                "1",
-                "false",
-                "no",
-                "off",
-                "0",
-            ):
-                return v.lower() in ("true", "yes", "on", "1")
-            raise ValueError(f"must be true or false, got {v!r}")
-
-        return self.typed(key, raw, name, default, conv)
-
-    def duration(
-        self,
-        key: str,
-        raw: dict,
-        name: str,
-        default: float,
-        minimum: float = 0,
-        maximum: float | None = None,
-        why: str = "",
-    ) -> float:
-        def conv(v: Any) -> float:
-            try:
-                seconds = parse_duration(v)
-            except ValueError:
-                raise ValueError(f"must be a duration like 30s, 5m, 1h or 7d, got {v!r}") from None
-            if seconds < minimum:
-                raise ValueError(f"must be at least {minimum:g}s, got {v!r}")
-            if maximum is not None and seconds > maximum:
-                raise ValueError(f"must be at most {maximum:g}s{why}, got {v!r}")
-            return seconds
-
-        return self.typed(key, raw, name, default, conv)
-
-    def url(self, key: str, raw: dict, name: str, default: str, required: bool = False) -> str:
-        value = self.string(key, raw, name, default)
-        if not value:
-            if required:
-                self.problem(f"{key}.{name}", "is required (e.g. https://ghl.example.ph)")
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            self.problem(f"{key}.{name}", f"must be an http(s) URL, got {value!r}")
-        return value.rstrip("/")
-
-    def path_value(self, key: str, raw: dict, name: str, default: str) -> str:
-        value = self.string(key, raw, name, default)
-        return os.path.join(self.base_dir, value) if value else value
-
-    def string_list(self, key: str, raw: dict, name: str) -> tuple[str, ...]:
-        if name not in raw or raw[name] is None:
-            return ()
-        full = f"{key}.{name}"
-        value = raw[name]
-        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
-            self.problem(full, "must be a list of strings")
-            return ()
-        return tuple(str(self.interpolate(full, v)) for v in value)
-
-    def secret(self, key: str, raw: dict, name: str, required: bool) -> Secret | None:
-        """`name` inline or `name_file`; exactly one of them when required."""
-        inline = self.string(key, raw, name, "")
-        file_key = f"{name}_file"
-        file_path = self.path_value(key, raw, file_key, "")
-        if inline and file_path:
-            self.problem(f"{key}.{name}", f"give either {name} or {file_key}, not both")
-            return None
-        if file_path:
-            try:
-                value = read_secret_file(file_path)
-            except ValueError as e:
-                self.problem(f"{key}.{file_key}", str(e))
-                return None
-            if not value:
-                self.problem(f"{key}.{file_key}", f"secret file {file_path} is empty")
-            return Secret(value)
-        if inline:
-            return Secret(inline)
-        if required:
-            self.problem(f"{key}.{name}", f"is required (set {name} or {file_key})")
-        return None
-
-
-def _closest(name: str, allowed: set[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.0)
-    return match[0] if match else sorted(allowed)[0]
-
-
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -402,7 +150,7 @@ def load_config(path: str) -> Config:
     """Read, interpolate and validate the config at `path`; ConfigError lists every problem."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            raw = yaml.load(f, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist (use --config PATH)"]) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -416,11 +164,33 @@ def load_config(path: str) -> Config:
 
 
 def build_config(path: str, raw: Any) -> Config:
-    r = _Reader(path)
+    """The Config of the parsed YAML `raw` read from `path`; ConfigError lists every problem."""
+    r = Reader(path)
     sections = {"server", "ghl", "cast", "state", "tokens", "delivery", "logging"}
     top = r.section("", raw, sections)
+    server = _server(r, top.get("server"))
+    ghl = _ghl(r, top.get("ghl"))
+    cast = _cast(r, top.get("cast"))
+    state = _state(r, top.get("state"))
+    tokens = _tokens(r, top.get("tokens"))
+    delivery = _delivery(r, top.get("delivery"))
+    logging_cfg = _logging(r, top.get("logging"))
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        path=os.path.abspath(path),
+        server=server,
+        ghl=ghl,
+        cast=cast,
+        state=state,
+        tokens=tokens,
+        delivery=delivery,
+        logging=logging_cfg,
+    )
 
-    s = r.section("server", top.get("server"), _fields(ServerConfig))
+
+def _server(r: Reader, raw: Any) -> ServerConfig:
+    s = r.section("server", raw, _fields(ServerConfig))
     server = ServerConfig(
         host=r.string("server", s, "host", ServerConfig.host),
         port=r.integer("server", s, "port", ServerConfig.port, 0, 65535),
@@ -430,12 +200,15 @@ def build_config(path: str, raw: Any) -> Config:
     )
     if not server.host.strip():
         r.problem("server.host", "must not be empty (write 0.0.0.0 to listen on every interface)")
+    return server
 
-    g = r.section("ghl", top.get("ghl"), _with_file_variants(_fields(GHLConfig), {"client_secret"}))
+
+def _ghl(r: Reader, raw: Any) -> GHLConfig:
+    g = r.section("ghl", raw, _with_file_variants(_fields(GHLConfig), {"client_secret"}))
     client_id = r.string("ghl", g, "client_id")
     if not client_id:
         r.problem("ghl.client_id", "is required (from the GHL marketplace app settings)")
-    ghl = GHLConfig(
+    return GHLConfig(
         client_id=client_id,
         client_secret=r.secret("ghl", g, "client_secret", required=True) or Secret(""),
         api_base=r.url("ghl", g, "api_base", GHLConfig.api_base),
@@ -448,12 +221,12 @@ def build_config(path: str, raw: Any) -> Config:
         accept_legacy_rsa=r.boolean("ghl", g, "accept_legacy_rsa", True),
     )
 
+
+def _cast(r: Reader, raw: Any) -> CastConfig:
     c = r.section(
-        "cast",
-        top.get("cast"),
-        _with_file_variants(_fields(CastConfig), {"api_key", "inbound_secret"}),
+        "cast", raw, _with_file_variants(_fields(CastConfig), {"api_key", "inbound_secret"})
     )
-    cast = CastConfig(
+    return CastConfig(
         api_base=r.url("cast", c, "api_base", CastConfig.api_base),
         api_key=r.secret("cast", c, "api_key", required=True) or Secret(""),
         sender_id=_sender_id(r, "cast", c),
@@ -463,21 +236,27 @@ def build_config(path: str, raw: Any) -> Config:
         locations=_cast_locations(r, c.get("locations")),
     )
 
-    st = r.section("state", top.get("state"), _fields(StateConfig))
-    state = StateConfig(
+
+def _state(r: Reader, raw: Any) -> StateConfig:
+    st = r.section("state", raw, _fields(StateConfig))
+    return StateConfig(
         dir=r.path_value("state", st, "dir", StateConfig.dir),
         key_file=r.path_value("state", st, "key_file", StateConfig.key_file),
     )
 
-    t = r.section("tokens", top.get("tokens"), _fields(TokensConfig))
-    tokens = TokensConfig(
+
+def _tokens(r: Reader, raw: Any) -> TokensConfig:
+    t = r.section("tokens", raw, _fields(TokensConfig))
+    return TokensConfig(
         refresh_interval=r.duration("tokens", t, "refresh_interval", 300.0, minimum=1),
         refresh_margin=r.duration("tokens", t, "refresh_margin", 6 * 3600.0, minimum=1),
         reconcile_interval=r.duration("tokens", t, "reconcile_interval", 3600.0, minimum=1),
     )
 
-    d = r.section("delivery", top.get("delivery"), _fields(DeliveryConfig))
-    delivery = DeliveryConfig(
+
+def _delivery(r: Reader, raw: Any) -> DeliveryConfig:
+    d = r.section("delivery", raw, _fields(DeliveryConfig))
+    return DeliveryConfig(
         send_deadline=r.duration(
             "delivery",
             d,
@@ -506,30 +285,19 @@ def build_config(path: str, raw: Any) -> Config:
         ),
     )
 
-    lg = r.section("logging", top.get("logging"), _fields(LoggingConfig))
+
+def _logging(r: Reader, raw: Any) -> LoggingConfig:
+    lg = r.section("logging", raw, _fields(LoggingConfig))
     level = r.string("logging", lg, "level", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         r.problem("logging.level", f"must be debug, info, warning or error, got {level!r}")
     fmt = r.string("logging", lg, "format", "text").lower()
     if fmt not in ("text", "json"):
         r.problem("logging.format", f"must be text or json, got {fmt!r}")
-    logging_cfg = LoggingConfig(level=level, format=fmt)
-
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Config(
-        path=os.path.abspath(path),
-        server=server,
-        ghl=ghl,
-        cast=cast,
-        state=state,
-        tokens=tokens,
-        delivery=delivery,
-        logging=logging_cfg,
-    )
+    return LoggingConfig(level=level, format=fmt)
 
 
-def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
+def _cast_locations(r: Reader, raw: Any) -> dict[str, CastLocationConfig]:
     locations = r.section("cast.locations", raw, set())
     # section() reported every key as unknown against an empty set; location ids are free-form.
     r.problems = [p for p in r.problems if not p.startswith(f"{r.path}: cast.locations.")]
@@ -555,7 +323,7 @@ def _cast_locations(r: _Reader, raw: Any) -> dict[str, CastLocationConfig]:
     return result
 
 
-def _sender_id(r: _Reader, key: str, raw: dict) -> str:
+def _sender_id(r: Reader, key: str, raw: dict) -> str:
     """An alphanumeric sender ID longer than `MAX_SENDER_ID` is cut by carriers: an error.
     A numeric sender (a phone number, ``+`` and up to 15 digits) is not alphanumeric."""
     value = r.string(key, raw, "sender_id")
@@ -568,7 +336,7 @@ def _sender_id(r: _Reader, key: str, raw: dict) -> str:
     return value
 
 
-def _status_polls(r: _Reader, raw: dict) -> tuple[float, ...]:
+def _status_polls(r: Reader, raw: dict) -> tuple[float, ...]:
     if "status_polls" not in raw:
         return DeliveryConfig.status_polls
     value = raw["status_polls"]
@@ -584,7 +352,7 @@ def _status_polls(r: _Reader, raw: dict) -> tuple[float, ...]:
     return polls
 
 
-def _regions(r: _Reader, raw: dict) -> tuple[str, ...]:
+def _regions(r: Reader, raw: dict) -> tuple[str, ...]:
     if "allowed_regions" not in raw:
         return DeliveryConfig.allowed_regions
     regions = r.string_list("delivery", raw, "allowed_regions")

@@ -19,7 +19,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient
 
-from castghld.config import build_config
+from castghld.config import Config, build_config
 from castghld.fakes import FakeCast, FakeGHL
 from castghld.state import create_private_file, new_key_line
 
@@ -41,13 +41,9 @@ async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def round_trip(directory: str) -> int:
-    from castghld.app import Daemon
-
-    ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
-    cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
-    await ghl.start()
-    await cast.start()
+def demo_config(directory: str, ghl: FakeGHL, cast: FakeCast) -> Config:
+    """A config in `directory` (state key and state directory created) that points at the
+    fakes."""
     key_file = f"{directory}/state.key"
     create_private_file(key_file, (new_key_line() + "\n").encode())
     raw = {
@@ -68,56 +64,81 @@ async def round_trip(directory: str) -> int:
         "delivery": {"status_polls": [0.1, 0.2, 0.5]},
     }
     os.makedirs(raw["state"]["dir"], mode=0o700)
-    daemon = Daemon(build_config(f"{directory}/castghld.yaml", raw))
+    return build_config(f"{directory}/castghld.yaml", raw)
+
+
+async def install(daemon_url: str, ghl: FakeGHL) -> None:
+    """The location installs the app through the OAuth callback."""
+    ghl.add_auth_code("demo-code", location_id=LOCATION, company_id="demo-company")
+    answer = await AsyncHTTPClient().fetch(
+        f"{daemon_url}/oauth/callback?code=demo-code", raise_error=False
+    )
+    assert answer.code == 200, answer.body
+    hop("GHL -> castghld", f"OAuth callback: HTTP {answer.code}, location {LOCATION} installed")
+
+
+async def send_sms(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
+    """GHL's Delivery URL webhook, the Cast send, and the statuses reported back to GHL."""
+    webhook = {
+        "contactId": "demo-contact",
+        "locationId": LOCATION,
+        "messageId": "demo-msg-1",
+        "type": "SMS",
+        "phone": "+639171234567",
+        "message": "Hello from the castghld demo",
+        "attachments": [],
+        "userId": "demo-user",
+    }
+    answer = await ghl.post_webhook(f"{daemon_url}/api/ghl/v1/webhook/messages", webhook)
+    hop("GHL -> castghld", f"signed outbound webhook: HTTP {answer.code}", webhook)
+    await wait_until(lambda: cast.sent)
+    sent = cast.sent[0]
+    hop(
+        "castghld -> Cast",
+        "POST /api/v1/sms/send",
+        {k: sent.get(k) for k in ("to", "message", "sender_id", "idempotency_key")},
+    )
+    await wait_until(lambda: "delivered" in [s["status"] for s in ghl.statuses["demo-msg-1"]])
+    for report in ghl.statuses["demo-msg-1"]:
+        hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
+
+
+async def receive_reply(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
+    """Cast's inbound callback with a reply, and its post into the GHL conversation."""
+    reply = {
+        "message_id": "CAST-DEMO-REPLY",
+        "from": "09171234567",
+        "to": "CASTDEMO",
+        "message": "Got it, thanks!",
+        "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    answer = await cast.post_inbound(
+        f"{daemon_url}/api/cast/v1/webhook/inbound", INBOUND_SECRET, reply
+    )
+    hop("Cast -> castghld", f"inbound reply: HTTP {answer.code}", reply)
+    await wait_until(lambda: ghl.inbound_messages)
+    posted = ghl.inbound_messages[0]
+    hop(
+        "castghld -> GHL",
+        "POST /conversations/messages/inbound",
+        {k: posted.get(k) for k in ("type", "contactId", "message", "altId", "locationId")},
+    )
+
+
+async def round_trip(directory: str) -> int:
+    from castghld.app import Daemon
+
+    ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
+    cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
+    await ghl.start()
+    await cast.start()
+    daemon = Daemon(demo_config(directory, ghl, cast))
     await daemon.start()
     try:
         print(f"castghld demo: fake GHL {ghl.url}, fake Cast {cast.url}, daemon {daemon.url}")
-        ghl.add_auth_code("demo-code", location_id=LOCATION, company_id="demo-company")
-        answer = await AsyncHTTPClient().fetch(
-            f"{daemon.url}/oauth/callback?code=demo-code", raise_error=False
-        )
-        assert answer.code == 200, answer.body
-        hop("GHL -> castghld", f"OAuth callback: HTTP {answer.code}, location {LOCATION} installed")
-        webhook = {
-            "contactId": "demo-contact",
-            "locationId": LOCATION,
-            "messageId": "demo-msg-1",
-            "type": "SMS",
-            "phone": "+639171234567",
-            "message": "Hello from the castghld demo",
-            "attachments": [],
-            "userId": "demo-user",
-        }
-        answer = await ghl.post_webhook(f"{daemon.url}/api/ghl/v1/webhook/messages", webhook)
-        hop("GHL -> castghld", f"signed outbound webhook: HTTP {answer.code}", webhook)
-        await wait_until(lambda: cast.sent)
-        sent = cast.sent[0]
-        hop(
-            "castghld -> Cast",
-            "POST /api/v1/sms/send",
-            {k: sent.get(k) for k in ("to", "message", "sender_id", "idempotency_key")},
-        )
-        await wait_until(lambda: "delivered" in [s["status"] for s in ghl.statuses["demo-msg-1"]])
-        for report in ghl.statuses["demo-msg-1"]:
-            hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
-        reply = {
-            "message_id": "CAST-DEMO-REPLY",
-            "from": "09171234567",
-            "to": "CASTDEMO",
-            "message": "Got it, thanks!",
-            "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        answer = await cast.post_inbound(
-            f"{daemon.url}/api/cast/v1/webhook/inbound", INBOUND_SECRET, reply
-        )
-        hop("Cast -> castghld", f"inbound reply: HTTP {answer.code}", reply)
-        await wait_until(lambda: ghl.inbound_messages)
-        posted = ghl.inbound_messages[0]
-        hop(
-            "castghld -> GHL",
-            "POST /conversations/messages/inbound",
-            {k: posted.get(k) for k in ("type", "contactId", "message", "altId", "locationId")},
-        )
+        await install(daemon.url, ghl)
+        await send_sms(daemon.url, ghl, cast)
+        await receive_reply(daemon.url, ghl, cast)
         violations = ghl.violations + cast.violations
         if violations:
             print(f"castghld demo: contract violations: {violations}")

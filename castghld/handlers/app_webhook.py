@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 from typing import Any
 
-from castghld.handlers.base import APIError, APIHandler
+from castghld.handlers.base import APIError, APIHandler, usable_id
 
 log = logging.getLogger("castghld.webhook.app")
-
-SEEN_WEBHOOK_IDS = 10_000
-MAX_ID_CHARS = 200
 
 
 def webhook_time(timestamp: object) -> float | None:
@@ -48,16 +44,9 @@ def webhook_time(timestamp: object) -> float | None:
         return None
 
 
-def _id(value: Any) -> str:
-    """An id field as a string ('' if absent or unusable): GHL ids are short strings; a number
-    is read as its decimal form."""
-    if isinstance(value, bool):
-        return ""
-    if isinstance(value, int):
-        value = str(value)
-    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not value.isprintable():
-        return ""
-    return value.strip()
+def _id_field(event: dict[str, Any], name: str) -> str:
+    """The id field `name` of an app webhook, '' if absent or unusable (`usable_id`)."""
+    return usable_id(event.get(name), url_segment=False) or ""
 
 
 class AppWebhookHandler(APIHandler):
@@ -86,7 +75,7 @@ class AppWebhookHandler(APIHandler):
         event = self.signed_json_object("app")
         if event is None:
             return
-        app_id = _id(event.get("appId"))
+        app_id = _id_field(event, "appId")
         if "appId" in event and app_id != self.daemon.config.ghl.app_id:
             self.daemon.metrics.webhooks.labels("app", "foreign_app").inc()
             log.info(
@@ -95,14 +84,14 @@ class AppWebhookHandler(APIHandler):
                 extra={"outcome": "ignored", "reason": "foreign appId"},
             )
             return self.write_json(200, {"status": "ignored", "reason": "not this app"})
-        webhook_id = _id(event.get("webhookId"))
-        seen = self.daemon.seen_app_webhooks
+        webhook_id = _id_field(event, "webhookId")
+        seen = self.daemon.app_webhook_ids
         if webhook_id and webhook_id in seen:
             self.daemon.metrics.webhooks.labels("app", "duplicate").inc()
             return self.write_json(200, {"status": "duplicate"})
         kind = event.get("type")
-        location_id = _id(event.get("locationId"))
-        company_id = _id(event.get("companyId"))
+        location_id = _id_field(event, "locationId")
+        company_id = _id_field(event, "companyId")
         if kind in ("INSTALL", "UNINSTALL"):
             # A locationId we cannot read must not turn into a company-wide UNINSTALL.
             if event.get("locationId") not in (None, "") and not location_id:
@@ -112,17 +101,13 @@ class AppWebhookHandler(APIHandler):
                     "app", f"{kind} without a usable locationId or companyId"
                 )
         if webhook_id:
-            # Marked before acting, so a copy arriving while this one awaits GHL is a duplicate.
-            seen[webhook_id] = time.time()
-            while len(seen) > SEEN_WEBHOOK_IDS:
-                seen.popitem(last=False)
+            seen.mark(webhook_id)  # a copy arriving while this one awaits GHL is a duplicate
         event_at = webhook_time(event.get("timestamp"))
         try:
             outcome = await self.act(kind, location_id, company_id, event_at, webhook_id)
         except BaseException as e:
-            # Not done: GHL's retry of this webhook must be acted on, not called a duplicate.
             if webhook_id:
-                seen.pop(webhook_id, None)
+                seen.forget(webhook_id)  # not done: GHL's retry must be acted on
             if isinstance(e, OSError):
                 raise APIError(
                     503, "store_failed", f"cannot store the change ({e.strerror}); retry later"

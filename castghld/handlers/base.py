@@ -23,7 +23,7 @@ import tornado.web
 from castghld.log import redact_numbers, scrub
 
 if TYPE_CHECKING:
-    from castghld.app import Daemon
+    from castghld.services import Services
 
 MAX_BODY_SIZE = 1024 * 1024
 access_log = logging.getLogger("castghld.access")
@@ -52,14 +52,29 @@ _ERROR_CODES = {
 # blanks never get past the door.
 MAX_ID_CHARS = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]{1," + str(MAX_ID_CHARS) + "}")
+# The app webhook's rule (`url_segment=False`): any printable text up to this length.
+MAX_TEXT_ID_CHARS = 200
 
 
-def usable_id(value: object) -> str | None:
-    """`value` as an id we can store and put into a URL, or None. A whole number is read as its
-    decimal form (GHL's fields are strings, but an id sent as a number is still that id)."""
+def usable_id(value: object, *, url_segment: bool = True) -> str | None:
+    """`value` as an id we can use, or None. A whole number is read as its decimal form (GHL's
+    fields are strings, but an id sent as a number is still that id).
+
+    `url_segment` True (message webhooks, whose ids go into upstream URL paths): the rule above.
+    False (app webhooks: ids compared, stored and sent in form bodies and query strings, which
+    encode them): printable text of at most `MAX_TEXT_ID_CHARS`, surrounding blanks stripped;
+    None when nothing is left. The two rules decide which authentic INSTALL/UNINSTALL and message
+    webhooks are acted on, so they stay as they are.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
+    if not isinstance(value, str):
+        return None
+    if not url_segment:
+        if len(value) > MAX_TEXT_ID_CHARS or not value.isprintable():
+            return None
+        return value.strip() or None
+    if not _ID_RE.fullmatch(value) or value in (".", ".."):
         return None
     return value
 
@@ -75,9 +90,9 @@ class APIError(tornado.web.HTTPError):
 
 @tornado.web.stream_request_body
 class APIHandler(tornado.web.RequestHandler):
-    daemon: Daemon
+    daemon: Services
 
-    def initialize(self, daemon: Daemon) -> None:
+    def initialize(self, daemon: Services) -> None:
         self.daemon = daemon
         self._chunks: list[bytes] = []
         self._received = 0
