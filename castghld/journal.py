@@ -37,7 +37,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from castghld.state import TEMP_PREFIX, KeyRing, StateError, fsync_dir, is_transient
+from castghld.files import TEMP_PREFIX, StateError, fsync_dir, is_transient
+from castghld.keyring import KeyRing
 
 log = logging.getLogger("castghld.outbox")
 

@@ -28,10 +28,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
+from castghld.files import StateError, is_transient
 from castghld.journal import Journal
+from castghld.keyring import KeyRing
 from castghld.metrics import Metrics
 from castghld.seen import SeenIds
-from castghld.state import KeyRing, StateError, is_transient
 
 log = logging.getLogger("castghld.outbox")
 

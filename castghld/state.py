@@ -1,14 +1,15 @@
-"""Encrypted, atomically replaced state file, and the key ring that protects it.
+"""The daemon's durable records: an encrypted state file, small commits, occasional compaction.
 
 Guarantees:
-- The state file is AES-256-GCM encrypted with the newest key of `state.key_file`; every key in the
-  file can decrypt (rotation: add a new first line, the next write re-encrypts with it).
+- The state is AES-256-GCM encrypted with the newest key of `state.key_file`; every key in the
+  file can decrypt (rotation: add a new first line, the next write re-encrypts with it; see
+  `castghld.keyring`).
 - Commits are small: a commit appends one frame (the records it changed) to the state journal and
   fsyncs it; the whole state is rewritten only by an occasional compaction, from each record's
   cached JSON line (never re-serialised), in bounded frames on a thread of its own. Every file is
   written 0600 from birth; a file that replaces another is created next to it (`mkstemp`), fsynced,
-  renamed with `os.replace` and the directory fsynced. A crash at any point leaves a loadable state
-  holding every commit that returned (`StateStore` says how).
+  renamed with `os.replace` and the directory fsynced (`castghld.files`). A crash at any point
+  leaves a loadable state holding every commit that returned (`StateStore` says how).
 - One writer at a time. Writes are coalesced: callers that commit while a write is running are
   served by the next write, which carries all their changes. Encryption and fsync run on worker
   threads; the IOLoop only serialises the records that changed.
@@ -23,317 +24,56 @@ record's cached JSON line always matches its value.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import codecs
 import concurrent.futures
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import math
 import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from castghld.files import (
+    LOCK_FILENAME,
+    TEMP_PREFIX,
+    TRANSIENT_ERRNOS,
+    StateError,
+    atomic_write,
+    create_private_file,
+    fsync_dir,
+    is_transient,
+    lock_directory,
+    remove_leftover_temp_files,
+)
+from castghld.keyring import BLOB_MAGIC, KeyRing, new_key_line
+
+# Re-exported from castghld.files and castghld.keyring for the modules that import them from here.
+__all__ = [
+    "LOCK_FILENAME",
+    "STATE_FILENAME",
+    "TEMP_PREFIX",
+    "TRANSIENT_ERRNOS",
+    "KeyRing",
+    "StateError",
+    "StateStore",
+    "atomic_write",
+    "create_private_file",
+    "fsync_dir",
+    "is_transient",
+    "lock_directory",
+    "new_key_line",
+    "remove_leftover_temp_files",
+]
 
 log = logging.getLogger("castghld.state")
 
 STATE_FILENAME = "state.bin"
-# A key file is one ~45-byte line per key: anything larger is not one (a 1 GB file was read whole).
-MAX_KEY_FILE = 64 * 1024
-_MAGIC = b"CGS1"
-_KEY_ID_LEN = 8
-_NONCE_LEN = 12
-_HEADER_LEN = len(_MAGIC) + _KEY_ID_LEN + _NONCE_LEN
 _SNAPSHOT_MAGIC = b"CGS2"
 _JOURNAL_MAGIC = b"CGJ1"
 _FILE_HEADER_LEN = len(_SNAPSHOT_MAGIC) + 8  # magic + generation
 SNAPSHOT_CHUNK = 500  # records per snapshot frame: bounds each encryption's hold on the GIL
 COMPACT_MIN_BYTES = 1 << 20  # compact once the journals exceed this and the snapshot's size
 COMPACT_RETRY_SECONDS = 60.0
-
-
-# I/O failures that a later try may not meet (a busy disk, a full table, a port not free yet):
-# the daemon exits 75 (EX_TEMPFAIL) for them so systemd restarts it, and 2 for the rest.
-TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.EIO,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.EINTR,
-        errno.ENOMEM,
-        errno.ENOSPC,
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ENOBUFS,
-        errno.ETIMEDOUT,
-        errno.ESTALE,
-        errno.EADDRINUSE,
-        errno.EADDRNOTAVAIL,
-    }
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """True for an OSError a retry may not meet, or a StateError made from one."""
-    if isinstance(error, StateError):
-        return error.transient
-    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
-
-
-class StateError(Exception):
-    """The key file or state file cannot be used; the message names the file and the fix.
-    `transient`: a retry later may succeed (an I/O error, a lock held by a process that exits)."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
-
-
-def key_file_error(path: str, problem: str, fix: str, transient: bool = False) -> StateError:
-    """A StateError for the state key file: the config key, the path once, the problem, the fix."""
-    return StateError(f"state.key_file {path}: {problem}; {fix}", transient)
-
-
-class KeyRing:
-    """AES-256-GCM keys from a key file: one base64 key per line, newest first."""
-
-    def __init__(self, keys: list[bytes], path: str = "<memory>"):
-        if not keys:
-            raise key_file_error(
-                path,
-                "holds no key",
-                f"restore it from a backup, or delete it and run: castghld gen-key {path}",
-            )
-        self.path = path
-        self._keys = [(_key_id(k), AESGCM(k)) for k in keys]
-
-    @classmethod
-    def load(cls, path: str) -> KeyRing:
-        """The keys of `path`. Every failure (missing, not a regular file, readable by others,
-        unreadable, larger than `MAX_KEY_FILE`, not a key file, an empty file) is a StateError
-        that names `state.key_file`, the path once and the fix; it is transient only for an I/O
-        error a retry may not meet. Never blocks on a FIFO, never reads more than `MAX_KEY_FILE`
-        bytes. A UTF-8 byte-order mark (an editor's) is ignored."""
-        not_regular = key_file_error(
-            path, "is not a regular file", "point state.key_file at a file made by castghld gen-key"
-        )
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise not_regular
-            if st.st_mode & 0o077:
-                raise key_file_error(
-                    path,
-                    f"is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o})",
-                    f"run: chmod 600 {path}",
-                )
-            # Non-blocking: a FIFO swapped in after the stat must not hang serve or check-config.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-            with open(fd, "rb") as f:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise not_regular
-                data = f.read(MAX_KEY_FILE + 1)
-            if len(data) > MAX_KEY_FILE:
-                raise key_file_error(
-                    path,
-                    f"is {st.st_size} bytes, not a state key file (at most {MAX_KEY_FILE} bytes: "
-                    "one line per key)",
-                    "point state.key_file at a file made by castghld gen-key",
-                )
-        except FileNotFoundError:
-            raise key_file_error(
-                path, "does not exist", f"create it: castghld gen-key {path}"
-            ) from None
-        except PermissionError:
-            raise key_file_error(
-                path,
-                "cannot be read (permission denied)",
-                "run castghld as the file's owner (the service user) or chown the file to it",
-            ) from None
-        except OSError as e:
-            transient = is_transient(e)
-            raise key_file_error(
-                path,
-                f"cannot be read ({e.strerror or e})",
-                "retry once the I/O error is fixed" if transient else "check the path",
-                transient=transient,
-            ) from None
-        try:
-            lines = data.removeprefix(codecs.BOM_UTF8).decode("ascii").splitlines()
-        except UnicodeDecodeError:
-            raise key_file_error(
-                path,
-                "is not a state key file (not ASCII text)",
-                "point state.key_file at a file made by castghld gen-key",
-            ) from None
-        keys = []
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                key = base64.urlsafe_b64decode(line.encode("ascii"))
-            except (binascii.Error, ValueError):
-                key = b""
-            if len(key) != 32:
-                raise key_file_error(
-                    path,
-                    f"line {number} is not a state key (expected 32 bytes, base64)",
-                    "restore the line from a backup of the key file, or replace it with the line "
-                    "of a new key (castghld gen-key NEW_PATH)",
-                )
-            keys.append(key)
-        return cls(keys, path)
-
-    @property
-    def key_ids(self) -> list[str]:
-        return [key_id.hex() for key_id, _ in self._keys]
-
-    def encrypt(self, plaintext: bytes, context: bytes = b"") -> bytes:
-        key_id, aead = self._keys[0]
-        nonce = os.urandom(_NONCE_LEN)
-        header = _MAGIC + key_id + nonce
-        return header + aead.encrypt(nonce, plaintext, header + context)
-
-    def decrypt(self, blob: bytes, what: str, context: bytes = b"") -> bytes:
-        """Plaintext of `blob`; StateError naming `what` if it is not ours, truncated or altered."""
-        if len(blob) < _HEADER_LEN + 16 or not blob.startswith(_MAGIC):
-            raise StateError(f"{what}: not a castghld encrypted file, or truncated")
-        header = blob[:_HEADER_LEN]
-        key_id = header[len(_MAGIC) : len(_MAGIC) + _KEY_ID_LEN]
-        nonce = header[len(_MAGIC) + _KEY_ID_LEN :]
-        for candidate_id, aead in self._keys:
-            if candidate_id == key_id:
-                try:
-                    return aead.decrypt(nonce, blob[_HEADER_LEN:], header + context)
-                except InvalidTag:
-                    raise StateError(
-                        f"{what}: authentication failed: the file is truncated or was altered"
-                    ) from None
-        raise StateError(
-            f"{what}: encrypted with key {key_id.hex()}, which is not in {self.path} "
-            f"(it holds {', '.join(self.key_ids)}); restore the old key as a later line"
-        )
-
-    def lacks_key_of(self, blob: bytes) -> bool:
-        """True if `blob` is ours in form but names a key this ring does not hold (a config
-        problem: an old key was dropped from the key file), not damage."""
-        if len(blob) < _HEADER_LEN + 16 or not blob.startswith(_MAGIC):
-            return False
-        key_id = blob[len(_MAGIC) : len(_MAGIC) + _KEY_ID_LEN]
-        return all(candidate_id != key_id for candidate_id, _ in self._keys)
-
-    def is_current(self, blob: bytes) -> bool:
-        return blob[len(_MAGIC) : len(_MAGIC) + _KEY_ID_LEN] == self._keys[0][0]
-
-
-def _key_id(key: bytes) -> bytes:
-    return hashlib.sha256(b"castghld key id" + key).digest()[:_KEY_ID_LEN]
-
-
-def new_key_line() -> str:
-    return base64.urlsafe_b64encode(AESGCM.generate_key(bit_length=256)).decode("ascii")
-
-
-def create_private_file(path: str, data: bytes) -> None:
-    """Create `path` 0600 from birth with `data`; FileExistsError if it exists (no overwrite)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes | Callable[[Any], None]) -> None:
-    """Replace `path` with `data` atomically (see module docstring); the file is 0600 throughout.
-
-    `data` may be a callable that writes to the open binary file, for large payloads.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(directory)
-
-
-LOCK_FILENAME = "lock"
-TEMP_PREFIX = ".tmp-"  # atomic_write's and the outbox compaction's files before their rename
-
-
-def remove_leftover_temp_files(directory: str) -> int:
-    """Delete the temporary files a crash left before their rename (each may be a whole snapshot,
-    so a crash loop would fill the disk); call it only while holding the directory's lock, when
-    no write of ours is under way. Returns how many were removed."""
-    removed = 0
-    for name in os.listdir(directory):
-        if name.startswith(TEMP_PREFIX):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-            except FileNotFoundError:
-                pass
-    if removed:
-        log.warning(
-            "removed %d temporary file(s) left in %s by an interrupted write", removed, directory
-        )
-    return removed
-
-
-def lock_directory(directory: str) -> int:
-    """Hold an exclusive lock on `directory` for this process's life; the lock's descriptor.
-
-    Two daemons on one state directory would each rewrite the state file and the outbox from their
-    own memory, losing what the other acknowledged. The lock is released when the descriptor is
-    closed or the process dies (kill -9 included), so a stale lock never blocks a restart.
-    """
-    path = os.path.join(directory, LOCK_FILENAME)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise StateError(
-            f"{path}: cannot create the lock file: {e.strerror}", transient=is_transient(e)
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateError(
-            f"{directory}: another castghld process is using this state directory",
-            transient=True,
-        ) from None
-    return fd
 
 
 class StateStore:
@@ -418,7 +158,7 @@ class StateStore:
             ) from None
         self._sections, self._lines = {}, {}
         stale_key = False
-        if blob.startswith(_MAGIC):  # format 1: one encrypted JSON document
+        if blob.startswith(BLOB_MAGIC):  # format 1: one encrypted JSON document
             plaintext = self.keyring.decrypt(blob, self.path, context=b"state")
             self._load_format1(plaintext)
             self._rewrite = True
