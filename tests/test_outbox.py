@@ -14,8 +14,9 @@ import weakref
 import pytest
 
 from castghld.fakes import wait_for
+from castghld.journal import JOURNAL_FILENAME, QUARANTINE_FILENAME
 from castghld.metrics import Metrics
-from castghld.outbox import JOURNAL_FILENAME, QUARANTINE_FILENAME, Outbox
+from castghld.outbox import Outbox
 from castghld.seen import SEAL_SIZE, SeenIds
 from castghld.state import KeyRing, StateError, new_key_line
 
@@ -341,7 +342,7 @@ async def test_compaction_does_not_hold_the_loop(tmp_path):
 
 @pytest.mark.gen_test(timeout=10)
 async def test_writer_thread_runs_calls_in_order_and_hands_back_errors():
-    from castghld.outbox import _WriterThread
+    from castghld.journal import _WriterThread
 
     writer = _WriterThread("test-writer")
     done: list[int] = []

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 from test_outbox import keyring, make_outbox, record
 
-from castghld.outbox import JOURNAL_FILENAME
+from castghld.journal import JOURNAL_FILENAME
 
 
 @pytest.mark.gen_test(timeout=10)
