@@ -17,6 +17,10 @@ from urllib.parse import urlencode
 from castghld.config import Config
 from castghld.pacing import LimiterMap, SlidingWindowLimiter, try_acquire_all
 
+# What the install asks GHL for (README "GHL side: scopes" says what each is for). The token of an
+# agency install is what mints location tokens (`POST /oauth/locationToken`: oauth.write) and
+# lists the installed locations (`GET /oauth/installedLocations`: oauth.readonly); without those
+# two, an agency that installs through this URL could neither mint nor reconcile.
 SCOPES = (
     "conversations/message.write",
     "conversations/message.readonly",
@@ -24,6 +28,8 @@ SCOPES = (
     "conversations.readonly",
     "contacts.readonly",
     "contacts.write",
+    "oauth.write",
+    "oauth.readonly",
 )
 STATE_LIFETIME = 15 * 60
 # Code exchanges started by `GET /oauth/callback` (unauthenticated: marketplace installs carry no
