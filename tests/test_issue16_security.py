@@ -3,12 +3,14 @@ callbacks can make castghld print, count or refuse."""
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from castghld.fakes import wait_for
+from castghld.log import scrub
 from castghld.oauth import build_install_url
 from tests.test_metrics import scrape
 from tests.test_outbound import ready, statuses
@@ -60,3 +62,103 @@ async def test_install_url_asks_for_the_scope_of_every_call_castghld_makes(bridg
     assert len(asked) == len(set(asked))
     # `castghld install-url` builds the same URL.
     assert scopes_of(build_install_url(config_dir.load())) == asked
+
+
+# -- secrets in upstream text, cut or not --------------------------------------------------------
+
+CAST_KEY = "cast_live_7f3a9c2e5b8d1f4a6c0e9b2d7a5f3c1e"  # 42 characters, like Cast's keys
+GHL_SECRET = "b1f9e3d7-5c2a-4e8b-9f6d-0a3c7e1b5d9f"
+# How an upstream's error text may quote a secret: JSON, a Python repr, a form or query, a header
+# line, and no name at all.
+FORMS = {
+    "json": '{{"{name}": "{value}", "other": 1}}',
+    "single-quoted": "{{'{name}': '{value}', 'other': 1}}",
+    "key=value": "{name}={value}&other=1",
+    "header": "{name}: {value}\r\nHost: api.cast.ph",
+    "bare": "refused {value} here",
+}
+NAMED_FORMS = [form for form in FORMS if form != "bare"]
+
+
+def straddling(form: str, name: str, value: str, cut: int, into: int = 25) -> str:
+    """Text quoting `value` in `form` so that a cut at `cut` characters falls `into` characters
+    into it (the issue's repro showed 25 of a key's 42 characters)."""
+    text = FORMS[form].format(name=name, value=value)
+    return "." * (cut - into - text.index(value)) + text
+
+
+def shows_part_of(secret: str, text: str, length: int = 6) -> bool:
+    return any(secret[i : i + length] in text for i in range(len(secret) - length + 1))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.gen_test(timeout=30)
+async def test_online_check_prints_no_part_of_a_key_cut_in_an_upstreams_text(
+    config_dir, fake_ghl, fake_cast, form
+):
+    from castghld.online import online_checks
+
+    fake_ghl.client_secret = GHL_SECRET
+    fake_cast.api_keys[CAST_KEY] = "acct"
+    config = config_dir.load(
+        {
+            "ghl": {"api_base": fake_ghl.url, "client_secret": GHL_SECRET},
+            "cast": {"api_base": fake_cast.url, "api_key": CAST_KEY},
+        }
+    )
+    echo = straddling(form, "client_secret", GHL_SECRET, cut=500)
+    fake_ghl.fail_next("token", 400, {"error": "invalid_request", "error_description": echo})
+    echo = straddling(form, "x-api-key", CAST_KEY, cut=500)
+    fake_cast.fail_next("sms_status", 401, {"error": echo, "error_code": "INVALID_API_KEY"})
+    results = await online_checks(config)
+    printed = "\n".join(str(r) for r in results)
+    assert "....." in printed  # the upstream text is shown, up to the cut
+    assert not shows_part_of(GHL_SECRET, printed)
+    assert not shows_part_of(CAST_KEY, printed)
+
+
+@pytest.mark.parametrize("form", NAMED_FORMS)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cast_error_quoting_a_key_reaches_ghl_and_the_log_without_it(bridge, caplog, form):
+    await ready(bridge)
+    echo = straddling(form, "X-API-Key", CAST_KEY, cut=500)
+    fake_answer = {"success": False, "error": echo, "error_code": "VALIDATION_ERROR"}
+    bridge.cast.fail_next("send", 400, fake_answer)
+    await bridge.post_message()
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
+    reported = bridge.ghl.statuses["msg-1"][0]["error"]["message"]
+    assert reported.startswith(".....")
+    assert not shows_part_of(CAST_KEY, reported)
+    logged = "\n".join(logging.Formatter().format(r) for r in caplog.records)
+    assert not shows_part_of(CAST_KEY, scrub(logged))
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("form", NAMED_FORMS)
+@pytest.mark.parametrize(
+    "name", ["x-api-key", "X-Api-Key", "api_key", "apiKey", "client_secret", "access_token"]
+)
+def test_a_log_line_cut_anywhere_in_a_named_secret_shows_none_of_it(fmt, form, name):
+    from castghld.log import _JSONFormatter, _TextFormatter
+
+    formatter = _JSONFormatter(False) if fmt == "json" else _TextFormatter(False)
+    secret = "Zq8Wx7Vy6Ut5Sr4"
+    text = FORMS[form].format(name=name, value=secret)
+    start = text.index(secret)
+    for cut in range(start + 3, start + len(secret) + 1):
+        record = logging.LogRecord(
+            "castghld.test", logging.WARNING, __file__, 1, "Cast said: %s", (text[:cut],), None
+        )
+        line = formatter.format(record)
+        assert secret[: cut - start] not in line, line
+        assert "[secret]" in line
+
+
+@pytest.mark.parametrize("form", NAMED_FORMS)
+def test_a_reason_for_no_answer_is_scrubbed_before_it_is_cut(form):
+    from castghld.log import no_answer_reason
+
+    text = straddling(form, "X-API-Key", CAST_KEY, cut=200)
+    reason = no_answer_reason(OSError(5, text))
+    assert not shows_part_of(CAST_KEY, reason)
+    assert "[secret]" in reason
