@@ -162,3 +162,65 @@ def test_a_reason_for_no_answer_is_scrubbed_before_it_is_cut(form):
     reason = no_answer_reason(OSError(5, text))
     assert not shows_part_of(CAST_KEY, reason)
     assert "[secret]" in reason
+
+
+# -- /oauth/callback's limits --------------------------------------------------------------------
+
+
+async def junk_callback(bridge, n: int, headers: dict[str, str], state: str | None = None):
+    url = f"{bridge.daemon.url}/oauth/callback?code=junk-{n}"
+    if state is not None:
+        url += f"&state={state}"
+    return await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False)
+
+
+async def install_link_state(bridge) -> str:
+    redirect = await AsyncHTTPClient().fetch(
+        bridge.daemon.url + "/oauth/install", follow_redirects=False, raise_error=False
+    )
+    return parse_qs(urlsplit(redirect.headers["Location"]).query)["state"][0]
+
+
+def spoofed(n: int) -> dict[str, str]:
+    """A made-up client address per request, in the headers a client may forge."""
+    if n % 2:
+        return {"X-Real-IP": f"192.0.2.{n % 250}"}
+    return {"X-Forwarded-For": f"198.51.100.{n % 250}, 203.0.113.{n % 250}"}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_junk_callbacks_with_spoofed_addresses_do_not_lock_out_an_install_link(bridge):
+    await bridge.start()
+    answers = [(await junk_callback(bridge, n, spoofed(n))).code for n in range(45)]
+    assert answers.count(429) >= 15  # the junk is limited in all, whatever address it claims
+    state = await install_link_state(bridge)
+    bridge.ghl.add_auth_code("real", location_id="loc1")
+    response = await AsyncHTTPClient().fetch(
+        f"{bridge.daemon.url}/oauth/callback?code=real&state={state}", raise_error=False
+    )
+    assert response.code == 200, response.body
+    assert bridge.daemon.installations.get("loc1")["status"] == "ok"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_install_link_attempts_have_limits_of_their_own(bridge):
+    await bridge.start()
+    state = await install_link_state(bridge)
+    for n in range(5):
+        assert (await junk_callback(bridge, n, {}, state)).code == 400
+    assert (await junk_callback(bridge, 5, {}, state)).code == 429  # 5 per client IP
+    answers = [(await junk_callback(bridge, n, spoofed(n), state)).code for n in range(6, 50)]
+    assert answers.count(400) == 25 and answers.count(429) == 19  # 30 in all
+    # Stateless callbacks (marketplace installs) still have their whole budget.
+    bridge.ghl.add_auth_code("market", location_id="loc1")
+    market = await AsyncHTTPClient().fetch(
+        f"{bridge.daemon.url}/oauth/callback?code=market", raise_error=False
+    )
+    assert market.code == 200, market.body
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_forwarded_addresses_are_ignored_without_xheaders(bridge):
+    await bridge.start({"server": {"xheaders": False}})
+    answers = [(await junk_callback(bridge, n, spoofed(n))).code for n in range(6)]
+    assert answers == [400] * 5 + [429]  # one client, however many addresses it claims
