@@ -47,7 +47,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 
 from castghld.config import Config
 from castghld.inflight import InFlight
-from castghld.log import no_answer_reason, redact_numbers
+from castghld.log import clip, no_answer_reason, redact_numbers
 from castghld.metrics import Metrics
 from castghld.pacing import (
     LimiterMap,
@@ -239,8 +239,9 @@ class CastClient:
         raise CastError(
             response.code if response.code >= 400 else 502,
             str(answer.get("error_code") or f"HTTP_{response.code}")[:64],
-            # Cast's text may echo the number it refused: it reaches logs and GHL without it.
-            redact_numbers(str(answer.get("error") or response.reason or "error"))[:500],
+            # Cast's text may echo the number it refused, or our request's key: it reaches logs
+            # and GHL without either (redacted before the cut, which would leave a piece).
+            clip(str(answer.get("error") or response.reason or "error"), 500),
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             http_status=response.code,
         )

@@ -2,8 +2,11 @@
 
 Guarantees: whatever a log call passes (message, arguments, exception text), the emitted line has
 the values of token-like fields (`access_token`, `refresh_token`, `code`, `client_secret`,
-`Authorization`/`Bearer`, `X-API-Key`, ...) replaced by `[secret]`. Callers still never log secrets
-on purpose: this filter is the second line of defence, not the first.
+`Authorization`/`Bearer`, `X-API-Key`, ...) replaced by `[secret]`, in every way upstream text
+quotes them (`"name": "value"`, `'name': 'value'`, `name=value`, `Name: value`; `-`, `_` or
+camelCase), also when the text was cut inside the value. Upstream text that is cut to a length
+(`clip`) is scrubbed and its numbers redacted before the cut. Callers still never log secrets on
+purpose: this filter is the second line of defence, not the first.
 """
 
 from __future__ import annotations
@@ -57,19 +60,51 @@ def no_answer_reason(error: BaseException | None) -> str:
     text = getattr(error, "message", None) or getattr(error, "strerror", None) or ""
     if not text or text == name:
         return name
-    return f"{name} ({one_line(redact_numbers(str(text)))[:200]})"
+    return f"{name} ({one_line(clip(str(text), 200))})"
 
 
-_KV_RE = re.compile(
-    r"(?i)([\"']?\b(?:" + "|".join(SCRUB_KEYS) + r")\b[\"']?\s*[=:]\s*[\"']?)([^\s&\"',}]+)"
+def clip(text: str, limit: int) -> str:
+    """Upstream text cut to `limit` characters for a log line or an error report, scrubbed and
+    its numbers redacted first: a cut through a secret or a number leaves a piece that the
+    patterns (a number needs 9 digits) or an exact match of a known secret no longer find."""
+    return redact_numbers(scrub(text))[:limit]
+
+
+def _spellings(name: str) -> str:
+    """`access_token` as a pattern that also matches access-token, accessToken, ACCESS_TOKEN."""
+    return re.escape(name).replace("_", "[-_]?")
+
+
+# The names whose value is a secret, longest first so the longest spelling wins.
+_SECRET_NAMES = sorted(
+    {_spellings(n) for n in (*SCRUB_KEYS, "x_api_key", "authorization")}, key=len, reverse=True
+)
+_NAMED_RE = re.compile(
+    r"(?i)(?P<head>\b(?:" + "|".join(_SECRET_NAMES) + r")\b"
+    # The name's closing quote (JSON, a Python repr, JSON inside a JSON string), the separator,
+    # the value's opening quote.
+    r"\\?[\"']?\s*[:=]\s*(?:\\?(?P<quote>[\"']))?)"
+    # A quoted value runs to its closing quote, or to the end of the line or the text when a cut
+    # took the quote away; an unquoted one to a delimiter, an auth scheme with its credential.
+    r"(?(quote)(?:(?!\\?(?P=quote))[^\r\n])+|(?:(?:bearer|basic)\s+)?[^\s&\"',}]+)"
 )
 _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
-_HEADER_RE = re.compile(r"(?i)\b(x-api-key|authorization)(\s*[:=]\s*)[^\s,}]+")
 
 
 # Every pattern above needs one of these words (case-insensitively): a line without any of them
 # (most lines: access lines, outcomes) is returned as it is without running the patterns.
-_TRIGGERS = ("bearer", "x-api-key", "authorization", *SCRUB_KEYS)
+_TRIGGERS = (
+    "bearer",
+    "authorization",
+    "token",
+    "secret",
+    "api_key",
+    "api-key",
+    "apikey",
+    "code",
+    "state",
+    "password",
+)
 # The non-ASCII letters that `re.IGNORECASE` matches to an ASCII one but `str.lower` does not
 # turn into it (U+0130 and U+0131 -> i, U+017F long s -> s, U+212A Kelvin sign -> k).
 _FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
@@ -79,9 +114,13 @@ def scrub(text: str) -> str:
     lowered = text.lower() if text.isascii() else text.translate(_FOLD).lower()
     if not any(word in lowered for word in _TRIGGERS):
         return text
+    return _scrub_by_patterns(text)
+
+
+def _scrub_by_patterns(text: str) -> str:
+    """`scrub` without its fast path: every pattern run on `text`."""
     text = _BEARER_RE.sub(r"\1[secret]", text)
-    text = _HEADER_RE.sub(r"\1\2[secret]", text)
-    return _KV_RE.sub(r"\1[secret]", text)
+    return _NAMED_RE.sub(r"\g<head>[secret]", text)
 
 
 # Context a log call may pass as `extra={...}`; the JSON format emits each as a field of its own so

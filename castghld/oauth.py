@@ -17,6 +17,10 @@ from urllib.parse import urlencode
 from castghld.config import Config
 from castghld.pacing import LimiterMap, SlidingWindowLimiter, try_acquire_all
 
+# What the install asks GHL for (README "GHL side: scopes" says what each is for). The token of an
+# agency install is what mints location tokens (`POST /oauth/locationToken`: oauth.write) and
+# lists the installed locations (`GET /oauth/installedLocations`: oauth.readonly); without those
+# two, an agency that installs through this URL could neither mint nor reconcile.
 SCOPES = (
     "conversations/message.write",
     "conversations/message.readonly",
@@ -24,20 +28,43 @@ SCOPES = (
     "conversations.readonly",
     "contacts.readonly",
     "contacts.write",
+    "oauth.write",
+    "oauth.readonly",
 )
 STATE_LIFETIME = 15 * 60
-# Code exchanges started by `GET /oauth/callback` (unauthenticated: marketplace installs carry no
-# state) that did not install anything, per client IP and in all, per minute. A person needs a
-# few; junk codes beyond this get 429 without a call to GHL, so they cannot spend the GHL limits
-# that refreshes need. Exchanges in flight count; one that installed gives its slot back.
+# Code exchanges started by `GET /oauth/callback` that did not install anything, per client IP
+# and in all, per minute. A person needs a few; junk codes beyond this get 429 without a call to
+# GHL, so they cannot spend the GHL limits that refreshes need. Exchanges in flight count; one
+# that installed gives its slot back.
 EXCHANGES_PER_IP = 5
 EXCHANGES_IN_ALL = 30
 EXCHANGE_WINDOW = 60.0
 
 
+class _Budget:
+    """Exchanges per client IP and in all, in one sliding window."""
+
+    def __init__(self, per_ip: int, in_all: int, window: float):
+        self.per_ip = LimiterMap(per_ip, window)
+        self.in_all = SlidingWindowLimiter(in_all, window)
+
+    def limiters(self, ip: str) -> tuple[SlidingWindowLimiter, SlidingWindowLimiter]:
+        return self.per_ip.get(ip), self.in_all
+
+
 class CodeExchangeLimits:
-    """How many code exchanges the callback may start: `admit(ip)` is 0.0 when this one may go
-    (and counts it), else the seconds until one may; `installed(ip)` uncounts one that worked."""
+    """How many code exchanges the callback may start: `admit(ip, state)` is 0.0 when this one
+    may go (and counts it), else the seconds until one may; `installed(ip, state)` uncounts one
+    that worked.
+
+    The callback needs no credential (a marketplace install carries no `state`), so anyone can
+    make it start exchanges, from any address it claims when forwarded headers are trusted
+    (`server.xheaders`). Callbacks with a `state` that `verify_state` accepted come from an
+    install link we issued and have a budget of their own: no amount of callbacks without one
+    (the only kind junk can send without first fetching a link) makes a person's install through
+    the link wait. `ip` is the address Tornado reports: the peer's, or with `server.xheaders` the
+    `X-Real-IP` (else the last `X-Forwarded-For` entry) that the proxy must overwrite.
+    """
 
     def __init__(
         self,
@@ -45,15 +72,21 @@ class CodeExchangeLimits:
         in_all: int = EXCHANGES_IN_ALL,
         window: float = EXCHANGE_WINDOW,
     ):
-        self.per_ip = LimiterMap(per_ip, window)
-        self.in_all = SlidingWindowLimiter(in_all, window)
+        self.without_state = _Budget(per_ip, in_all, window)
+        self.with_state = _Budget(per_ip, in_all, window)
 
-    def admit(self, ip: str) -> float:
-        return try_acquire_all(self.per_ip.get(ip), self.in_all)
+    def _limiters(
+        self, ip: str, state: str | None
+    ) -> tuple[SlidingWindowLimiter, SlidingWindowLimiter]:
+        return (self.without_state if state is None else self.with_state).limiters(ip)
 
-    def installed(self, ip: str) -> None:
-        self.per_ip.get(ip).give_back()
-        self.in_all.give_back()
+    def admit(self, ip: str, state: str | None = None) -> float:
+        """`state`: a verified state of our install link, or None."""
+        return try_acquire_all(*self._limiters(ip, state))
+
+    def installed(self, ip: str, state: str | None = None) -> None:
+        for limiter in self._limiters(ip, state):
+            limiter.give_back()
 
 
 def _state_key(config: Config) -> bytes:

@@ -4,8 +4,9 @@ Guarantees:
 - No side effect upstream: GHL is asked to exchange a made-up authorization code (nothing is
   issued), Cast is asked the delivery status of a made-up message id (nothing is sent, nothing is
   charged). No SMS is sent and no token is stored.
-- One line per check, ``ok|FAIL|WARN <what>: <detail>``; never a secret (a Cast key is named by
-  its config key and its account name, ``acct-`` + 10 hex digits of its SHA-256, as in the logs).
+- One line per check, ``ok|FAIL|WARN <what>: <detail>``; never a secret, nor a piece of one that
+  a cut of an upstream's text left (a Cast key is named by its config key and its account name,
+  ``acct-`` + 10 hex digits of its SHA-256, as in the logs).
 - Each request gets one attempt of at most `TIMEOUT` seconds: an upstream that does not answer is
   a FAIL naming its host, not a retry loop.
 
@@ -67,17 +68,38 @@ async def online_checks(config: Config) -> list[CheckResult]:
     return [dataclasses.replace(r, detail=_printable(config, r.detail)) for r in results]
 
 
+# The shortest head of a configured secret that is hidden on its own. The clients cut an
+# upstream's error text (to 500 characters) before it gets here, and the log patterns do not see
+# a secret echoed without its name: a cut through one leaves its head, which an exact match of
+# the whole secret does not find.
+SECRET_HEAD = 8
+
+
 def _printable(config: Config, text: str) -> str:
     """`text` (which may quote an upstream's answer: an echo of our request, a line break, a
     phone number) on one line, scrubbed like a log line, numbers redacted, with every configured
-    secret replaced by ``[secret]``."""
+    secret, and every head of one at least `SECRET_HEAD` characters long, replaced by
+    ``[secret]``."""
     cast = config.cast
     values = [config.ghl.client_secret.value, cast.api_key.value, cast.inbound_secret.value]
     values += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
-    text = one_line(redact_numbers(scrub(text)))  # escaping last: it would hide what follows
     for value in sorted(filter(None, values), key=len, reverse=True):
-        text = text.replace(value, "[secret]")
-    return text
+        text = _hide(text, value)
+    return one_line(redact_numbers(scrub(text)))  # escaping last: it would hide what follows
+
+
+def _hide(text: str, secret: str) -> str:
+    """`text` with `secret`, and any head of it `SECRET_HEAD` characters or longer, replaced."""
+    head = secret[:SECRET_HEAD]
+    pieces = []
+    start = 0
+    while (found := text.find(head, start)) >= 0:
+        end = found + len(head)
+        while end < len(text) and end - found < len(secret) and text[end] == secret[end - found]:
+            end += 1
+        pieces += [text[start:found], "[secret]"]
+        start = end
+    return "".join(pieces) + text[start:]
 
 
 def cast_accounts(config: Config) -> list[tuple[str, CastAccount]]:

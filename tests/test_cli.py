@@ -200,5 +200,7 @@ def test_install_url(config_dir, capsys):
         "conversations.readonly",
         "contacts.readonly",
         "contacts.write",
+        "oauth.write",
+        "oauth.readonly",
     ]
     assert query["state"][0]

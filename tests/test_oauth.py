@@ -23,6 +23,8 @@ SCOPES = [
     "conversations.readonly",
     "contacts.readonly",
     "contacts.write",
+    "oauth.write",
+    "oauth.readonly",
 ]
 
 

@@ -6,8 +6,9 @@ location(s); errors are HTML pages too, with GHL's reason, 400 for a bad or used
 us — never a 500. Tokens are stored durably before the page is sent.
 
 The callback needs no credential (marketplace installs carry no `state`), so every exchange it
-would start is first admitted by `CodeExchangeLimits` (per client IP and in all); beyond that it
-answers 429 with `Retry-After` and calls GHL not at all.
+would start is first admitted by `CodeExchangeLimits` (per client IP and in all, callbacks with a
+verified `state` on a budget of their own); beyond that it answers 429 with `Retry-After` and
+calls GHL not at all.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class CallbackHandler(APIHandler):
             if problem:
                 return self.page(400, "Install failed", problem[0].upper() + problem[1:] + ".")
         client = self.request.remote_ip or ""
-        wait = self.daemon.code_exchanges.admit(client)
+        wait = self.daemon.code_exchanges.admit(client, state)
         if wait > 0:
             self.set_header("Retry-After", str(math.ceil(wait)))
             return self.page(
@@ -75,7 +76,7 @@ class CallbackHandler(APIHandler):
             return self.page(
                 503, "Install failed", "The bridge could not save the install; try again."
             )
-        self.daemon.code_exchanges.installed(client)
+        self.daemon.code_exchanges.installed(client, state)
         locations = ", ".join(result["locations"]) or "none"
         text = f"Cast SMS is installed for location(s): {locations}."
         if result["failed"]:
