@@ -69,14 +69,27 @@ from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.log import redact_numbers
 from castghld.metrics import Metrics
-from castghld.outbox import PIPELINE_RETRY, Outbox, Record
+from castghld.outbox import PIPELINE_RETRY, Outbox
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
+from castghld.records import KIND, OutboundRecord, Stage, new_record, record_id, sms_text
 from castghld.tokens import Installations
+
+# The record (fields, stages, how one is made) is defined in castghld.records; its names stay
+# importable from here.
+__all__ = [
+    "KIND",
+    "POLL_WORKERS",
+    "REPORT_WORKERS",
+    "SENDERS_PER_ACCOUNT",
+    "OutboundDelivery",
+    "new_record",
+    "record_id",
+    "sms_text",
+]
 
 log = logging.getLogger("castghld.outbound")
 
-KIND = "outbound"
 FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
 NO_PROVIDER = "no conversation provider"
 # Cast replays the answer to an idempotency key for 24 h: a retry younger than this is safe.
@@ -100,37 +113,11 @@ REPORT_WORKERS = 16
 _SEND, _POLL, _REPORT, _ROUTE = range(4)
 
 
-def record_id(message_id: str) -> str:
-    return "out:" + message_id
-
-
-def new_record(payload: dict[str, Any]) -> Record:
-    """The outbox record of an authentic, well-formed webhook (fields validated by the handler)."""
-    return {
-        "kind": KIND,
-        "stage": "new",
-        "message_id": payload["messageId"],
-        "location_id": payload["locationId"],
-        "type": payload.get("type", "SMS"),
-        "phone": payload.get("phone") or "",
-        "message": payload.get("message") or "",
-        "attachments": tuple(payload.get("attachments") or ()),
-        "received_at": time.time(),
-    }
-
-
-def sms_text(record: Record) -> str:
-    """The message with attachment URLs appended, one per line (Cast has no MMS)."""
-    parts = [record["message"]] if record["message"] else []
-    parts += record["attachments"]
-    return "\n".join(parts)
-
-
 def _is_no_provider(error: GHLError) -> bool:
     return error.status == 403 and NO_PROVIDER in error.message.lower()
 
 
-def _context(record: Record) -> str:
+def _context(record: OutboundRecord) -> str:
     return f"message={record['message_id']} location={record['location_id']}"
 
 
@@ -225,7 +212,7 @@ class OutboundDelivery:
 
     # -- queues --------------------------------------------------------------------------------
 
-    def _record(self, rid: str) -> Record | None:
+    def _record(self, rid: str) -> OutboundRecord | None:
         assert self.outbox is not None
         record = self.outbox.records.get(rid)
         if record is None:  # finished or dropped meanwhile (castghld outbox drop)
@@ -243,7 +230,7 @@ class OutboundDelivery:
         if record is None:
             return
         stage = record["stage"]
-        if stage == "new":
+        if stage == Stage.NEW:
             name = self._lane_name(record)
             lane = self._lanes.get(name)
             if lane is None:
@@ -255,15 +242,15 @@ class OutboundDelivery:
             while not self.stopping and lane.workers < min(len(lane.ready), SENDERS_PER_ACCOUNT):
                 lane.workers += 1
                 self._spawn(self._send_worker(name, lane))
-        elif stage in ("sent", "report"):
+        elif stage in (Stage.SENT, Stage.REPORT):
             self._reports.append(rid)
             self._wake("report", self._reports, REPORT_WORKERS, self._report_step)
-        elif stage == "polling":
+        elif stage == Stage.POLLING:
             self._schedule_poll(rid, record)
-        else:  # "undecided", written by an older version once its polls were used up
+        else:  # Stage.UNDECIDED, written by an older version once its polls were used up
             self._spawn(self._finish(rid, "pending", "no delivery report"))
 
-    def _lane_name(self, record: Record) -> str:
+    def _lane_name(self, record: OutboundRecord) -> str:
         if record.get("attempted") and "account" in record:
             return record["account"]
         return self.cast.account_for(record["location_id"]).name
@@ -345,7 +332,7 @@ class OutboundDelivery:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _check(self, record: Record) -> tuple[str, str] | str:
+    def _check(self, record: OutboundRecord) -> tuple[str, str] | str:
         """The E.164 number to send to, or (error code, reason) why we cannot send."""
         if record.get("refused"):  # the webhook's fields could not be used (the handler says why)
             return tuple(record["refused"])
@@ -361,7 +348,7 @@ class OutboundDelivery:
         except InvalidNumber as e:
             return (e.code, e.message)  # not the number itself: logs stay free of personal data
 
-    def _account(self, record: Record) -> CastAccount | None:
+    def _account(self, record: OutboundRecord) -> CastAccount | None:
         """The account of the first attempt (its idempotency scope, where its Cast id lives)."""
         if "account" in record:
             return self.cast.stored_account(record["account"], record["sender_id"])
@@ -417,7 +404,9 @@ class OutboundDelivery:
             return
         self._sends["sent"].inc()
         # No await between Cast's answer and queueing this entry (see Journal.append).
-        await outbox.update(rid, stage="sent", cast_id=answer["message_id"], sent_at=time.time())
+        await outbox.update(
+            rid, stage=Stage.SENT, cast_id=answer["message_id"], sent_at=time.time()
+        )
         log.debug(
             "sent %s cast_id=%s parts=%s",
             _context(record),
@@ -506,7 +495,7 @@ class OutboundDelivery:
         self._later(delay, rid, _SEND)
 
     def _log_gave_up(
-        self, record: Record, tries: int, status: int, code: str, reason: str, why: str
+        self, record: OutboundRecord, tries: int, status: int, code: str, reason: str, why: str
     ) -> None:
         """The error line of a send retried until it could not be retried any more: not a
         refusal by Cast, so it says how long we tried and what Cast last answered. After a
@@ -533,7 +522,12 @@ class OutboundDelivery:
         `attempted` (a crash must not turn a decided failure into a late resend); a refusal
         before any attempt is decided again the same way after a crash."""
         assert self.outbox is not None
-        fields = {"stage": "report", "status": status, "error_code": code, "error_reason": reason}
+        fields = {
+            "stage": Stage.REPORT,
+            "status": status,
+            "error_code": code,
+            "error_reason": reason,
+        }
         if refused:
             self._sends["rejected"].inc()
             log.warning("not sending %s: %s %s", _context(self.outbox.records[rid]), code, reason)
@@ -545,7 +539,7 @@ class OutboundDelivery:
 
     # -- delivery status -----------------------------------------------------------------------
 
-    def _schedule_poll(self, rid: str, record: Record) -> None:
+    def _schedule_poll(self, rid: str, record: OutboundRecord) -> None:
         """The next `status_polls` point; points already overdue while a later one is due too
         (after a restart, or after a slow poll) are skipped: one poll at the latest due point."""
         polls = self.config.delivery.status_polls
@@ -612,11 +606,11 @@ class OutboundDelivery:
                 },
             )
             self.outbox.note(
-                rid, stage="report", status="failed", error_code=code, error_reason=reason
+                rid, stage=Stage.REPORT, status="failed", error_code=code, error_reason=reason
             )
             self._route(rid)
         elif status == "delivered":
-            self.outbox.note(rid, stage="report", status="delivered")
+            self.outbox.note(rid, stage=Stage.REPORT, status="delivered")
             self._route(rid)
         else:
             self.outbox.note(rid, polls_done=record.get("polls_done", 0) + 1, poll_failures=0)
@@ -628,7 +622,7 @@ class OutboundDelivery:
         """Report ``pending`` (then poll) or the final status (then finish)."""
         assert self.outbox is not None
         record = self.outbox.records[rid]
-        if record["stage"] == "sent":
+        if record["stage"] == Stage.SENT:
             status, error = "pending", None
         else:
             status, error = record["status"], _error_of(record)
@@ -652,14 +646,14 @@ class OutboundDelivery:
                 _context(record),
             )
         if status == "pending":
-            self.outbox.note(rid, stage="polling", report_since=None, report_failures=0)
+            self.outbox.note(rid, stage=Stage.POLLING, report_since=None, report_failures=0)
             self._route(rid)
             return
         reason = f"{error['code']}: {error['message']}" if error else ""
         await self._finish(rid, status, reason)
 
     async def _report(
-        self, record: Record, status: str, error: dict[str, str] | None, deadline: float
+        self, record: OutboundRecord, status: str, error: dict[str, str] | None, deadline: float
     ) -> bool | None:
         """True once GHL took the status, False if it refused it for good, None if it may take
         it later (a transient failure: retry). `deadline` is wall clock."""
@@ -719,7 +713,7 @@ class OutboundDelivery:
 
 
 def _send_fields(
-    record: Record, outcome: str, status: int, code: str, reason: str, attempt: int
+    record: OutboundRecord, outcome: str, status: int, code: str, reason: str, attempt: int
 ) -> dict[str, Any]:
     """The JSON fields of a send's final-failure line."""
     return {
@@ -733,7 +727,7 @@ def _send_fields(
     }
 
 
-def _error_of(record: Record) -> dict[str, str] | None:
+def _error_of(record: OutboundRecord) -> dict[str, str] | None:
     if record.get("error_code"):
         return _error(record["error_code"], record.get("error_reason") or "")
     legacy = record.get("error")  # journaled by an older version
