@@ -46,13 +46,8 @@ the send deadline passed, ``Cast reported undelivered|failed`` (warning) with Ca
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import heapq
-import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -69,10 +64,11 @@ from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.log import redact_numbers
 from castghld.metrics import Metrics
-from castghld.outbox import PIPELINE_RETRY, Outbox
+from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
 from castghld.records import KIND, OutboundRecord, Stage, new_record, record_id, sms_text
+from castghld.scheduler import Step, StepScheduler
 from castghld.tokens import Installations
 
 # The record (fields, stages, how one is made) is defined in castghld.records; its names stay
@@ -109,9 +105,6 @@ SENDERS_PER_ACCOUNT = 8
 POLL_WORKERS = 8
 REPORT_WORKERS = 16
 
-# What a timer-heap entry does when due.
-_SEND, _POLL, _REPORT, _ROUTE = range(4)
-
 
 def _is_no_provider(error: GHLError) -> bool:
     return error.status == 403 and NO_PROVIDER in error.message.lower()
@@ -119,16 +112,6 @@ def _is_no_provider(error: GHLError) -> bool:
 
 def _context(record: OutboundRecord) -> str:
     return f"message={record['message_id']} location={record['location_id']}"
-
-
-class _Lane:
-    """One Cast account's messages ready to send, FIFO, and how many workers serve them."""
-
-    __slots__ = ("ready", "workers")
-
-    def __init__(self) -> None:
-        self.ready: collections.deque[str] = collections.deque()
-        self.workers = 0
 
 
 class OutboundDelivery:
@@ -149,19 +132,10 @@ class OutboundDelivery:
         regions = config.delivery.allowed_regions
         self.allowed_regions = None if "*" in regions else frozenset(regions)
         self.outbox: Outbox | None = None
-        self.stopping = False
-        self._held: set[str] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._lanes: dict[str, _Lane] = {}
-        self._timers: list[tuple[float, int, str, int]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = 0.0
-        self._seq = itertools.count()
-        self._polls: collections.deque[str] = collections.deque()
-        self._reports: collections.deque[str] = collections.deque()
-        self._workers = {"poll": 0, "report": 0}
-        self._tasks: set[asyncio.Task] = set()
+        self.scheduler = StepScheduler(self._live, self._due, log)
+        self.scheduler.serve(Step.SEND, self._send, SENDERS_PER_ACCOUNT)
+        self.scheduler.serve(Step.POLL, self._poll_step, POLL_WORKERS)
+        self.scheduler.serve(Step.REPORT, self._report_step, REPORT_WORKERS)
         # Metric children looked up once, not per message.
         self._sends = {o: metrics.sends.labels(o) for o in ("sent", "retry", "failed", "gave_up")}
         self._sends["rejected"] = metrics.sends.labels("rejected")
@@ -178,37 +152,24 @@ class OutboundDelivery:
             self.cast.quiet_start()
 
     def dispatch(self, outbox: Outbox, rid: str) -> None:
-        if self.stopping or rid in self._held:
+        if not self.scheduler.hold(rid):
             return
         self.outbox = outbox
-        self._held.add(rid)
-        self._idle.clear()
-        self._route(rid)
+        self._queue_next_step(rid)
 
     def holds(self, rid: str) -> bool:
-        return rid in self._held
+        return self.scheduler.holds(rid)
 
     @property
     def active(self) -> int:
-        return len(self._held)
+        return self.scheduler.active
 
     async def wait_idle(self) -> None:
-        while self._held:
-            await self._idle.wait()
+        await self.scheduler.wait_idle()
 
     async def stop(self) -> None:
         """Stop the workers where they are; the records stay in the outbox for the next start."""
-        self.stopping = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for queue in (self._held, self._lanes, self._timers, self._polls, self._reports):
-            queue.clear()
-        self._idle.set()
+        await self.scheduler.stop()
 
     # -- queues --------------------------------------------------------------------------------
 
@@ -216,119 +177,38 @@ class OutboundDelivery:
         assert self.outbox is not None
         record = self.outbox.records.get(rid)
         if record is None:  # finished or dropped meanwhile (castghld outbox drop)
-            self._release(rid)
+            self.scheduler.release(rid)
         return record
 
-    def _release(self, rid: str) -> None:
-        self._held.discard(rid)
-        if not self._held:
-            self._idle.set()
+    def _live(self, rid: str) -> bool:
+        assert self.outbox is not None
+        return rid in self.outbox.records
 
-    def _route(self, rid: str, front: bool = False) -> None:
-        """Queue `rid` for the step its stage calls for."""
+    def _queue_next_step(self, rid: str, front: bool = False) -> None:
+        """Queue `rid` for the step its stage calls for; `front`: a send retry goes to the front
+        of its lane (it has waited longest)."""
         record = self._record(rid)
         if record is None:
             return
         stage = record["stage"]
         if stage == Stage.NEW:
-            name = self._lane_name(record)
-            lane = self._lanes.get(name)
-            if lane is None:
-                lane = self._lanes[name] = _Lane()
-            if front:  # a retry: it has waited longest
-                lane.ready.appendleft(rid)
-            else:
-                lane.ready.append(rid)
-            while not self.stopping and lane.workers < min(len(lane.ready), SENDERS_PER_ACCOUNT):
-                lane.workers += 1
-                self._spawn(self._send_worker(name, lane))
+            self.scheduler.queue_send(rid, self._lane_name(record), front)
         elif stage in (Stage.SENT, Stage.REPORT):
-            self._reports.append(rid)
-            self._wake("report", self._reports, REPORT_WORKERS, self._report_step)
+            self.scheduler.queue(Step.REPORT, rid)
         elif stage == Stage.POLLING:
             self._schedule_poll(rid, record)
         else:  # Stage.UNDECIDED, written by an older version once its polls were used up
-            self._spawn(self._finish(rid, "pending", "no delivery report"))
+            self.scheduler.spawn(self._finish(rid, "pending", "no delivery report"))
+
+    def _due(self, rid: str, step: str) -> None:
+        """A due timer entry no pool serves: a send retry (`Step.SEND`), or a record whose step
+        raised (`Step.RESUME`): both go on from their stage."""
+        self._queue_next_step(rid, front=step == Step.SEND)
 
     def _lane_name(self, record: OutboundRecord) -> str:
         if record.get("attempted") and "account" in record:
             return record["account"]
         return self.cast.account_for(record["location_id"]).name
-
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _wake(
-        self,
-        name: str,
-        queue: collections.deque[str],
-        limit: int,
-        step: Callable[[str], Awaitable[None]],
-    ) -> None:
-        while not self.stopping and self._workers[name] < min(len(queue), limit):
-            self._workers[name] += 1
-            self._spawn(self._worker(name, queue, step))
-
-    async def _worker(
-        self, name: str, queue: collections.deque[str], step: Callable[[str], Awaitable[None]]
-    ) -> None:
-        try:
-            while queue and not self.stopping:
-                await self._guarded(step, queue.popleft())
-        finally:
-            self._workers[name] -= 1
-
-    async def _send_worker(self, name: str, lane: _Lane) -> None:
-        try:
-            while lane.ready and not self.stopping:
-                await self._guarded(self._send, lane.ready.popleft())
-        finally:
-            lane.workers -= 1
-            if not lane.ready and not lane.workers and self._lanes.get(name) is lane:
-                del self._lanes[name]
-
-    async def _guarded(self, step: Callable[[str], Awaitable[None]], rid: str) -> None:
-        if self._record(rid) is None:
-            return
-        try:
-            await step(rid)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Never lose the message to an unexpected error: it stays in the outbox and goes
-            # on from its stage after a pause (or at the next start).
-            log.exception("outbound: step failed for %s; retrying in %.0fs", rid, PIPELINE_RETRY[0])
-            self._later(PIPELINE_RETRY[0], rid, _ROUTE)
-
-    def _later(self, delay: float, rid: str, step: int) -> None:
-        due = time.monotonic() + max(0.0, delay)
-        heapq.heappush(self._timers, (due, next(self._seq), rid, step))
-        if self._timer is None or due < self._timer_due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_due = due
-            self._timer = asyncio.get_running_loop().call_at(due, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now and not self.stopping:
-            _, _, rid, step = heapq.heappop(self._timers)
-            if self._record(rid) is None:
-                continue
-            if step == _POLL:
-                self._polls.append(rid)
-                self._wake("poll", self._polls, POLL_WORKERS, self._poll_step)
-            elif step == _REPORT:
-                self._reports.append(rid)
-                self._wake("report", self._reports, REPORT_WORKERS, self._report_step)
-            else:
-                self._route(rid, front=step == _SEND)
-        if self._timers and not self.stopping:
-            self._timer_due = self._timers[0][0]
-            self._timer = asyncio.get_running_loop().call_at(self._timer_due, self._fire)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -413,7 +293,7 @@ class OutboundDelivery:
             answer["message_id"],
             answer.get("parts"),
         )
-        self._route(rid)
+        self._queue_next_step(rid)
 
     async def _window_closed(self, rid: str, resuming: bool) -> None:
         assert self.outbox is not None
@@ -492,7 +372,7 @@ class OutboundDelivery:
             last_code=error.code,
             last_reason=reason,
         )
-        self._later(delay, rid, _SEND)
+        self.scheduler.later(delay, rid, Step.SEND)
 
     def _log_gave_up(
         self, record: OutboundRecord, tries: int, status: int, code: str, reason: str, why: str
@@ -535,7 +415,7 @@ class OutboundDelivery:
             await self.outbox.update(rid, **fields)
         else:
             self.outbox.note(rid, **fields)
-        self._route(rid)
+        self._queue_next_step(rid)
 
     # -- delivery status -----------------------------------------------------------------------
 
@@ -551,14 +431,14 @@ class OutboundDelivery:
                 record["cast_id"],
                 len(polls),
             )
-            self._spawn(self._finish(rid, "pending", "no delivery report"))
+            self.scheduler.spawn(self._finish(rid, "pending", "no delivery report"))
             return
         now = time.time()
         while index + 1 < len(polls) and record["sent_at"] + polls[index + 1] <= now:
             index += 1
         if index != record.get("polls_done", 0):
             self.outbox.note(rid, polls_done=index)
-        self._later(record["sent_at"] + polls[index] - now, rid, _POLL)
+        self.scheduler.later(record["sent_at"] + polls[index] - now, rid, Step.POLL)
 
     async def _poll_step(self, rid: str) -> None:
         """One status lookup; only an answered poll uses up a point of the schedule."""
@@ -566,11 +446,13 @@ class OutboundDelivery:
         record = self.outbox.records[rid]
         account = self._account(record)
         if account is None:
-            self._spawn(self._finish(rid, "pending", "its Cast account is no longer configured"))
+            self.scheduler.spawn(
+                self._finish(rid, "pending", "its Cast account is no longer configured")
+            )
             return
         pause = self.cast.polls_paused(account)
         if pause > 0:  # Cast answered this account's polls 429: wait without a worker
-            self._later(pause, rid, _POLL)
+            self.scheduler.later(pause, rid, Step.POLL)
             return
         try:
             answer = await self.cast.status(account, record["cast_id"])
@@ -580,7 +462,9 @@ class OutboundDelivery:
             if e.retryable and time.time() < give_up:
                 failures = record.get("poll_failures", 0)
                 self.outbox.note(rid, poll_failures=failures + 1)
-                self._later(retry_delay(failures, e.retry_after, *POLL_RETRY), rid, _POLL)
+                self.scheduler.later(
+                    retry_delay(failures, e.retry_after, *POLL_RETRY), rid, Step.POLL
+                )
                 return
             answer = {}
         status = FINAL_STATUSES.get(str(answer.get("status")))
@@ -608,10 +492,10 @@ class OutboundDelivery:
             self.outbox.note(
                 rid, stage=Stage.REPORT, status="failed", error_code=code, error_reason=reason
             )
-            self._route(rid)
+            self._queue_next_step(rid)
         elif status == "delivered":
             self.outbox.note(rid, stage=Stage.REPORT, status="delivered")
-            self._route(rid)
+            self._queue_next_step(rid)
         else:
             self.outbox.note(rid, polls_done=record.get("polls_done", 0) + 1, poll_failures=0)
             self._schedule_poll(rid, self.outbox.records[rid])
@@ -636,7 +520,7 @@ class OutboundDelivery:
         if outcome is None and time.time() < end:
             failures = record.get("report_failures", 0)
             self.outbox.note(rid, report_failures=failures + 1)
-            self._later(retry_delay(failures, None, *REPORT_RETRY), rid, _REPORT)
+            self.scheduler.later(retry_delay(failures, None, *REPORT_RETRY), rid, Step.REPORT)
             return
         if outcome is None:
             self._statuses["report_failed"].inc()
@@ -647,7 +531,7 @@ class OutboundDelivery:
             )
         if status == "pending":
             self.outbox.note(rid, stage=Stage.POLLING, report_since=None, report_failures=0)
-            self._route(rid)
+            self._queue_next_step(rid)
             return
         reason = f"{error['code']}: {error['message']}" if error else ""
         await self._finish(rid, status, reason)
@@ -709,7 +593,7 @@ class OutboundDelivery:
                 },
             )
             await self.outbox.finish(rid)
-        self._release(rid)
+        self.scheduler.release(rid)
 
 
 def _send_fields(
