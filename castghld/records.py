@@ -110,6 +110,11 @@ def new_record(payload: dict[str, Any]) -> OutboundRecord:
     }
 
 
+def log_context(record: OutboundRecord) -> str:
+    """How a log line names the message: its GHL ids, never its number or text."""
+    return f"message={record['message_id']} location={record['location_id']}"
+
+
 def sms_text(record: OutboundRecord) -> str:
     """The message with attachment URLs appended, one per line (Cast has no MMS)."""
     parts = [record["message"]] if record["message"] else []
