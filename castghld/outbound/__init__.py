@@ -7,7 +7,7 @@ report workers, the timer heap of retries and polls). Where each part lives:
 - castghld.records: the record's fields (`OutboundRecord`) and stages (``new`` -> ``sent`` ->
   ``polling`` -> ``report`` -> finished).
 - send.py, `SendStep`: one Cast attempt; exactly one SMS (the idempotency key); which Cast
-  answers are retried (429, 5xx such as a 503, no answer) and with what backoff; the send
+  answers are retried (429, 500, 502, 503, 504, no answer) and with what backoff; the send
   deadline and the 23 h resend window.
 - receipt.py, `ReceiptStep`: Cast's delivery status, polled on ``delivery.status_polls``.
 - report.py, `ReportStep`: the ``pending`` and final statuses reported to GHL.

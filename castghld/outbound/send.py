@@ -198,9 +198,9 @@ class SendStep:
             await self._decide(rid, "failed", "EXPIRED", reason, refused=True)
 
     async def _retry_or_fail(self, rid: str, error: CastError) -> None:
-        """Cast answered `error` (or did not answer): retry on 429, 5xx or no answer, after
-        ``SEND_RETRY`` backoff in the timer heap, while the send deadline allows; decide
-        ``failed`` on a final refusal or once retries run out (see the module docstring)."""
+        """Cast answered `error` (or did not answer): a 429, 500, 502, 503, 504 or no answer is
+        retried after ``SEND_RETRY`` backoff in the timer heap while the send deadline allows;
+        a final refusal, or retries run out, is decided ``failed`` (see the module docstring)."""
         assert self.outbox is not None
         record = self.outbox.records[rid]
         context = log_context(record)
