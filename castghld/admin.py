@@ -35,7 +35,8 @@ log = logging.getLogger("castghld.admin")
 SOCKET_NAME = "admin.sock"
 LIST_DEFAULT = 100
 LIST_MAX = 10_000
-# Record fields shown as they are; others are left out (bodies, numbers, tokens).
+# Record fields shown as they are (see castghld.records.OutboundRecord for what each one means);
+# others are left out (bodies, numbers, tokens).
 SHOWN_FIELDS = (
     "kind",
     "stage",

@@ -1,0 +1,196 @@
+"""Outbound SMS: a GHL ``ProviderOutboundMessage`` from the outbox to Cast, and its status to GHL.
+
+`OutboundDelivery` is the outbox's `Scheduler` for outbound records. It holds a record's id from
+dispatch to finish and queues it for the step its stage calls for (`_queue_next_step`); the
+steps run on a `StepScheduler` (castghld.scheduler: the per-account send lanes, the poll and
+report workers, the timer heap of retries and polls). Where each part lives:
+- castghld.records: the record's fields (`OutboundRecord`) and stages (``new`` -> ``sent`` ->
+  ``polling`` -> ``report`` -> finished).
+- send.py, `SendStep`: one Cast attempt; exactly one SMS (the idempotency key); which Cast
+  answers are retried (429, 500, 502, 503, 504, no answer) and with what backoff; the send
+  deadline and the 23 h resend window.
+- receipt.py, `ReceiptStep`: Cast's delivery status, polled on ``delivery.status_polls``.
+- report.py, `ReportStep`: the ``pending`` and final statuses reported to GHL.
+- here: which step a stage calls for, and finishing a message.
+
+Guarantees:
+- The journal holds what a restart needs, nothing more: ``put`` (at ack time), ``attempted``
+  with the Cast account and sender ID (durable before the first request may leave), ``sent``
+  with Cast's message id, a ``report`` decided after an attempt, and ``done``. Reporting
+  ``pending``, each poll and a final delivery status are kept in memory only: a restart reports
+  ``pending`` again, polls again (Cast answers the same) and decides again; a message refused
+  before any attempt (invalid number, expired) is refused again the same way.
+- One ``info`` line per message outcome (`OutboundDelivery.finish`), with ``message_id``,
+  ``location_id``, ``cast_id``, ``outcome`` and ``reason`` as structured fields. A final failure
+  also logs what happened (see send.py and receipt.py); Cast's texts have numbers redacted.
+- A step that raises unexpectedly does not lose the message: it goes on from its stage after a
+  pause (`Step.RESUME`), or at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from castghld.cast import CastClient
+from castghld.config import Config
+from castghld.ghl import GHLClient
+from castghld.metrics import Metrics
+from castghld.outbound.receipt import ReceiptStep
+from castghld.outbound.report import ReportStep
+from castghld.outbound.send import SendStep
+from castghld.outbox import Outbox
+from castghld.records import (
+    KIND,
+    OutboundRecord,
+    Stage,
+    log_context,
+    new_record,
+    record_id,
+    sms_text,
+)
+from castghld.scheduler import Step, StepScheduler
+from castghld.tokens import Installations
+
+# The record (fields, stages, how one is made) is defined in castghld.records; its names stay
+# importable from here.
+__all__ = [
+    "KIND",
+    "POLL_WORKERS",
+    "REPORT_WORKERS",
+    "SENDERS_PER_ACCOUNT",
+    "OutboundDelivery",
+    "new_record",
+    "record_id",
+    "sms_text",
+]
+
+log = logging.getLogger("castghld.outbound")
+
+# Workers: sends per Cast account (10 msg/s at up to ~0.8 s per answer), polls, GHL reports.
+SENDERS_PER_ACCOUNT = 8
+POLL_WORKERS = 8
+REPORT_WORKERS = 16
+
+
+class OutboundDelivery:
+    """The outbox's scheduler of outbound records (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        cast: CastClient,
+        ghl: GHLClient,
+        installations: Installations,
+        metrics: Metrics,
+    ):
+        self.config = config
+        self.cast = cast
+        self.ghl = ghl
+        self.installations = installations
+        self.outbox: Outbox | None = None
+        self.scheduler = StepScheduler(self._live, self._due, log)
+        next_step = self._queue_next_step
+        self.sends = SendStep(config, cast, metrics, self.scheduler, next_step)
+        self.receipts = ReceiptStep(config, cast, self.scheduler, next_step, self.finish)
+        self.reports = ReportStep(
+            config, ghl, installations, metrics, self.scheduler, next_step, self.finish
+        )
+        self.scheduler.serve(Step.SEND, self.sends.send, SENDERS_PER_ACCOUNT)
+        self.scheduler.serve(Step.POLL, self.receipts.poll, POLL_WORKERS)
+        self.scheduler.serve(Step.REPORT, self.reports.report, REPORT_WORKERS)
+
+    # -- the Scheduler protocol ----------------------------------------------------------------
+
+    def start(self, outbox: Outbox) -> None:
+        self._use(outbox)
+        if outbox.restarted:
+            self.cast.quiet_start()
+
+    def dispatch(self, outbox: Outbox, rid: str) -> None:
+        if not self.scheduler.hold(rid):
+            return
+        self._use(outbox)
+        self._queue_next_step(rid)
+
+    def holds(self, rid: str) -> bool:
+        return self.scheduler.holds(rid)
+
+    @property
+    def active(self) -> int:
+        return self.scheduler.active
+
+    async def wait_idle(self) -> None:
+        await self.scheduler.wait_idle()
+
+    async def stop(self) -> None:
+        """Stop the workers where they are; the records stay in the outbox for the next start."""
+        await self.scheduler.stop()
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def _use(self, outbox: Outbox) -> None:
+        """The outbox whose records the steps read and write."""
+        if outbox is not self.outbox:
+            self.outbox = self.sends.outbox = self.receipts.outbox = self.reports.outbox = outbox
+
+    def _record(self, rid: str) -> OutboundRecord | None:
+        assert self.outbox is not None
+        record = self.outbox.records.get(rid)
+        if record is None:  # finished or dropped meanwhile (castghld outbox drop)
+            self.scheduler.release(rid)
+        return record
+
+    def _live(self, rid: str) -> bool:
+        assert self.outbox is not None
+        return rid in self.outbox.records
+
+    def _queue_next_step(self, rid: str, front: bool = False) -> None:
+        """Queue `rid` for the step its stage calls for: ``new`` to its Cast account's send lane
+        (`front`: a send retry, it has waited longest), ``sent`` and ``report`` to a GHL report,
+        ``polling`` to its next status poll."""
+        record = self._record(rid)
+        if record is None:
+            return
+        stage = record["stage"]
+        if stage == Stage.NEW:
+            self.scheduler.queue_send(rid, self._lane_name(record), front)
+        elif stage in (Stage.SENT, Stage.REPORT):
+            self.scheduler.queue(Step.REPORT, rid)
+        elif stage == Stage.POLLING:
+            self.receipts.schedule(rid, record)
+        else:  # Stage.UNDECIDED, written by an older version once its polls were used up
+            self.scheduler.spawn(self.finish(rid, "pending", "no delivery report"))
+
+    def _due(self, rid: str, step: str) -> None:
+        """A due timer entry no pool serves: a send retry (`Step.SEND`), or a record whose step
+        raised (`Step.RESUME`): both go on from their stage."""
+        self._queue_next_step(rid, front=step == Step.SEND)
+
+    def _lane_name(self, record: OutboundRecord) -> str:
+        if record.get("attempted") and "account" in record:
+            return record["account"]
+        return self.cast.account_for(record["location_id"]).name
+
+    # -- the end -------------------------------------------------------------------------------
+
+    async def finish(self, rid: str, outcome: str, reason: str) -> None:
+        """Forget the message (its id stays seen) and log its outcome: one line per message."""
+        assert self.outbox is not None
+        record = self.outbox.records.get(rid)
+        if record is not None:
+            log.info(
+                "outbound %s %s%s%s",
+                outcome,
+                log_context(record),
+                " cast_id=" + record["cast_id"] if record.get("cast_id") else "",
+                " reason=" + reason if reason else "",
+                extra={
+                    "message_id": record["message_id"],
+                    "location_id": record["location_id"],
+                    "cast_id": record.get("cast_id"),
+                    "outcome": outcome,
+                    "reason": reason,
+                },
+            )
+            await self.outbox.finish(rid)
+        self.scheduler.release(rid)
