@@ -160,10 +160,13 @@ class APIHandler(tornado.web.RequestHandler):
         self.check_body_size()
         scheme = self.daemon.verifier.verify(self.body, self.request.headers)
         if scheme is None:
-            self.daemon.metrics.webhooks.labels(kind, "bad_signature").inc()
             present = [
                 h for h in ("X-GHL-Signature", "X-WH-Signature") if h in self.request.headers
             ]
+            # Unsigned junk (scanners) apart from a signature that does not verify: only the
+            # latter says GHL's keys or ours are wrong (the CastghldWebhookSignatureFailures alert).
+            outcome = "bad_signature" if present else "unsigned"
+            self.daemon.metrics.webhooks.labels(kind, outcome).inc()
             raise APIError(
                 401,
                 "invalid_signature",
