@@ -26,9 +26,11 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 @dataclass(frozen=True)
 class Secret:
-    """A secret string; `repr`/`str` never reveal it, `.value` does (only where it is sent)."""
+    """A secret string; `repr`/`str` never reveal it, `.value` does (only where it is sent).
+    `source`: the `*_file` it was read from ("" when inline); not part of equality."""
 
     value: str = field(repr=False)
+    source: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -259,7 +261,7 @@ class Reader:
                 return None
             if not value:
                 self.problem(f"{key}.{file_key}", f"secret file {file_path} is empty")
-            return Secret(value)
+            return Secret(value, file_path)
         if inline:
             return Secret(inline)
         if required:
