@@ -18,6 +18,8 @@ ALERTS = os.path.join(os.path.dirname(__file__), "..", "config", "alerts.yml")
 ALERT_TESTS = os.path.join(os.path.dirname(__file__), "alerts_test.yml")
 # `metric{label="v", other=~"a|b"}` in a PromQL expression.
 SELECTOR_RE = re.compile(r"\b(castghld_[a-z_]+)(?:\{([^}]*)\})?")
+# Labels Prometheus adds from the scrape config, not the exporter.
+TARGET_LABELS = {"job", "instance"}
 MATCHER_RE = re.compile(r'(\w+)\s*(=~|=|!=|!~)\s*"([^"]*)"')
 
 
@@ -85,6 +87,8 @@ def unexported(expr: str, samples: dict[str, list[dict[str, str]]]) -> list[str]
             missing.append(name)
             continue
         for label, op, value in matchers:
+            if label in TARGET_LABELS:
+                continue
             wanted = value.split("|") if op == "=~" else [value] if op == "=" else []
             for one in wanted:
                 if not any(labels.get(label) == one for labels in samples[name]):
