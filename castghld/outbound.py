@@ -63,12 +63,14 @@ from castghld.cast import (
     CastClient,
     CastError,
     SendWindowClosed,
+    answer_summary,
     worth_retrying,
 )
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.log import redact_numbers
 from castghld.metrics import Metrics
+from castghld.outage import CastOutages
 from castghld.outbox import PIPELINE_RETRY, Outbox, Record
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
@@ -159,6 +161,7 @@ class OutboundDelivery:
         self.cast = cast
         self.ghl = ghl
         self.installations = installations
+        self.outages = CastOutages(metrics)
         regions = config.delivery.allowed_regions
         self.allowed_regions = None if "*" in regions else frozenset(regions)
         self.outbox: Outbox | None = None
@@ -416,6 +419,7 @@ class OutboundDelivery:
             await self._send_failed(rid, e)
             return
         self._sends["sent"].inc()
+        self.outages.observe(account.name, None)
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(rid, stage="sent", cast_id=answer["message_id"], sent_at=time.time())
         log.debug(
@@ -456,6 +460,7 @@ class OutboundDelivery:
         record = self.outbox.records[rid]
         context = _context(record)
         tries = record.get("tries", 0) + 1
+        level, outage_note = self.outages.observe(record["account"], error)
         provider_errors = record.get("provider_errors", 0) + (error.code == "PROVIDER_ERROR")
         reason = error.message
         if error.code == "NO_ANSWER":
@@ -486,14 +491,15 @@ class OutboundDelivery:
             await self._decide(rid, "failed", error.code, reason)
             return
         self._sends["retry"].inc()
-        log.warning(
-            "Cast %d %s %s attempt=%d: %s; retrying in %.1fs",
-            error.status,
-            error.code,
+        log.log(
+            level,  # while Cast does not answer an account: one warning, then debug (outage.py)
+            "Cast %s %s attempt=%d: %s; retrying in %.1fs%s",
+            error.summary,
             context,
             tries,
             error.message,  # what Cast said, or why it did not answer (the gave-up line cannot)
             delay,
+            outage_note,
         )
         self.outbox.note(
             rid,
@@ -515,12 +521,11 @@ class OutboundDelivery:
         if record.get("resumed"):
             attempts += " since castghld restarted"
         log.error(
-            "gave up on %s after %s over %.1fs: last error %d %s %s (%s)",
+            "gave up on %s after %s over %.1fs: last error %s %s (%s)",
             _context(record),
             attempts,
             time.time() - record["received_at"],
-            status,
-            code,
+            answer_summary(status, code),
             reason,
             why,
             extra=_send_fields(record, "gave_up", status, code, reason, tries),
@@ -581,7 +586,7 @@ class OutboundDelivery:
         try:
             answer = await self.cast.status(account, record["cast_id"])
         except CastError as e:
-            log.warning("delivery status of %s: Cast %d %s", _context(record), e.status, e.code)
+            log.warning("delivery status of %s: Cast %s", _context(record), e.summary)
             give_up = record["sent_at"] + self.config.delivery.status_polls[-1] + POLL_OUTAGE_LIMIT
             if e.retryable and time.time() < give_up:
                 failures = record.get("poll_failures", 0)

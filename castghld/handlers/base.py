@@ -242,6 +242,10 @@ class NotFoundHandler(APIHandler):
         raise APIError(404, "not_found", f"no such path: {self.request.path}")
 
 
+# Scrapes and probes come every few seconds: answered, they are logged at debug only.
+QUIET_ROUTES = frozenset({"/metrics", "/healthz"})
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log line without query values that may carry secrets (OAuth codes, state); an error
     answer's code and message ride along, so the log says why a request was refused (not only
@@ -254,6 +258,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     if daemon is not None:
         route = daemon.route_of.get(type(handler), "other")
         daemon.metrics.http_requests.labels(route, str(status)).inc()
+        if route in QUIET_ROUTES and level == logging.INFO:
+            level = logging.DEBUG
     error = getattr(handler, "error_answer", None)
     reason = redact_numbers(f"{error[0]}: {error[1]}") if error else None
     access_log.log(

@@ -46,7 +46,13 @@ class InboundHandler(APIHandler):
         )
         if not ok:
             self.daemon.metrics.inbound.labels("received", "unauthorized").inc()
-            raise APIError(401, "unauthorized", "missing or wrong Authorization: Bearer secret")
+            # Worded so that the log's secret scrubber finds no header value in it to hide.
+            raise APIError(
+                401,
+                "unauthorized",
+                "missing or wrong Authorization header: it must hold cast.inbound_secret "
+                "(scheme Bearer)",
+            )
 
     async def post(self) -> None:
         self.check_secret()
