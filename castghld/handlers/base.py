@@ -242,6 +242,8 @@ class NotFoundHandler(APIHandler):
         raise APIError(404, "not_found", f"no such path: {self.request.path}")
 
 
+# `log_fields` a handler may set (ids it validated: short ASCII) and their names in a text line.
+ACCESS_ID_NAMES = {"message_id": "message", "location_id": "location", "cast_id": "inbound"}
 # Scrapes and probes come every few seconds: answered, they are logged at debug only.
 QUIET_ROUTES = frozenset({"/metrics", "/healthz"})
 
@@ -262,14 +264,19 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             level = logging.DEBUG
     error = getattr(handler, "error_answer", None)
     reason = redact_numbers(f"{error[0]}: {error[1]}") if error else None
+    # The ids the handler learned (a webhook's message id): one GHL message id can be followed
+    # through the log from its webhook on.
+    fields = getattr(handler, "log_fields", None) or {}
+    ids = "".join(f" {ACCESS_ID_NAMES[name]}={value}" for name, value in fields.items())
     access_log.log(
         level,
-        "%d %s %s remote=%s ms=%.1f%s",
+        "%d %s %s remote=%s ms=%.1f%s%s",
         status,
         request.method,
         scrub(request.uri or ""),
         request.remote_ip,
         ms,
+        ids,
         f" error={reason}" if reason else "",
-        extra={"status": status, "ms": round(ms, 1), "reason": reason},
+        extra={"status": status, "ms": round(ms, 1), "reason": reason, **fields},
     )
