@@ -47,7 +47,12 @@ from castghld.metrics import Metrics
 from castghld.oauth import CodeExchangeLimits
 from castghld.outbound import OutboundDelivery
 from castghld.outbox import Outbox
-from castghld.reload import config_changes, effective_config, needs_restart
+from castghld.reload import (
+    config_changes,
+    effective_config,
+    needs_restart,
+    unrefreshed_credentials,
+)
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
 from castghld.state import (
     KeyRing,
@@ -437,12 +442,12 @@ class Daemon:
             loaded = load_config(running.path)
             extra_keys = load_public_keys(loaded.ghl.webhook_public_keys)
         except ConfigError as e:
-            self.metrics.reloads.labels("rejected").inc()
+            self.metrics.reload_done(applied=False)
             for problem in e.problems:
                 log.error("reload rejected, running config kept: %s", problem)
             return False
         except KeyFileError as e:
-            self.metrics.reloads.labels("rejected").inc()
+            self.metrics.reload_done(applied=False)
             log.error(
                 "reload rejected, running config kept: %s: ghl.webhook_public_keys: %s",
                 running.path,
@@ -459,19 +464,37 @@ class Daemon:
         self.inbound.routes = inbound_routes(new)
         if new.logging != running.logging:
             setup_logging(new.logging.level, new.logging.format)
-        self.metrics.reloads.labels("applied").inc()
+        self.metrics.reload_done(applied=True)
         for change in changes:
             if needs_restart(change):
                 log.warning("reload: %s (takes effect at the next restart)", change.describe())
             else:
                 log.info("reload: %s", change.describe())
-        log.info(
-            "config reloaded from %s: %d change(s)%s",
-            running.path,
-            len(changes),
-            "" if changes else " (secret files and webhook keys re-read)",
-        )
+        stale = unrefreshed_credentials(running, loaded)
+        if stale:
+            log.warning(
+                "reload: %s unchanged in $CREDENTIALS_DIRECTORY: systemd copied it at start; a new "
+                "value in its LoadCredential= source is not seen until `systemctl restart "
+                "castghld` (or a systemd that refreshes credentials on reload)",
+                ", ".join(stale),
+            )
+        note = "" if changes else " (secret files and webhook keys re-read)"
+        if stale:
+            note = f"; {len(stale)} systemd credential(s) not known to be current (see above)"
+        log.info("config reloaded from %s: %d change(s)%s", running.path, len(changes), note)
         return True
+
+    def reload_from_signal(self) -> None:
+        """SIGHUP: `reload` inside systemd's reload protocol (RELOADING=1 with the monotonic
+        time, then READY=1) with a STATUS= that `systemctl status` shows: a rejected reload is
+        visible there and in `castghld_config_last_reload_successful`, not only in the log."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        if self.reload():
+            status = "config reloaded"
+        else:
+            status = "reload rejected, running config kept (journalctl -u castghld -p err)"
+        sdnotify.notify(f"READY=1\nSTATUS={status}")
 
     def config_holders(self) -> list[Any]:
         """The components that keep the config and read it at each use; a reload hands each the
@@ -493,7 +516,11 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         if self._lag_probe is not None:
             self._lag_probe.cancel()
-        log.info("stopping: no new connections; draining %d request(s)", self.requests.count)
+        served = self._server is not None
+        if served:
+            log.info("stopping: no new connections; draining %d request(s)", self.requests.count)
+        else:  # a start that failed before listening: nothing to drain, the error says why
+            log.debug("start failed before listening; releasing what was opened")
         await self.admin.stop()
         self.installations.begin_stop()
         budget = max(1.0, self.config.server.shutdown_timeout - RESERVED_FOR_LATER_PHASES)
@@ -524,7 +551,7 @@ class Daemon:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-        log.info("stopped")
+        log.log(logging.INFO if served else logging.DEBUG, "stopped")
 
 
 async def run(config: Config) -> int:
@@ -536,7 +563,7 @@ async def run(config: Config) -> int:
         loop.add_signal_handler(sig, daemon.request_stop)
     # Without a handler SIGHUP (logrotate, `kill -HUP` habit) would end the process with no
     # drain, and systemd counts that death as clean: Restart=on-failure would not bring it back.
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_from_signal)
     try:
         await daemon.start()
     except StartupError:

@@ -47,7 +47,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 
 from castghld.config import Config
 from castghld.inflight import InFlight
-from castghld.log import clip, no_answer_reason, redact_numbers
+from castghld.log import clip, is_tls_failure, redact_numbers, unanswered
 from castghld.metrics import Metrics
 from castghld.pacing import (
     LimiterMap,
@@ -82,7 +82,7 @@ class CastError(Exception):
         retry_after: float | None = None,
         http_status: int | None = None,
     ):
-        super().__init__(f"Cast {status} {code}: {message}")
+        super().__init__(f"Cast {answer_summary(status, code)}: {message}")
         self.status = status
         # The HTTP status Cast (or whatever answered) sent; `status` is 502 for an answer that is
         # not Cast's (a body that is not a JSON object, a 2xx/3xx without success).
@@ -94,6 +94,25 @@ class CastError(Exception):
     @property
     def retryable(self) -> bool:
         return self.status in RETRYABLE_STATUSES
+
+    @property
+    def summary(self) -> str:
+        """What Cast answered, for a log line: `503 SERVICE_UNAVAILABLE`, or `no answer`."""
+        return answer_summary(self.status, self.code)
+
+
+def answer_summary(status: int, code: str) -> str:
+    """`402 INSUFFICIENT_CREDITS`; for 599, which is no status Cast sends (the HTTP client's code
+    for a request without an answer), `no answer` or `no trusted TLS connection`."""
+    if status != 599:
+        return f"{status} {code}"
+    return "no trusted TLS connection" if code == "TLS_FAILED" else "no answer"
+
+
+def _unanswered_code(error: BaseException | None) -> str:
+    """The code of a request without an answer: TLS_FAILED when the server was reached but did
+    not prove it is Cast (nothing was sent), NO_ANSWER otherwise (it may have been)."""
+    return "TLS_FAILED" if is_tls_failure(error) else "NO_ANSWER"
 
 
 def worth_retrying(error: CastError, provider_errors: int) -> bool:
@@ -215,12 +234,11 @@ class CastClient:
             response = await fetch
         except (OSError, HTTPClientError) as e:
             self.metrics.upstream_answer("cast", started, None)
-            reason = no_answer_reason(e)
-            raise CastError(599, "NO_ANSWER", f"no answer from Cast: {reason}") from None
+            raise CastError(599, _unanswered_code(e), unanswered("Cast", e)) from None
         self.metrics.upstream_answer("cast", started, response)
         if response.code == 599:
             raise CastError(
-                599, "NO_ANSWER", f"no answer from Cast: {no_answer_reason(response.error)}"
+                599, _unanswered_code(response.error), unanswered("Cast", response.error)
             )
         try:
             answer = json.loads(response.body) if response.body else {}

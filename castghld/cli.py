@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mark uninstalled the ones GHL no longer lists, and print what changed. The daemon does "
         "this at startup and every tokens.reconcile_interval; this command needs the state "
         "directory to itself (stop the daemon, or restart it to reconcile at once). Exit 0 when "
-        "every company's list was read, 1 otherwise.",
+        "every company's list was read, 75 while the daemon runs, 1 otherwise.",
     )
     add_command(
         "demo",
@@ -195,9 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fail(problems: Sequence[str], transient: bool = False) -> int:
+    """Print each problem on stderr and return the exit code. Under journald each line carries
+    the `<3>` (err) priority prefix, as the daemon's error log lines do: `journalctl -u castghld
+    -p err` shows why a start failed."""
     for line in problems:
-        print(f"castghld: {line}", file=sys.stderr)
+        error(line)
     return EXIT_TEMPFAIL if transient else EXIT_USAGE
+
+
+def error(line: str) -> None:
+    """`castghld: line` on stderr, at journald priority err when stderr is the journal."""
+    from castghld.log import stderr_is_journal
+
+    print(f"{'<3>' if stderr_is_journal() else ''}castghld: {line}", file=sys.stderr)
 
 
 def gen_key(path: str, *, if_missing: bool = False) -> int:
@@ -325,7 +335,7 @@ def check_online(config: Config) -> int:
     failed = [r for r in results if r.level == "FAIL"]
     if not failed:
         return 0
-    print(f"castghld: {len(failed)} online check(s) failed", file=sys.stderr)
+    error(f"{len(failed)} online check(s) failed")
     return EXIT_TEMPFAIL if all(r.transient for r in failed) else EXIT_USAGE
 
 
@@ -474,10 +484,10 @@ def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
     try:
         status, doc = call(config.state.dir, method, path)
     except AdminUnavailable as e:
-        print(f"castghld: {e}", file=sys.stderr)
+        error(str(e))
         return EXIT_TEMPFAIL, None
     if status != 200:
-        print(f"castghld: {doc.get('message', status)}", file=sys.stderr)
+        error(str(doc.get("message", status)))
         return 1, None
     return 0, doc
 
@@ -537,17 +547,17 @@ def reconcile(config: Config) -> int:
         try:
             lock_fd = lock_directory(config.state.dir)
         except StateError as e:
-            print(
-                f"castghld: {e}; the daemon reconciles at startup and every "
-                "tokens.reconcile_interval (restart it to reconcile now)",
-                file=sys.stderr,
+            # The daemon running (or exiting) is "retry later", 75 as the exit-code table says.
+            error(
+                f"{e}; the daemon reconciles at startup and every "
+                "tokens.reconcile_interval (restart it to reconcile now)"
             )
-            return 1
+            return EXIT_TEMPFAIL if e.transient else 1
         try:
             configure_http_client(config.delivery.request_timeout)
             report = asyncio.run(installations.reconcile())
         except OSError as e:
-            print(f"castghld: cannot save the state file: {e.strerror or e}", file=sys.stderr)
+            error(f"cannot save the state file: {e.strerror or e}")
             return 1
         finally:
             os.close(lock_fd)

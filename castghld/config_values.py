@@ -26,9 +26,11 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 @dataclass(frozen=True)
 class Secret:
-    """A secret string; `repr`/`str` never reveal it, `.value` does (only where it is sent)."""
+    """A secret string; `repr`/`str` never reveal it, `.value` does (only where it is sent).
+    `source`: the `*_file` it was read from ("" when inline); not part of equality."""
 
     value: str = field(repr=False)
+    source: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -71,6 +73,16 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def _in_unit_of(seconds: float, given: Any) -> str:
+    """`seconds` in the unit the user wrote `given` in (43200 for `13h` -> "12h"), so a limit
+    reads in the same terms as the value it refuses; in seconds for a bare number."""
+    match = _DURATION_RE.match(given) if isinstance(given, str) else None
+    unit = match.group(2) if match else ""
+    if unit in ("", "s"):
+        return f"{seconds:g}s"
+    return f"{seconds / _DURATION_UNITS[unit]:g}{unit}"
+
+
 def check_private_file(path: str) -> None:
     """Raise ValueError unless `path` is a regular file no one but its owner may access."""
     st = os.stat(path)
@@ -105,6 +117,13 @@ def read_secret_file(path: str) -> str:
         raise ValueError(f"cannot read secret file {path}: {e}") from None
 
 
+# systemd sets $CREDENTIALS_DIRECTORY for the unit's processes only (LoadCredential=).
+CREDENTIALS_HINT = (
+    " (systemd sets it for the castghld unit's processes only; elsewhere give the secret "
+    "file's own path)"
+)
+
+
 class Reader:
     """Walks the parsed YAML, collecting problems instead of stopping at the first."""
 
@@ -123,7 +142,8 @@ class Reader:
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
-                self.problem(key, f"environment variable {name} is not set")
+                hint = CREDENTIALS_HINT if name == "CREDENTIALS_DIRECTORY" else ""
+                self.problem(key, f"environment variable {name} is not set{hint}")
                 return ""
             return os.environ[name]
 
@@ -145,7 +165,12 @@ class Reader:
         if name not in raw:
             return default
         full = f"{key}.{name}"
+        known = len(self.problems)
         value = self.interpolate(full, raw[name])
+        if len(self.problems) > known:
+            # An unset variable is the problem; the value without it would only add a second,
+            # misleading one (`${CREDENTIALS_DIRECTORY}/key` read as the file `/key`).
+            return default
         try:
             return conv(value)
         except (TypeError, ValueError) as e:
@@ -211,9 +236,9 @@ class Reader:
             except ValueError:
                 raise ValueError(f"must be a duration like 30s, 5m, 1h or 7d, got {v!r}") from None
             if seconds < minimum:
-                raise ValueError(f"must be at least {minimum:g}s, got {v!r}")
+                raise ValueError(f"must be at least {_in_unit_of(minimum, v)}, got {v!r}")
             if maximum is not None and seconds > maximum:
-                raise ValueError(f"must be at most {maximum:g}s{why}, got {v!r}")
+                raise ValueError(f"must be at most {_in_unit_of(maximum, v)}{why}, got {v!r}")
             return seconds
 
         return self.typed(key, raw, name, default, conv)
@@ -245,9 +270,12 @@ class Reader:
 
     def secret(self, key: str, raw: dict, name: str, required: bool) -> Secret | None:
         """`name` inline or `name_file`; exactly one of them when required."""
+        known = len(self.problems)
         inline = self.string(key, raw, name, "")
         file_key = f"{name}_file"
         file_path = self.path_value(key, raw, file_key, "")
+        if len(self.problems) > known:  # already said what is wrong with it
+            return None
         if inline and file_path:
             self.problem(f"{key}.{name}", f"give either {name} or {file_key}, not both")
             return None
@@ -259,7 +287,7 @@ class Reader:
                 return None
             if not value:
                 self.problem(f"{key}.{file_key}", f"secret file {file_path} is empty")
-            return Secret(value)
+            return Secret(value, file_path)
         if inline:
             return Secret(inline)
         if required:

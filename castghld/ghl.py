@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from castghld.config import Config
-from castghld.log import no_answer_reason, redact_numbers
+from castghld.log import redact_numbers, unanswered
 from castghld.metrics import Metrics
 from castghld.pacing import LimiterMap, parse_interval_ms, parse_retry_after, retry_delay
 
@@ -58,7 +58,8 @@ class GHLError(Exception):
     def __init__(
         self, status: int, message: str, *, retry_after: float | None = None, body: Any = None
     ):
-        super().__init__(f"GHL {status}: {message}")
+        # 599 is the HTTP client's code for no answer, not one GHL sends: the message says it.
+        super().__init__(message if status == 599 else f"GHL {status}: {message}")
         self.status = status
         self.message = message
         self.retry_after = retry_after
@@ -133,7 +134,7 @@ class GHLClient:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except (OSError, HTTPClientError) as e:
             self.metrics.upstream_answer("ghl", started, None)
-            raise GHLError(599, f"no answer from GHL: {no_answer_reason(e)}") from None
+            raise GHLError(599, unanswered("GHL", e)) from None
         self.metrics.upstream_answer("ghl", started, response)
         if limiter is not None:
             self._note_rate_limit(limiter, response)
@@ -154,7 +155,7 @@ class GHLClient:
     @staticmethod
     def _decode(response: HTTPResponse, method: str, path: str) -> Any:
         if response.code == 599:
-            raise GHLError(599, f"no answer from GHL: {no_answer_reason(response.error)}")
+            raise GHLError(599, unanswered("GHL", response.error))
         try:
             body = json.loads(response.body) if response.body else {}
         except ValueError:

@@ -141,14 +141,16 @@ class InboundDelivery:
             > self.config.delivery.inbound_max_age
         )
 
-    async def _expire(self, outbox: Outbox, rid: str, context: str, why: str) -> None:
+    async def _expire(
+        self, outbox: Outbox, rid: str, context: str, why: str, ids: dict[str, str]
+    ) -> None:
         self.metrics.inbound.labels("delivery", "expired").inc()
         log.error(
             "%s: %s for longer than delivery.inbound_max_age (%.0fh); dropped",
             context,
             why,
             self.config.delivery.inbound_max_age / 3600,
-            extra={"outcome": "expired", "reason": why},
+            extra={**ids, "outcome": "expired", "reason": why},
         )
         await outbox.finish(rid)
 
@@ -157,21 +159,29 @@ class InboundDelivery:
         location_id = self.route(record["to"])
         # The operator's own number is a phone number like any other: never in full in a log.
         context = f"inbound={record['cast_id']} to={redact_numbers(record['to'])}"
+        # The same ids as fields of every JSON line about this reply.
+        ids = {"cast_id": record["cast_id"]}
         if location_id is None:
             if self._expired(record):
-                return await self._expire(outbox, rid, context, "no location claimed it")
+                return await self._expire(outbox, rid, context, "no location claimed it", ids)
             self.metrics.inbound.labels("delivery", "unrouted").inc()
             log.warning(
                 "%s: no location claims this number (set cast.locations.<id>.inbound_numbers); "
                 "kept in the outbox and routed again on the next install or start",
                 context,
+                extra={**ids, "outcome": "unrouted"},
             )
             return
         context += f" location={location_id}"
+        ids["location_id"] = location_id
         phone = normalize_any(record["from"])
         if phone is None:
             self.metrics.inbound.labels("delivery", "invalid_number").inc()
-            log.error("%s: the sender is not a valid phone number; dropped", context)
+            log.error(
+                "%s: the sender is not a valid phone number; dropped",
+                context,
+                extra={**ids, "outcome": "invalid_number"},
+            )
             await outbox.finish(rid)
             return
         age = time.time() - record.get("accepted_at", time.time())
@@ -180,23 +190,29 @@ class InboundDelivery:
             await self._deliver(record, location_id, phone, deadline, context)
         except TokenUnavailable as e:
             if e.retryable:
-                return self._give_up_for_now(context, str(e))
+                return self._give_up_for_now(context, str(e), ids)
             if self._expired(record):
-                return await self._expire(outbox, rid, context, "its location was not installed")
+                why = "its location was not installed"
+                return await self._expire(outbox, rid, context, why, ids)
             # Not installed (any more), or needs reauthorisation: keep it for a (re)install.
             self.metrics.inbound.labels("attempt", "no_token").inc()
-            log.warning("%s: kept in the outbox until the location is installed: %s", context, e)
+            log.warning(
+                "%s: kept in the outbox until the location is installed: %s",
+                context,
+                e,
+                extra={**ids, "outcome": "no_token"},
+            )
             return
         except GHLError as e:
             if e.retryable:
-                return self._give_up_for_now(context, f"GHL {e.status} {e.message}")
+                return self._give_up_for_now(context, f"GHL {e.status} {e.message}", ids)
             self.metrics.inbound.labels("delivery", "failed").inc()
             log.error(
                 "%s: GHL refused the message (%d %s); dropped",
                 context,
                 e.status,
                 e.message,
-                extra={"location_id": location_id, "outcome": "failed", "reason": e.message},
+                extra={**ids, "outcome": "failed", "reason": e.message},
             )
             await outbox.finish(rid)
             return
@@ -206,10 +222,10 @@ class InboundDelivery:
         log.info(
             "%s: delivered to GHL",
             context,
-            extra={"location_id": location_id, "outcome": "delivered"},
+            extra={**ids, "outcome": "delivered"},
         )
 
-    def _give_up_for_now(self, context: str, why: str) -> None:
+    def _give_up_for_now(self, context: str, why: str, ids: dict[str, str]) -> None:
         """Retried for delivery.inbound_max_age without success: kept, tried again at a start."""
         self.metrics.inbound.labels("delivery", "stuck").inc()
         log.error(
@@ -218,7 +234,7 @@ class InboundDelivery:
             context,
             self.config.delivery.inbound_max_age / 3600,
             why,
-            extra={"outcome": "stuck", "reason": why},
+            extra={**ids, "outcome": "stuck", "reason": why},
         )
 
     async def _deliver(
@@ -269,7 +285,12 @@ class InboundDelivery:
                 "stored (%s); retrying",
                 context,
                 cause,
-                extra={"location_id": location_id, "outcome": "failed", "reason": "ghl_dropped"},
+                extra={
+                    "cast_id": record["cast_id"],
+                    "location_id": location_id,
+                    "outcome": "failed",
+                    "reason": "ghl_dropped",
+                },
             )
             return "GHL answered 2xx without messageId (message dropped)"
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import sys
 import time
 
@@ -61,6 +62,28 @@ def no_answer_reason(error: BaseException | None) -> str:
     if not text or text == name:
         return name
     return f"{name} ({one_line(clip(str(text), 200))})"
+
+
+# libcurl's error numbers of a TLS failure (handshake, certificate not trusted or for another
+# name, CA file): such a request reached a server, which did not prove who it is.
+CURL_TLS_ERRORS = frozenset({35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98})
+
+
+def is_tls_failure(error: BaseException | None) -> bool:
+    """Whether a request without an HTTP answer failed in the TLS layer, not for want of a peer:
+    libcurl's TLS error numbers (`CurlError.errno`) or Python's `ssl.SSLError`."""
+    if isinstance(error, ssl.SSLError):
+        return True
+    return type(error).__name__ == "CurlError" and getattr(error, "errno", None) in CURL_TLS_ERRORS
+
+
+def unanswered(upstream: str, error: BaseException | None) -> str:
+    """Why a request to `upstream` ("Cast", "GHL") got no HTTP answer: "no answer from Cast: ...",
+    or, when TLS failed (a name mismatch, an untrusted certificate), "no trusted TLS connection
+    to Cast: ...": the server was reached and did not prove it is `upstream`."""
+    if is_tls_failure(error):
+        return f"no trusted TLS connection to {upstream}: {no_answer_reason(error)}"
+    return f"no answer from {upstream}: {no_answer_reason(error)}"
 
 
 def clip(text: str, limit: int) -> str:

@@ -3,6 +3,9 @@
 Guarantees: labels carry location ids, statuses and error codes only, never a token, a phone
 number or a message body. Every label takes its values from a fixed set: an upstream's answer
 cannot make a new time series (Cast's `error_code` is one of `CAST_ERROR_CODES` or `other`).
+Every counter is exported at 0 from the start for each of its known label values (`KNOWN_LABELS`),
+so `increase()`/`rate()` in an alert see the first event: a series that first appears at 1 has
+increased by nothing as far as Prometheus knows.
 """
 
 from __future__ import annotations
@@ -48,6 +51,39 @@ CAST_ERROR_CODES = frozenset(
         "METHOD_NOT_ALLOWED",
     }
 )
+
+
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "no_answer")
+# The label values each counter is exported with from the start (see the module docstring).
+# `webhooks` outcomes: "unsigned" (no signature header: scanners, junk) is counted apart from
+# "bad_signature" (a signature that does not verify: GHL's keys or ours are wrong).
+KNOWN_LABELS: dict[str, list[tuple[str, ...]]] = {
+    "webhooks": [
+        (kind, outcome)
+        for kind, outcomes in (
+            ("messages", ("accepted", "duplicate", "unknown_location", "store_failed")),
+            ("app", ("ok", "duplicate", "foreign_app")),
+        )
+        for outcome in (*outcomes, "unsigned", "bad_signature", "unusable")
+    ]
+    + [("signature", "legacy_rsa"), ("signature", "legacy_ecdsa")],
+    "sends": [(o,) for o in ("sent", "retry", "failed", "gave_up", "rejected")],
+    "statuses": [(s,) for s in ("pending", "delivered", "failed", "report_failed")],
+    "token_refreshes": [(o,) for o in ("ok", "reminted", "error", "needs_reauth", "inactive")],
+    "reloads": [("applied",), ("rejected",)],
+    "inbound": [("received", o) for o in ("accepted", "duplicate", "unauthorized")]
+    + [("attempt", o) for o in ("no_token", "failed")]
+    + [
+        ("delivery", o)
+        for o in ("delivered", "failed", "expired", "unrouted", "invalid_number", "stuck")
+    ],
+    "upstream_requests": [("ghl", c) for c in STATUS_CLASSES]
+    + [("cast", c) for c in STATUS_CLASSES]
+    + [("cast", code) for code in sorted(CAST_ERROR_CODES)]
+    + [("cast", "other")],
+    "upstream_seconds": [(u, c) for u in ("ghl", "cast") for c in STATUS_CLASSES],
+    "cast_outages": [(s,) for s in ("began", "ended")],
+}
 
 
 class Metrics:
@@ -114,6 +150,15 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self._declare_process_and_config(r)
+        for name, labelsets in KNOWN_LABELS.items():
+            metric = getattr(self, name)
+            for labels in labelsets:
+                metric.labels(*labels)
+
+    def _declare_process_and_config(self, r: CollectorRegistry) -> None:
+        """The metrics of the process itself: build, resources, config loads, state writes, and
+        Cast outages as the send path sees them."""
         self.build_info = Gauge(
             "castghld_build_info", "castghld version and Python", ["version", "python"], registry=r
         )
@@ -128,6 +173,33 @@ class Metrics:
         self.state_write_seconds = Histogram(
             "castghld_state_write_seconds", "Encrypt+fsync+rename of the state file", registry=r
         )
+        # As Prometheus and Alertmanager export them: 1 until a reload is rejected, 0 until one is
+        # applied; the time of the config load that now runs (the start counts as one).
+        self.last_reload_successful = Gauge(
+            "castghld_config_last_reload_successful",
+            "Whether the last config load (start or SIGHUP reload) was applied",
+            registry=r,
+        )
+        self.last_reload_successful.set(1)
+        self.last_reload_success_time = Gauge(
+            "castghld_config_last_reload_success_timestamp_seconds",
+            "Time of the last config load (start or SIGHUP reload) that was applied",
+            registry=r,
+        )
+        self.last_reload_success_time.set_to_current_time()
+        self.cast_outages = Counter(
+            "castghld_cast_outages",
+            "A Cast account's sends stopped getting answers (began) or got one again (ended)",
+            ["event"],
+            registry=r,
+        )
+
+    def reload_done(self, applied: bool) -> None:
+        """Count a SIGHUP reload and set the last-reload gauges."""
+        self.reloads.labels("applied" if applied else "rejected").inc()
+        self.last_reload_successful.set(1 if applied else 0)
+        if applied:
+            self.last_reload_success_time.set_to_current_time()
 
     def upstream_answer(self, upstream: str, started: float, response: HTTPResponse | None) -> None:
         """Count one request to `upstream` ("ghl" or "cast") begun at monotonic `started`;

@@ -200,8 +200,12 @@ async def check_cast_key(
 
 
 def _no_answer(host: str, message: str) -> str:
-    """`message` is the client's "no answer from ...: <exception type> (<its text>)"."""
-    return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {message.split(': ', 1)[-1]})"
+    """`message` is the client's "no answer from ...: <exception type> (<its text>)", or its
+    "no trusted TLS connection to ...: ..." (answered at once: no wait to speak of)."""
+    reason = message.split(": ", 1)[-1]
+    if message.startswith("no trusted TLS connection"):
+        return f"no trusted TLS connection to {host}: {reason}"
+    return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {reason})"
 
 
 def sender_id_notes(config: Config) -> list[CheckResult]:

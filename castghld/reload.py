@@ -3,6 +3,10 @@
 Guarantees:
 - `config_changes` names every key whose value differs, by its path in the YAML file
   (`cast.api_key`, `cast.locations.LOC.sender_id`); a secret is named, never shown.
+- `unrefreshed_credentials` names the secrets read from `$CREDENTIALS_DIRECTORY` whose value a
+  reload found unchanged: systemd copies `LoadCredential=` files at start and (before its newest
+  releases) never again, so an unchanged copy says nothing about its source; the reload log says
+  so instead of claiming the secret was re-read.
 - `effective_config` is the new config with every `RESTART_KEYS` value put back to the running
   one: what the components see after a reload is always what the process really does (the
   listening address stays the one it listens on), and those keys are reported as waiting for a
@@ -12,7 +16,8 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from castghld.config import Config, Secret
@@ -85,6 +90,36 @@ def config_changes(old: Config, new: Config) -> list[Change]:
     """Every key whose value differs between `old` and `new`, in file order."""
     out: list[Change] = []
     _diff("", old, new, out)
+    return out
+
+
+def _secrets(prefix: str, value: Any) -> Iterator[tuple[str, Secret]]:
+    """(key path, Secret) of every secret in a config, in file order."""
+    if isinstance(value, Secret):
+        yield prefix, value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            yield from _secrets(key, getattr(value, f.name))
+    elif isinstance(value, Mapping):
+        for name in value:
+            yield from _secrets(f"{prefix}.{name}", value[name])
+
+
+def unrefreshed_credentials(old: Config, new: Config) -> list[str]:
+    """The `*_file` keys (`cast.api_key_file`) of `new` read from `$CREDENTIALS_DIRECTORY` with
+    the value the running config has: whether their source changed cannot be known here."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        return []
+    directory = os.path.join(os.path.realpath(directory), "")
+    before = dict(_secrets("", old))
+    out = []
+    for key, secret in _secrets("", new):
+        source = os.path.realpath(secret.source) if secret.source else ""
+        previous = before.get(key)
+        if source.startswith(directory) and previous is not None and previous == secret:
+            out.append(key + "_file")
     return out
 
 

@@ -122,7 +122,7 @@ def test_bad_duration(config_dir, value):
 def test_send_deadline_beyond_cast_replay_window_is_refused(config_dir):
     problems = problems_of(config_dir, {"delivery": {"send_deadline": "13h"}})
     assert problems == [
-        f"{config_dir.config_path}: delivery.send_deadline: must be at most 43200s "
+        f"{config_dir.config_path}: delivery.send_deadline: must be at most 12h "
         "(Cast remembers idempotency keys for 24h), got '13h'"
     ]
 
@@ -163,6 +163,24 @@ def test_unset_env_variable_is_an_error(config_dir, monkeypatch):
         f"{config_dir.config_path}: cast.api_key: "
         "environment variable CASTGHLD_UNSET_VAR is not set"
     )
+
+
+def test_unset_credentials_directory_is_one_problem_not_a_missing_file_too(config_dir, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    cast = {"api_key": None, "api_key_file": "${CREDENTIALS_DIRECTORY}/cast_api_key"}
+    problems = problems_of(config_dir, {"cast": cast})
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"{config_dir.config_path}: cast.api_key_file: "
+        "environment variable CREDENTIALS_DIRECTORY is not set (systemd sets it"
+    )
+
+
+def test_a_duration_limit_is_said_in_the_unit_it_was_given_in(config_dir):
+    problems = problems_of(config_dir, {"delivery": {"send_deadline": "800m"}})
+    assert "must be at most 720m (Cast remembers" in problems[0]
+    problems = problems_of(config_dir, {"delivery": {"send_deadline": 50000}})
+    assert "must be at most 43200s (Cast remembers" in problems[0]
 
 
 def test_credentials_directory_through_env(config_dir, tmp_path, monkeypatch):

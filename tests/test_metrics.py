@@ -20,6 +20,7 @@ FAILURE_ONLY = {
     # Zero once the outbox is empty, as after this round trip.
     "castghld_outbox_pending": "test_oldest_waiting_age_grows_while_cast_hangs",
     "castghld_outbox_oldest_age_seconds": "test_oldest_waiting_age_grows_while_cast_hangs",
+    "castghld_cast_outages": "test_outbound_logs.py (test_cast_outage_logs_one_warning_...)",
 }
 
 
@@ -100,3 +101,47 @@ async def test_oldest_waiting_age_grows_while_cast_hangs(bridge):
 def time_passed(daemon) -> bool:
     daemon._update_backlog_age()
     return daemon.metrics.oldest_waiting.labels("outbound")._value.get() > 0.05
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unsigned_webhook_is_counted_apart_from_a_wrong_signature(bridge):
+    await bridge.start()
+    url = bridge.daemon.url + "/api/ghl/v1/webhook/messages"
+    _, text = await scrape(bridge.daemon)
+    webhooks = "castghld_webhooks_total"
+    assert sample(text, webhooks, kind="messages", outcome="unsigned") == 0
+    assert sample(text, webhooks, kind="messages", outcome="bad_signature") == 0
+    junk = await AsyncHTTPClient().fetch(url, method="POST", body="{}", raise_error=False)
+    assert junk.code == 401
+    _, text = await scrape(bridge.daemon)
+    assert sample(text, webhooks, kind="messages", outcome="unsigned") == 1
+    assert sample(text, webhooks, kind="messages", outcome="bad_signature") == 0
+    wrong = await bridge.ghl.post_webhook(
+        url, {"type": "SMS"}, headers={"X-GHL-Signature": "bm90IGEgc2lnbmF0dXJl"}
+    )
+    assert wrong.code == 401
+    _, text = await scrape(bridge.daemon)
+    assert sample(text, webhooks, kind="messages", outcome="unsigned") == 1
+    assert sample(text, webhooks, kind="messages", outcome="bad_signature") == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_counters_are_exported_at_zero_before_the_first_event(bridge):
+    await bridge.start()
+    _, text = await scrape(bridge.daemon)
+    assert sample(text, "castghld_config_reloads_total", outcome="rejected") == 0
+    assert sample(text, "castghld_config_reloads_total", outcome="applied") == 0
+    for code in ("INVALID_API_KEY", "API_KEY_REVOKED", "INSUFFICIENT_CREDITS"):
+        assert sample(text, "castghld_upstream_requests_total", upstream="cast", outcome=code) == 0
+    for outcome in ("sent", "retry", "failed", "gave_up", "rejected"):
+        assert sample(text, "castghld_cast_sends_total", outcome=outcome) == 0
+    assert sample(text, "castghld_ghl_status_reports_total", status="report_failed") == 0
+    assert sample(text, "castghld_config_last_reload_successful") == 1

@@ -10,6 +10,7 @@ import re
 import socket
 
 import pytest
+from prometheus_client import generate_latest
 
 from castghld.cast import PROVIDER_ERROR_RETRIES
 from castghld.fakes import wait_for
@@ -240,3 +241,28 @@ async def test_a_retried_send_logs_why_cast_did_not_answer(bridge, caplog):
         for r in retries
     ), [r.getMessage() for r in retries]
     assert final.getMessage().startswith("gave up on message=msg-1 location=loc1 after ")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_cast_outage_logs_one_warning_and_one_recovery_per_account(bridge, caplog):
+    """5 messages meeting 503s: one warning when the account's sends stop getting answers and
+    one info line when Cast answers again, counted; the attempts between at debug."""
+    caplog.set_level(logging.DEBUG, logger="castghld")
+    await bridge.start()
+    await bridge.install("loc1")
+    bridge.cast.fail_next("send", 503, times=10)
+    for n in range(5):
+        await bridge.post_message(messageId=f"msg-{n}")
+    for n in range(5):
+        await wait_for(lambda n=n: "delivered" in statuses(bridge.ghl, f"msg-{n}"), timeout=40)
+    outbound = [r for r in caplog.records if r.name == "castghld.outbound"]
+    warnings = [r.getMessage() for r in outbound if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "503 SERVICE_UNAVAILABLE" in warnings[0] and "Cast unavailable to account" in warnings[0]
+    debug = [r for r in outbound if r.levelno == logging.DEBUG and "retrying" in r.getMessage()]
+    assert len(debug) == 9
+    (recovered,) = [r.getMessage() for r in outbound if "again after" in r.getMessage()]
+    assert "after 10 failed attempt(s)" in recovered
+    text = generate_latest(bridge.daemon.metrics.registry).decode()
+    assert 'castghld_cast_outages_total{event="began"} 1.0' in text
+    assert 'castghld_cast_outages_total{event="ended"} 1.0' in text

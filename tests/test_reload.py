@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -115,11 +119,16 @@ def test_sighup_to_serve_reloads_and_keeps_serving(config_dir):
 
 
 def _read_until(proc, needle: str) -> str:
+    return _lines_until(proc, needle)[-1]
+
+
+def _lines_until(proc, needle: str) -> list[str]:
+    """The lines logged up to and including the first that holds `needle`."""
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if needle in line:
-            return line
+            return seen
     raise AssertionError(f"{needle!r} not logged; got:\n{''.join(seen)}")
 
 
@@ -128,3 +137,95 @@ def test_unit_reloads_with_sighup():
     with open(unit) as f:
         text = f.read()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+
+
+def test_unit_checks_the_config_before_it_signals_a_reload():
+    """`systemctl reload` fails (exit 2) on a config the daemon would reject: ExecReload lines run
+    in order and the first that fails stops the reload before SIGHUP is sent."""
+    unit = os.path.join(os.path.dirname(__file__), "..", "systemd", "castghld.service")
+    with open(unit) as f:
+        reloads = [line for line in f.read().splitlines() if line.startswith("ExecReload=")]
+    assert reloads == [
+        "ExecReload=/opt/castghld/bin/castghld --config /etc/castghld/castghld.yaml check-config",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ]
+
+
+def test_sighup_speaks_systemds_reload_protocol_and_shows_a_rejection(config_dir, tmp_path):
+    """RELOADING=1 (with MONOTONIC_USEC) then READY=1 with a STATUS= that says whether the reload
+    was taken; /metrics says the same in castghld_config_last_reload_successful."""
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(20)
+    path = config_dir.write()
+    proc = start_serve(path, notify_path)
+    try:
+        port = wait_for_port(proc)
+        assert notify.recv(4096) == b"READY=1"
+        proc.send_signal(signal.SIGHUP)
+        reloading = notify.recv(4096).decode().split("\n")
+        assert reloading[0] == "RELOADING=1"
+        assert re.fullmatch(r"MONOTONIC_USEC=\d+", reloading[1])
+        assert notify.recv(4096) == b"READY=1\nSTATUS=config reloaded"
+        assert _gauge(port, "castghld_config_last_reload_successful") == 1
+        applied_at = _gauge(port, "castghld_config_last_reload_success_timestamp_seconds")
+        with open(path, "w") as f:
+            f.write("server: [not, a, mapping\n")
+        proc.send_signal(signal.SIGHUP)
+        assert notify.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        ready = notify.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=reload rejected"), ready
+        assert _gauge(port, "castghld_config_last_reload_successful") == 0
+        assert _gauge(port, "castghld_config_last_reload_success_timestamp_seconds") == applied_at
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+        notify.close()
+
+
+def _gauge(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_reload_says_a_systemd_credential_copy_is_not_known_to_be_current(config_dir, tmp_path):
+    """`LoadCredential=` copies are made at start: an unchanged copy after a reload says nothing
+    about the source file the operator edited, and the log must not claim the key was re-read."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    key_file = credentials / "cast_api_key"
+    key_file.write_text("cast_test_key\n")
+    os.chmod(key_file, 0o600)
+    cast = {"api_key": None, "api_key_file": str(key_file), "inbound_secret": "inbound-secret"}
+    path = config_dir.write({"cast": cast})
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "castghld", "--config", path, "serve"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_port(proc)
+        proc.send_signal(signal.SIGHUP)
+        *before, done = _lines_until(proc, "config reloaded")
+        (warning,) = [line for line in before if "$CREDENTIALS_DIRECTORY" in line]
+        assert "cast.api_key_file unchanged" in warning and "systemctl restart" in warning
+        assert "re-read" not in done and "not known to be current" in done
+        key_file.write_text("cast_test_other\n")
+        proc.send_signal(signal.SIGHUP)
+        *before, done = _lines_until(proc, "config reloaded")
+        assert "1 change(s)" in done and "not known to be current" not in done
+        assert not any("$CREDENTIALS_DIRECTORY" in line for line in before)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()

@@ -30,7 +30,7 @@ def castghld_binary() -> str:
 def unit_copy(tmp_path: pathlib.Path, text: str | None = None) -> pathlib.Path:
     """The unit in `tmp_path`, running this environment's castghld instead of /opt's."""
     text = UNIT.read_text() if text is None else text
-    assert text.count(INSTALLED_BINARY) == 2  # ExecStartPre and ExecStart
+    assert text.count(INSTALLED_BINARY) == 3  # ExecStartPre, ExecStart, ExecReload's check
     path = tmp_path / "castghld.service"
     path.write_text(text.replace(INSTALLED_BINARY, castghld_binary()))
     return path

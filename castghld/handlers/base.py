@@ -160,10 +160,13 @@ class APIHandler(tornado.web.RequestHandler):
         self.check_body_size()
         scheme = self.daemon.verifier.verify(self.body, self.request.headers)
         if scheme is None:
-            self.daemon.metrics.webhooks.labels(kind, "bad_signature").inc()
             present = [
                 h for h in ("X-GHL-Signature", "X-WH-Signature") if h in self.request.headers
             ]
+            # Unsigned junk (scanners) apart from a signature that does not verify: only the
+            # latter says GHL's keys or ours are wrong (the CastghldWebhookSignatureFailures alert).
+            outcome = "bad_signature" if present else "unsigned"
+            self.daemon.metrics.webhooks.labels(kind, outcome).inc()
             raise APIError(
                 401,
                 "invalid_signature",
@@ -239,6 +242,12 @@ class NotFoundHandler(APIHandler):
         raise APIError(404, "not_found", f"no such path: {self.request.path}")
 
 
+# `log_fields` a handler may set (ids it validated: short ASCII) and their names in a text line.
+ACCESS_ID_NAMES = {"message_id": "message", "location_id": "location", "cast_id": "inbound"}
+# Scrapes and probes come every few seconds: answered, they are logged at debug only.
+QUIET_ROUTES = frozenset({"/metrics", "/healthz"})
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log line without query values that may carry secrets (OAuth codes, state); an error
     answer's code and message ride along, so the log says why a request was refused (not only
@@ -251,16 +260,23 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     if daemon is not None:
         route = daemon.route_of.get(type(handler), "other")
         daemon.metrics.http_requests.labels(route, str(status)).inc()
+        if route in QUIET_ROUTES and level == logging.INFO:
+            level = logging.DEBUG
     error = getattr(handler, "error_answer", None)
     reason = redact_numbers(f"{error[0]}: {error[1]}") if error else None
+    # The ids the handler learned (a webhook's message id): one GHL message id can be followed
+    # through the log from its webhook on.
+    fields = getattr(handler, "log_fields", None) or {}
+    ids = "".join(f" {ACCESS_ID_NAMES[name]}={value}" for name, value in fields.items())
     access_log.log(
         level,
-        "%d %s %s remote=%s ms=%.1f%s",
+        "%d %s %s remote=%s ms=%.1f%s%s",
         status,
         request.method,
         scrub(request.uri or ""),
         request.remote_ip,
         ms,
+        ids,
         f" error={reason}" if reason else "",
-        extra={"status": status, "ms": round(ms, 1), "reason": reason},
+        extra={"status": status, "ms": round(ms, 1), "reason": reason, **fields},
     )

@@ -100,6 +100,7 @@ class OutboundMessageHandler(APIHandler):
         if message_id is None or location_id is None:
             name = "messageId" if message_id is None else "locationId"
             return self.ignore_unusable("messages", f"{name} is missing or not a short ASCII id")
+        self.log_fields = {"message_id": message_id, "location_id": location_id}
         payload, refused = outbound_payload(
             {**body, "messageId": message_id, "locationId": location_id}
         )

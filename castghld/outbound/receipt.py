@@ -99,7 +99,7 @@ class ReceiptStep:
         try:
             answer = await self.cast.status(account, record["cast_id"])
         except CastError as e:
-            log.warning("delivery status of %s: Cast %d %s", log_context(record), e.status, e.code)
+            log.warning("delivery status of %s: Cast %s", log_context(record), e.summary)
             give_up = record["sent_at"] + self.config.delivery.status_polls[-1] + POLL_OUTAGE_LIMIT
             if e.retryable and time.time() < give_up:
                 failures = record.get("poll_failures", 0)

@@ -45,10 +45,12 @@ from castghld.cast import (
     CastClient,
     CastError,
     SendWindowClosed,
+    answer_summary,
     worth_retrying,
 )
 from castghld.config import Config
 from castghld.metrics import Metrics
+from castghld.outage import CastOutages
 from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
@@ -88,6 +90,7 @@ class SendStep:
     ):
         self.config = config
         self.cast = cast
+        self.outages = CastOutages(metrics)
         self.scheduler = scheduler
         self.outbox: Outbox | None = None
         self._next_step = next_step
@@ -144,6 +147,7 @@ class SendStep:
             await self._retry_or_fail(rid, e)
             return
         self._sends["sent"].inc()
+        self.outages.observe(account.name, None)
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(
             rid, stage=Stage.SENT, cast_id=answer["message_id"], sent_at=time.time()
@@ -205,6 +209,7 @@ class SendStep:
         record = self.outbox.records[rid]
         context = log_context(record)
         tries = record.get("tries", 0) + 1
+        level, outage_note = self.outages.observe(record["account"], error)
         provider_errors = record.get("provider_errors", 0) + (error.code == "PROVIDER_ERROR")
         reason = error.message
         if error.code == "NO_ANSWER":
@@ -235,14 +240,15 @@ class SendStep:
             await self._decide(rid, "failed", error.code, reason)
             return
         self._sends["retry"].inc()
-        log.warning(
-            "Cast %d %s %s attempt=%d: %s; retrying in %.1fs",
-            error.status,
-            error.code,
+        log.log(
+            level,  # while Cast does not answer an account: one warning, then debug (outage.py)
+            "Cast %s %s attempt=%d: %s; retrying in %.1fs%s",
+            error.summary,
             context,
             tries,
             error.message,  # what Cast said, or why it did not answer (the gave-up line cannot)
             delay,
+            outage_note,
         )
         self.outbox.note(
             rid,
@@ -264,12 +270,11 @@ class SendStep:
         if record.get("resumed"):
             attempts += " since castghld restarted"
         log.error(
-            "gave up on %s after %s over %.1fs: last error %d %s %s (%s)",
+            "gave up on %s after %s over %.1fs: last error %s %s (%s)",
             log_context(record),
             attempts,
             time.time() - record["received_at"],
-            status,
-            code,
+            answer_summary(status, code),
             reason,
             why,
             extra=_send_fields(record, "gave_up", status, code, reason, tries),
