@@ -16,7 +16,8 @@ Guarantees:
   is a consistent snapshot, and compaction can encode records off the IOLoop. Values are atomic
   (str, int, float, bool, None, tuple), so the GC untracks them.
 - The journal is compacted (live records + seen ids, written atomically) when it has grown well
-  beyond what is live.
+  beyond what is live, and at start when it holds an entry under an older key than the newest
+  (key rotation), before any record is dispatched.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class Outbox:
                 f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}",
                 transient=is_transient(e),
             ) from None
+        if self.journal.stale_key:
+            await self._reencrypt()
         for scheduler in self._schedulers():
             scheduler.start(self)
         for rid in list(self.records):
@@ -368,6 +371,23 @@ class Outbox:
                     yield {"op": "put", "id": rid, "record": record}
 
         return entries()
+
+    async def _reencrypt(self) -> None:
+        """A start under a new first key: rewrite the journal with it (a compaction) before any
+        record is dispatched, so the older key can leave the key file after this start. A crash
+        or an error leaves the old journal, complete; the older key is then still needed."""
+        await self.compact()
+        keys = self.journal.keyring.key_ids
+        if self.journal.stale_key:
+            log.error(
+                "outbox: %s still holds entries under an older key than %s; keep every key of "
+                "%s until a start re-encrypts it",
+                self.journal.path,
+                keys[0],
+                self.journal.keyring.path,
+            )
+        else:
+            log.info("outbox: re-encrypted %s with the newest key %s", self.journal.path, keys[0])
 
     async def compact(self) -> None:
         try:
