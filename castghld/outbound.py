@@ -159,8 +159,7 @@ class OutboundDelivery:
         self.cast = cast
         self.ghl = ghl
         self.installations = installations
-        regions = config.delivery.allowed_regions
-        self.allowed_regions = None if "*" in regions else frozenset(regions)
+        self._regions: tuple[tuple[str, ...], frozenset[str] | None] = ((), None)
         self.outbox: Outbox | None = None
         self.stopping = False
         self._held: set[str] = set()
@@ -182,6 +181,14 @@ class OutboundDelivery:
             s: metrics.statuses.labels(s)
             for s in ("pending", "delivered", "failed", "report_failed")
         }
+
+    @property
+    def allowed_regions(self) -> frozenset[str] | None:
+        """`delivery.allowed_regions` of the config in force (a reload changes it); None: any."""
+        regions = self.config.delivery.allowed_regions
+        if regions is not self._regions[0]:
+            self._regions = (regions, None if "*" in regions else frozenset(regions))
+        return self._regions[1]
 
     # -- the Scheduler protocol ----------------------------------------------------------------
 
