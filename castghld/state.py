@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("castghld.state")
+# Key rotation's lines: the text log's scrubber takes "castghld.state: WORD" for a secret named
+# "state" and hides WORD, so these go under a logger name it leaves alone.
+rotation_log = logging.getLogger("castghld.keys")
 
 # The ids of the keys starts have found in the key file, newest first (`key_history`).
 KEY_HISTORY = ("keyring", "key_ids")
@@ -174,8 +177,8 @@ class StateStore:
         try:
             await self.commit()
         except OSError as e:
-            log.error(
-                "state: cannot write %s at start (%s)%s",
+            rotation_log.error(
+                "cannot write the state file %s at start (%s)%s",
                 self.path,
                 e.strerror or e,
                 "; it still needs the older key(s) of the key file" if stale else "",
@@ -183,7 +186,9 @@ class StateStore:
             return False
         if stale:
             self._files.stale_key = False
-            log.info("state: re-encrypted %s with the newest key %s", self.path, history[0])
+            rotation_log.info(
+                "re-encrypted the state file %s with the newest key %s", self.path, history[0]
+            )
         return True
 
     # -- writing -------------------------------------------------------------------------------

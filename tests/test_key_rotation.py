@@ -191,3 +191,35 @@ async def test_a_line_naming_a_key_no_start_used_is_damage_and_is_quarantined(tm
     again.load()
     assert list(again.records) == ["out:0", "out:2"]
     assert again.journal.unreadable == [2]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_kill9_during_the_start_that_reencrypts_loses_nothing(serve, config_dir, fake_ghl):
+    [old] = key_lines(config_dir)
+    await serve.start()
+    await serve.install("loc1")
+    await queue_reply_for_loc2(serve, "CASTIN-KILL")
+    assert await serve.terminate() == 0
+    new = new_key_line()
+    write_keys(config_dir, new, old)
+    serve.spawn()
+    # Killed once the state file is re-encrypted, while the outbox's turn is starting or running.
+    await wait_for(lambda: "re-encrypted the state file" in serve.log(), timeout=30)
+    serve.kill9()
+    write_keys(config_dir, new)
+    serve.spawn()
+    try:
+        await serve.wait_healthy()
+    except AssertionError:
+        # The outbox was not re-encrypted yet: the start refuses, naming the old key, and
+        # moves nothing; with the old key back the same start re-encrypts and serves.
+        assert serve.proc.wait(timeout=30) == 2
+        assert f"key {key_id(old)}" in serve.log()
+        write_keys(config_dir, new, old)
+        await serve.start()
+    await serve.install("loc2")
+    await wait_for(lambda: len(fake_ghl.inbound_messages) == 1, timeout=20)
+    assert fake_ghl.inbound_messages[0]["altId"] == "CASTIN-KILL"
+    assert not os.path.exists(quarantine_path(config_dir))
+    assert journal_key_ids(config_dir) == {key_id(new)}
+    assert await serve.terminate() == 0
