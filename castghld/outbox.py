@@ -373,21 +373,14 @@ class Outbox:
         return entries()
 
     async def _reencrypt(self) -> None:
-        """A start under a new first key: rewrite the journal with it (a compaction) before any
-        record is dispatched, so the older key can leave the key file after this start. A crash
-        or an error leaves the old journal, complete; the older key is then still needed."""
+        """A start under a new first key: rewrite the journal with it before any dispatch (a
+        compaction; a failure leaves the old journal, complete, and the older key needed)."""
         await self.compact()
-        keys = self.journal.keyring.key_ids
+        path, key = self.journal.path, self.journal.keyring.key_ids[0]
         if self.journal.stale_key:
-            log.error(
-                "outbox: %s still holds entries under an older key than %s; keep every key of "
-                "%s until a start re-encrypts it",
-                self.journal.path,
-                keys[0],
-                self.journal.keyring.path,
-            )
+            log.error("outbox: %s still holds entries under an older key than %s", path, key)
         else:
-            log.info("outbox: re-encrypted %s with the newest key %s", self.journal.path, keys[0])
+            log.info("outbox: re-encrypted %s with the newest key %s", path, key)
 
     async def compact(self) -> None:
         try:
