@@ -18,6 +18,7 @@ import typing
 from urllib.parse import parse_qs, urlsplit
 
 import prometheus_client
+import prometheus_client.parser
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
@@ -345,7 +346,7 @@ async def test_reload_applies_status_polls_and_report_deadline(bridge):
     bridge.ghl.fail_next("status", 500, times=1000)
     running.reload({"delivery": {"report_deadline": "1s"}})
     await bridge.post_message(messageId="m-unreported", phone="09171234567")
-    await wait_for(lambda: "report_failed" in metric_lines(bridge.daemon), timeout=15)
+    await wait_for(lambda: reports_given_up(bridge.daemon) >= 1, timeout=15)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -357,7 +358,7 @@ async def test_reload_applies_inbound_max_age(bridge):
     accepted = time.time()
     running.reload({"delivery": {"inbound_max_age": "1s"}})
     await wait_for(lambda: time.time() > accepted + 1.5)  # the reply outgrows the new age
-    bridge.daemon.installations.on_usable[0]("loc1")  # what an install does: route again
+    await bridge.install("loc3")  # an install routes waiting replies again
     await wait_for(lambda: not bridge.daemon.outbox.records)
     assert bridge.ghl.inbound_messages == []
 
@@ -396,5 +397,14 @@ async def post_reply(bridge, message_id: str, to: str):
     assert response.code == 200
 
 
-def metric_lines(daemon) -> str:
-    return prometheus_client.generate_latest(daemon.metrics.registry).decode()
+def reports_given_up(daemon) -> float:
+    """castghld_ghl_status_reports_total{status="report_failed"}."""
+    for family in prometheus_client.parser.text_string_to_metric_families(
+        prometheus_client.generate_latest(daemon.metrics.registry).decode()
+    ):
+        for sample in family.samples:
+            if sample.name == "castghld_ghl_status_reports_total" and sample.labels == {
+                "status": "report_failed"
+            }:
+                return sample.value
+    raise AssertionError("no castghld_ghl_status_reports_total{status=report_failed}")
