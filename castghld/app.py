@@ -277,8 +277,10 @@ def init_outbox(config: Config, keyring: KeyRing, metrics: Metrics) -> Outbox:
     return Outbox(config.state.dir, keyring, metrics, config.delivery.seen_retention)
 
 
-def load_outbox(outbox: Outbox, metrics: Metrics) -> None:
-    """Replay the outbox journal (read-only); StartupError if it cannot be read."""
+def load_outbox(outbox: Outbox, metrics: Metrics, state: StateStore) -> None:
+    """Replay the outbox journal (read-only); StartupError if it cannot be read, or if a line
+    is under a key that an earlier start used (`state`'s key history) and the ring lacks."""
+    outbox.journal.retired_key_ids = frozenset(state.key_history())
     try:
         outbox.load()
     except (StateError, OSError) as e:
@@ -334,7 +336,7 @@ class Daemon:
         delivery = init_delivery(config, self.keyring, self.ghl, self.installations, self.metrics)
         self.outbox, self.cast = delivery.outbox, delivery.cast
         self.outbound, self.inbound = delivery.outbound, delivery.inbound
-        load_outbox(self.outbox, self.metrics)
+        load_outbox(self.outbox, self.metrics, self.state)
         self.components: list[Component] = [self.installations, delivery]
         self.metrics.before_scrape.append(self._update_backlog_age)
 
@@ -379,6 +381,8 @@ class Daemon:
         except StateError as e:
             raise StartupError([str(e)], e.transient) from None
         remove_leftover_temp_files(self.config.state.dir)
+        # Key rotation: the state under the newest key first; the outbox follows in its start.
+        await self.state.adopt_newest_key()
         if sockets is None:
             sockets = self._bind()
         try:

@@ -220,6 +220,7 @@ class CastClient:
             method=method,
             headers={"X-API-Key": account.api_key, "Accept": "application/json", **headers},
             body=None if body is None else json.dumps(body),
+            request_timeout=self.config.delivery.request_timeout,  # a reload applies it
         )
         if body is not None:
             request.headers["Content-Type"] = "application/json"

@@ -272,7 +272,7 @@ def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier,
     verifier = init_webhook_keys(config, metrics, problems)
     problems.raise_any()
     outbox = init_outbox(config, keyring, metrics)
-    load_outbox(outbox, metrics)
+    load_outbox(outbox, metrics, state)
     return keyring, state, verifier, outbox
 
 

@@ -128,7 +128,13 @@ class GHLClient:
         limiter = self.limiters.get(pace_key) if pace_key else None
         if limiter is not None:
             await limiter.acquire()
-        request = HTTPRequest(self.base + path, method=method, headers=headers, body=body)
+        request = HTTPRequest(
+            self.base + path,
+            method=method,
+            headers=headers,
+            body=body,
+            request_timeout=self.config.delivery.request_timeout,  # a reload applies it
+        )
         started = time.monotonic()
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)

@@ -11,8 +11,9 @@ Guarantees:
   line (crash mid-write) is dropped on load. A damaged line elsewhere (bit rot, a bad copy) does
   not keep the daemon down: at start it is moved to ``outbox.quarantine`` (0600, beside the
   journal, appended to, never read back), logged at error with the count; the rest loads. Several
-  lines under one key the key file no longer holds are a startup error naming the file (restore
-  the key: nothing is moved aside).
+  lines under one key the key file no longer holds, or any line under a key an earlier start used
+  (`retired_key_ids`, from the state's key history), are a startup error naming the file and the
+  key's id (restore the key: nothing is moved aside).
 - Compaction (`Journal.rewrite`) replaces the journal atomically with a snapshot of what is live,
   built and encrypted on a thread of its own while appends go on; a crash at any point leaves
   either the old journal or the new one, each complete.
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from castghld.files import TEMP_PREFIX, StateError, fsync_dir, is_transient
-from castghld.keyring import KeyRing
+from castghld.keyring import KeyRing, key_id_of
 
 log = logging.getLogger("castghld.outbox")
 
@@ -145,6 +146,10 @@ class Journal:
         # Numbers (1-based) of the damaged lines load() skipped; open() moves them aside.
         self.unreadable: list[int] = []
         self._torn_line = 0
+        # Ids (hex) of keys earlier starts used (the state's key history): a line under one of
+        # them that the ring lacks needs that key back; it is not damage.
+        self.retired_key_ids: frozenset[str] = frozenset()
+        self.stale_key = False  # load() read a line under an older key of the ring
         self.quarantine_path = os.path.join(directory, QUARANTINE_FILENAME)
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task | None = None
@@ -180,7 +185,8 @@ class Journal:
         good_size = 0
         unreadable: list[tuple[int, str]] = []
         unreadable_last = 0
-        foreign: dict[bytes, list[str]] = {}  # lines by the unknown key they name
+        foreign: dict[str, list[int]] = {}  # line numbers by the unknown key id they name
+        self.stale_key = False
         for number, raw in _lines(f, self.path):
             line = raw.rstrip(b"\n")
             if not line:
@@ -198,16 +204,18 @@ class Journal:
                     raise ValueError("not a journal entry")
             except (binascii.Error, ValueError, StateError) as e:
                 if isinstance(e, StateError) and self.keyring.lacks_key_of(blob):
-                    foreign.setdefault(blob[:12], []).append(f"{self.path}: line {number}: {e}")
+                    foreign.setdefault(key_id_of(blob), []).append(number)
                 unreadable.append((number, str(e).removeprefix(self.path + ": ")))
                 continue
+            self.stale_key |= not self.keyring.is_current(blob)
             good_size += len(raw)
             yield entry
-        for problems in foreign.values():
-            # One line naming an unknown key is damage in its header; several are a key that
-            # the key file no longer holds: the operator must restore it, nothing is moved.
-            if len(problems) > 1:
-                raise StateError(problems[0])
+        for key_id, numbers in foreign.items():
+            # A key an earlier start used, or several lines naming one unknown key: a key the
+            # key file no longer holds, to restore; nothing is moved. One line naming a key
+            # never seen is damage in its header.
+            if len(numbers) > 1 or key_id in self.retired_key_ids:
+                raise self._missing_key(key_id, numbers)
         self._valid_size = good_size if not unreadable else None
         self.unreadable = [number for number, _ in unreadable]
         self._torn_line = unreadable_last
@@ -222,6 +230,16 @@ class Journal:
                 why,
                 self.quarantine_path,
             )
+
+    def _missing_key(self, key_id: str, numbers: list[int]) -> StateError:
+        ring = self.keyring
+        return StateError(
+            f"{self.path}: {len(numbers)} entr{'y' if len(numbers) == 1 else 'ies'} (first: line "
+            f"{numbers[0]}) encrypted with key {key_id}, which is not in the key file {ring.path} "
+            f"(it holds {', '.join(ring.key_ids)}); put that key back as a later line of "
+            "the key file and start again: the start re-encrypts them with the newest key, and "
+            "the old key can be removed after it"
+        )
 
     def open(self) -> None:
         """Open for appending (creating it 0600), first cutting away a torn last line and
@@ -354,6 +372,7 @@ class Journal:
                 await self._writer_thread.call(self._install_sync, tmp, tail)
         finally:
             self._since_snapshot = None
+        self.stale_key = False  # every line is now under the newest key
         return count
 
     def _write_snapshot_sync(self, entries: Iterable[Entry]) -> tuple[str, int]:

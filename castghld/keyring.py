@@ -7,6 +7,10 @@ Guarantees:
 - Each blob names its key (a hash of it, not the key) and is authenticated with the context the
   caller gives (file and position): a wrong key, a truncated, altered or moved blob is a
   `StateError` naming the file, never garbage.
+- Rotation: a start under a key file whose first line is new re-encrypts the state and the outbox
+  with it before serving (`StateStore.adopt_newest_key`, `Outbox.start`); the ids of the keys
+  earlier starts used are kept in the state (`StateStore.key_history`), so a blob under one of
+  them that the ring lacks is a key to put back (a startup error naming its id), not damage.
 - A key file that is missing, not a regular file, readable by others, too large or not a key file
   is a `StateError` naming ``state.key_file``, the path and the fix.
 """
@@ -100,6 +104,11 @@ class KeyRing:
 
     def is_current(self, blob: bytes) -> bool:
         return blob[len(BLOB_MAGIC) : len(BLOB_MAGIC) + _KEY_ID_LEN] == self._keys[0][0]
+
+
+def key_id_of(blob: bytes) -> str:
+    """The id (hex) of the key a blob names in its header: never the key, safe to log."""
+    return blob[len(BLOB_MAGIC) : len(BLOB_MAGIC) + _KEY_ID_LEN].hex()
 
 
 def _key_id(key: bytes) -> bytes:

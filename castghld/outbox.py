@@ -16,7 +16,8 @@ Guarantees:
   is a consistent snapshot, and compaction can encode records off the IOLoop. Values are atomic
   (str, int, float, bool, None, tuple), so the GC untracks them.
 - The journal is compacted (live records + seen ids, written atomically) when it has grown well
-  beyond what is live.
+  beyond what is live, and at start when it holds an entry under an older key than the newest
+  (key rotation), before any record is dispatched.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class Outbox:
                 f"{self.journal.path}: cannot open the outbox for writing: {e.strerror}",
                 transient=is_transient(e),
             ) from None
+        if self.journal.stale_key:
+            await self._reencrypt()
         for scheduler in self._schedulers():
             scheduler.start(self)
         for rid in list(self.records):
@@ -368,6 +371,16 @@ class Outbox:
                     yield {"op": "put", "id": rid, "record": record}
 
         return entries()
+
+    async def _reencrypt(self) -> None:
+        """A start under a new first key: rewrite the journal with it before any dispatch (a
+        compaction; a failure leaves the old journal, complete, and the older key needed)."""
+        await self.compact()
+        path, key = self.journal.path, self.journal.keyring.key_ids[0]
+        if self.journal.stale_key:
+            log.error("outbox: %s still holds entries under an older key than %s", path, key)
+        else:
+            log.info("outbox: re-encrypted %s with the newest key %s", path, key)
 
     async def compact(self) -> None:
         try:

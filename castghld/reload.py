@@ -11,6 +11,11 @@ Guarantees:
   one: what the components see after a reload is always what the process really does (the
   listening address stays the one it listens on), and those keys are reported as waiting for a
   restart instead of being silently ignored.
+- Every other key is applied by the reload: the components read it from the config at each use
+  (`Daemon.config_holders` hands them the new one), periodic loops re-measure their wait
+  (`castghld.periodic`), upstream requests take `delivery.request_timeout` per request.
+  tests/test_reload_keys.py walks the config dataclasses and fails for a key that is in neither
+  this list nor its list of reload tests.
 """
 
 from __future__ import annotations

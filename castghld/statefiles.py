@@ -61,6 +61,7 @@ class StateFiles:
         self.journal_seq = 0  # frames in the current journal (authenticated: no reordering)
         self._journal_valid_size: int | None = None  # where a torn last frame starts
         self.journal_bytes: dict[int, int] = {}  # bytes per journal generation not yet compacted
+        self.stale_key = False  # load() read a frame under an older key of the ring
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "castghld-state")
         self._compactor = concurrent.futures.ThreadPoolExecutor(1, "castghld-state-compact")
 
@@ -108,6 +109,7 @@ class StateFiles:
                 continue  # its records are in the snapshot; the next compaction deletes it
             stale_key |= self._replay_journal(generation, path, apply)
             self.journal_gen = generation
+        self.stale_key = stale_key
         if stale_key:
             log.info("state file uses an older key; it will be re-encrypted with the newest")
             rewrite = True

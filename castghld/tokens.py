@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,6 +63,7 @@ from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError, TokenUnavailable
 from castghld.metrics import Metrics
 from castghld.pacing import SlidingWindowLimiter, retry_delay
+from castghld.periodic import PeriodicWaits
 from castghld.state import StateStore
 
 log = logging.getLogger("castghld.tokens")
@@ -142,6 +142,7 @@ def _is_invalid_grant(error: GHLError) -> bool:
 
 class Installations:
     def __init__(self, config: Config, state: StateStore, ghl: GHLClient, metrics: Metrics):
+        self._periods = PeriodicWaits()  # the sweep and reconciliation loops wait on it
         self.config = config
         self.state = state
         self.ghl = ghl
@@ -158,6 +159,16 @@ class Installations:
         self.on_usable: list[Callable[[str], None]] = []
         self._stopping_since: float | None = None
         metrics.before_scrape.append(self.update_metrics)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload: the loops' waits in progress are measured against the new intervals."""
+        self._config = config
+        self._periods.config_changed()
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -885,16 +896,18 @@ class Installations:
         return refreshed
 
     async def _sweep_forever(self) -> None:
-        interval = self.config.tokens.refresh_interval
+        """A sweep every `tokens.refresh_interval` (read at each wait: a reload applies it)."""
         while True:
             try:
                 await self.refresh_due()
             except Exception:
-                log.exception("token sweep failed; next sweep in %.0fs", interval)
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+                log.exception(
+                    "token sweep failed; next sweep in %.0fs", self.config.tokens.refresh_interval
+                )
+            await self._periods.wait(lambda: self.config.tokens.refresh_interval)
 
     async def _reconcile_forever(self) -> None:
-        interval = self.config.tokens.reconcile_interval
+        """A reconciliation every `tokens.reconcile_interval` (read at each wait)."""
         while True:
             if self.state.count(COMPANIES) or self.state.count(PENDING):
                 self.request_reconcile()
@@ -903,7 +916,7 @@ class Installations:
                     await self._expire_pending()
                 except OSError as e:
                     log.warning("cannot expire old UNINSTALL records now: %s", e.strerror)
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            await self._periods.wait(lambda: self.config.tokens.reconcile_interval)
 
     async def start(self) -> None:
         self._sweep_task = asyncio.ensure_future(self._sweep_forever())

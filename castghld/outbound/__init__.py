@@ -83,7 +83,7 @@ class OutboundDelivery:
         installations: Installations,
         metrics: Metrics,
     ):
-        self.config = config
+        self._config = config
         self.cast = cast
         self.ghl = ghl
         self.installations = installations
@@ -98,6 +98,16 @@ class OutboundDelivery:
         self.scheduler.serve(Step.SEND, self.sends.send, SENDERS_PER_ACCOUNT)
         self.scheduler.serve(Step.POLL, self.receipts.poll, POLL_WORKERS)
         self.scheduler.serve(Step.REPORT, self.reports.report, REPORT_WORKERS)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload's config reaches every step: `Daemon.config_holders` lists only this front."""
+        self._config = config
+        self.sends.config = self.receipts.config = self.reports.config = config
 
     # -- the Scheduler protocol ----------------------------------------------------------------
 

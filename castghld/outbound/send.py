@@ -94,11 +94,18 @@ class SendStep:
         self.scheduler = scheduler
         self.outbox: Outbox | None = None
         self._next_step = next_step
-        regions = config.delivery.allowed_regions
-        self.allowed_regions = None if "*" in regions else frozenset(regions)
+        self._regions: tuple[tuple[str, ...], frozenset[str] | None] = ((), None)
         # Metric children looked up once, not per message.
         self._sends = {o: metrics.sends.labels(o) for o in ("sent", "retry", "failed", "gave_up")}
         self._sends["rejected"] = metrics.sends.labels("rejected")
+
+    @property
+    def allowed_regions(self) -> frozenset[str] | None:
+        """`delivery.allowed_regions` of the config in force (a reload changes it); None: any."""
+        regions = self.config.delivery.allowed_regions
+        if regions is not self._regions[0]:
+            self._regions = (regions, None if "*" in regions else frozenset(regions))
+        return self._regions[1]
 
     async def send(self, rid: str) -> None:
         """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap."""
