@@ -28,6 +28,7 @@ from castghld.config import Config
 from castghld.log import no_answer_reason, redact_numbers
 from castghld.metrics import Metrics
 from castghld.pacing import LimiterMap, parse_interval_ms, parse_retry_after, retry_delay
+from castghld.retry import RETRYABLE_STATUSES
 
 log = logging.getLogger("castghld.ghl")
 
@@ -35,7 +36,6 @@ VERSION = "2021-04-15"
 VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken, /oauth/installedLocations and /contacts/*
 INSTALLED_PAGE = 100  # locations per /oauth/installedLocations page
 GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin for clock skew
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 
 
 class TokenUnavailable(Exception):
