@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from castghld.config import Config
-from castghld.ghl import GHLClient, GHLError, TokenUnavailable
+from castghld.ghl import GHLClient, GHLError, TokenUnavailable, refresh_once_on_401
 from castghld.metrics import Metrics
 from castghld.pacing import SlidingWindowLimiter, retry_delay
 from castghld.state import StateStore
@@ -398,19 +398,18 @@ class Installations:
 
     async def _mint_request(self, company_id: str, location_id: str) -> dict[str, Any]:
         """`POST /oauth/locationToken`, paced per company (GHLClient's limiter), a 401 refreshing
-        the company token once, 429/5xx/timeouts retried for `MINT_RETRY_SECONDS`."""
+        the company token once per attempt (`refresh_once_on_401`), 429/5xx/timeouts retried for
+        `MINT_RETRY_SECONDS`."""
         deadline = time.monotonic() + MINT_RETRY_SECONDS
-        refreshed = False
         attempt = 0
         while True:
-            company_token = await self._company_token(company_id)
             try:
-                return await self.ghl.location_token(company_token, company_id, location_id)
+                return await refresh_once_on_401(
+                    lambda: self._company_token(company_id),
+                    lambda token: self.ghl.location_token(token, company_id, location_id),
+                    lambda rejected: self._refresh(COMPANIES, company_id, rejected),
+                )
             except GHLError as e:
-                if e.status == 401 and not refreshed:
-                    refreshed = True
-                    await self._refresh(COMPANIES, company_id, company_token)
-                    continue
                 if not e.retryable:
                     raise
                 delay = retry_delay(attempt, e.retry_after, base=1.0, cap=30.0)
@@ -608,14 +607,11 @@ class Installations:
         return report
 
     async def _installed_locations(self, company_id: str) -> list[str]:
-        token = await self._company_token(company_id)
-        try:
-            return await self.ghl.installed_locations(token, company_id)
-        except GHLError as e:
-            if e.status != 401:
-                raise
-            token = await self._refresh(COMPANIES, company_id, token)
-            return await self.ghl.installed_locations(token, company_id)
+        return await refresh_once_on_401(
+            lambda: self._company_token(company_id),
+            lambda token: self.ghl.installed_locations(token, company_id),
+            lambda rejected: self._refresh(COMPANIES, company_id, rejected),
+        )
 
     async def _reconcile_company(
         self, company_id: str, listed: list[str], asked_at: float, report: dict[str, Any]
