@@ -48,8 +48,8 @@ from castghld.tokens.store import (
     STATUS_NEEDS_REAUTH,
     STATUS_OK,
     STATUS_UNINSTALLED,
+    UNDATED_UNINSTALLS,
     UNINSTALLS,
-    WEBHOOKS,
     InstallStore,
 )
 
@@ -73,8 +73,8 @@ __all__ = [
     "STATUS_UNINSTALLED",
     "SWEEP_CONCURRENCY",
     "TOMBSTONE_AGE",
+    "UNDATED_UNINSTALLS",
     "UNINSTALLS",
-    "WEBHOOKS",
     "Installations",
     "TokenUnavailable",
     "Uninstalled",

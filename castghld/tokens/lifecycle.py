@@ -34,8 +34,8 @@ from castghld.tokens.store import (
     PENDING,
     SOURCE_AGENCY,
     SOURCE_DIRECT,
+    UNDATED_UNINSTALLS,
     UNINSTALLS,
-    WEBHOOKS,
     InstallStore,
     log,
     pair_from_answer,
@@ -196,10 +196,10 @@ class Lifecycle:
         if event_at is None and webhook_id:
             # Dated by its first delivery, remembered in the state file: a retry of it after a
             # restart and a reinstall is older than the reinstall, so it deletes nothing.
-            first = self.state.get(WEBHOOKS, webhook_id)
+            first = self.state.get(UNDATED_UNINSTALLS, webhook_id)
             event_at = first["at"] if first is not None else time.time()
             if first is None:
-                self.state.put(WEBHOOKS, webhook_id, {"at": event_at})
+                self.state.put(UNDATED_UNINSTALLS, webhook_id, {"at": event_at})
         if event_at is None:
             log.warning(
                 "UNINSTALL location=%s company=%s without timestamp or webhookId: it cannot be "

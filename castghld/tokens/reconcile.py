@@ -35,8 +35,8 @@ from castghld.tokens.store import (
     SOURCE_RECONCILED,
     STATUS_NEEDS_REAUTH,
     STATUS_UNINSTALLED,
+    UNDATED_UNINSTALLS,
     UNINSTALLS,
-    WEBHOOKS,
     InstallStore,
     log,
     usable,
@@ -217,7 +217,7 @@ class Reconciler:
                 extra={"location_id": lid, "outcome": "dropped", "reason": "pending too long"},
             )
         horizon = time.time() - TOMBSTONE_AGE
-        for section in (UNINSTALLS, WEBHOOKS):
+        for section in (UNINSTALLS, UNDATED_UNINSTALLS):
             for key, tombstone in self.state.items(section):
                 if tombstone["at"] < horizon:
                     self.state.delete(section, key)
