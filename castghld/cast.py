@@ -55,10 +55,10 @@ from castghld.pacing import (
     acquire_all,
     parse_retry_after,
 )
+from castghld.retry import RETRYABLE_STATUSES
 
 log = logging.getLogger("castghld.cast")
 
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 # The windows are a little longer than Cast's one second: requests measured here leave a few
 # milliseconds apart from when Cast counts them, and jitter must not push 11 into one second.
 WINDOW = 1.05

@@ -8,7 +8,8 @@ Guarantees:
 - `call()` retries 429, 5xx, timeouts and connection errors with exponential backoff and full
   jitter, never sooner than `Retry-After`, and never past its deadline. A 401 triggers one token
   refresh (itself retried within the deadline when it fails transiently) and one retry with the
-  new token. Anything else is raised as `GHLError` for the caller to map.
+  new token (`refresh_once_on_401`: the agency calls with a company token use the same rule).
+  Anything else is raised as `GHLError` for the caller to map.
 - Tokens, codes and client secrets never appear in a raised error or a log line.
 """
 
@@ -18,8 +19,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
@@ -28,14 +29,16 @@ from castghld.config import Config
 from castghld.log import redact_numbers, unanswered
 from castghld.metrics import Metrics
 from castghld.pacing import LimiterMap, parse_interval_ms, parse_retry_after, retry_delay
+from castghld.retry import RETRYABLE_STATUSES
 
 log = logging.getLogger("castghld.ghl")
+
+T = TypeVar("T")
 
 VERSION = "2021-04-15"
 VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken, /oauth/installedLocations and /contacts/*
 INSTALLED_PAGE = 100  # locations per /oauth/installedLocations page
 GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin for clock skew
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 599})
 
 
 class TokenUnavailable(Exception):
@@ -78,6 +81,45 @@ class GHLError(Exception):
 class TokenSource(Protocol):
     async def access_token(self, location_id: str) -> str: ...
     async def refresh_after_401(self, location_id: str, rejected_token: str) -> str: ...
+
+
+async def refresh_once_on_401(
+    token_for: Callable[[], Awaitable[str]],
+    send: Callable[[str], Awaitable[T]],
+    refresh: Callable[[str], Awaitable[object]],
+) -> T:
+    """`send` with the token `token_for` gives; on a 401, `refresh` (given the rejected token)
+    once and `send` once more with the token `token_for` gives then. A second 401 is raised.
+
+    One use is one attempt: a caller that retries (429, 5xx) calls this again, so a 401 after a
+    token passed authentication is a new one and refreshes again. A refresh that fails raises out
+    of here without counting: the caller's next attempt meets the old token's 401 and refreshes.
+    """
+    token = await token_for()
+    try:
+        return await send(token)
+    except GHLError as e:
+        if e.status != 401:
+            raise
+    await refresh(token)
+    return await send(await token_for())
+
+
+def _retry_cause(
+    error: Exception, location_id: str, retry_if: Callable[[GHLError], bool] | None
+) -> tuple[Exception, str, float | None] | None:
+    """For an error of `GHLClient.call` worth another attempt: what to raise once the deadline
+    passes, the problem to log and GHL's Retry-After; None for a final error."""
+    if isinstance(error, GHLError):
+        if error.retryable or (retry_if is not None and retry_if(error)):
+            return error, f"GHL {error.status}", error.retry_after
+    elif isinstance(error, TokenUnavailable):
+        if error.retryable:
+            return error, "token unavailable", None
+    elif isinstance(error, OSError):  # a refreshed pair could not be stored: it is not used
+        problem = f"state not writable ({error.strerror})"
+        return TokenUnavailable(location_id, problem, retryable=True), problem, None
+    return None
 
 
 def _message_of(body: Any, fallback: str) -> str:
@@ -265,6 +307,16 @@ class GHLClient:
 
     # -- location-scoped calls with retries ----------------------------------------------------
 
+    async def _checked_request(
+        self, check: Callable[[Any], str | None] | None, method: str, path: str, **request: Any
+    ) -> Any:
+        """`request`; a 2xx answer in which `check` names a problem is a GHLError 502."""
+        answer = await self.request(method, path, **request)
+        problem = check(answer) if check is not None else None
+        if problem is None:
+            return answer
+        raise GHLError(502, problem, body=answer)
+
     async def call(
         self,
         tokens: TokenSource,
@@ -286,47 +338,26 @@ class GHLClient:
         success (GHL's silent drop of an inbound message), or None: such an answer is retried as
         a GHLError 502.
         """
-        refreshed = False
+        request = {"version": version, "json_body": json_body, "pace_key": location_id}
+
+        def send(token: str) -> Awaitable[Any]:
+            return self._checked_request(check, method, path, token=token, **request)
+
+        async def refresh(rejected: str) -> object:
+            log.info("GHL 401 location=%s %s; refreshing token once", location_id, context)
+            return await tokens.refresh_after_401(location_id, rejected)
+
         attempt = 0
         while True:
             try:
-                token = await tokens.access_token(location_id)
-                try:
-                    answer = await self.request(
-                        method,
-                        path,
-                        version=version,
-                        token=token,
-                        json_body=json_body,
-                        pace_key=location_id,
-                    )
-                    problem = check(answer) if check is not None else None
-                    if problem is None:
-                        return answer
-                    raise GHLError(502, problem, body=answer)
-                except GHLError as e:
-                    if e.status != 401 or refreshed:
-                        raise
-                    log.info("GHL 401 location=%s %s; refreshing token once", location_id, context)
-                    await tokens.refresh_after_401(location_id, token)
-                    # Only a refresh that succeeded counts: after a transient refresh failure
-                    # the next 401 (same old token) must refresh again, not end the call.
-                    refreshed = True
-                    continue
-            except GHLError as e:
-                if not (e.retryable or (retry_if is not None and retry_if(e))):
+                return await refresh_once_on_401(
+                    lambda: tokens.access_token(location_id), send, refresh
+                )
+            except (GHLError, TokenUnavailable, OSError) as e:
+                cause = _retry_cause(e, location_id, retry_if)
+                if cause is None:
                     raise
-                # The token passed authentication: a later 401 is a new one, refreshed again.
-                refreshed = False
-                error: Exception = e
-                problem, retry_after = f"GHL {e.status}", e.retry_after
-            except TokenUnavailable as e:
-                if not e.retryable:
-                    raise
-                error, problem, retry_after = e, "token unavailable", None
-            except OSError as e:  # a refreshed pair could not be stored: it is not used
-                problem, retry_after = f"state not writable ({e.strerror})", None
-                error = TokenUnavailable(location_id, problem, retryable=True)
+                error, problem, retry_after = cause
             delay = retry_delay(attempt, retry_after, base=1.0, cap=120.0)
             if time.monotonic() + delay > deadline:
                 raise error
