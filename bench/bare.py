@@ -7,7 +7,8 @@ signature of the raw body and fsync the body to a file in DIR before answering (
 request, no group commit, on the default executor: the plainest correct handler); or
 python bench/bare.py probe: an idle process with the daemon's
 5 ms lag probe that prints {"samples", "max_ms", "over_20ms"} at SIGTERM. It is the control of the
-daemon's loop-stall figures: what the machine's scheduling alone adds (6 processes share 2 cores).
+daemon's loop-stall figures: what the machine's scheduling alone adds (other processes sharing
+the cores).
 """
 
 from __future__ import annotations

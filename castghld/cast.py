@@ -59,7 +59,7 @@ from castghld.retry import RETRYABLE_STATUSES
 
 log = logging.getLogger("castghld.cast")
 
-# The windows are a little longer than Cast's one second: requests measured here leave a few
+# The windows are a little longer than Cast's one second: requests timed here leave a few
 # milliseconds apart from when Cast counts them, and jitter must not push 11 into one second.
 WINDOW = 1.05
 # The per-IP window is longer still: every account's sends and every poll share it, so when the

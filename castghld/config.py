@@ -31,7 +31,7 @@ from castghld.config_values import Reader, Secret, StrictLoader, parse_duration
 from castghld.phone import route_key
 
 # A send may be retried until this long after GHL handed us the message; a later attempt could
-# fall outside Cast's 24 h idempotency window and send twice (see outbound.py).
+# fall outside Cast's 24 h idempotency window and send twice (see castghld/outbound/send.py).
 MAX_SEND_DEADLINE = 12 * 3600.0
 # GSM alphanumeric sender IDs: Cast's API takes 20 characters, but carriers cut them at 11.
 MAX_SENDER_ID = 11

@@ -95,7 +95,8 @@ def check_private_file(path: str) -> None:
         )
 
 
-# A secret is one line; a larger file is a wrong path (a 1 GB one was read whole, at every reload).
+# A secret is one line: a larger file is a wrong path, refused before it is read so that a huge
+# file cannot stall the start or a reload.
 MAX_SECRET_FILE = 64 * 1024
 
 

@@ -81,7 +81,8 @@ class _WriterThread:
 
     What an executor does for `run_in_executor`, without its concurrent.futures layer: the outcome
     comes back to the IOLoop with one `call_soon_threadsafe`. A write is one such call per batch,
-    so this is paid once per fsync (profiled: about a third less CPU per batch than the executor).
+    so this is paid once per fsync, without the executor's concurrent.futures.Future and the asyncio
+    future chained to it.
     The thread is a daemon: a write it is doing when the process ends is a torn last line, which
     the journal drops on load, as after kill -9. `shutdown` lets queued calls finish first; a
     writer dropped without it (a journal never closed) ends its thread too. A thread that cannot

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from castghld.files import StateError, is_transient
 
-# A key file is one ~45-byte line per key: anything larger is not one (a 1 GB file was read whole).
+# A key file is one ~45-byte line per key: anything larger is a wrong path, refused before it is
+# read (reading a huge file would stall the start).
 MAX_KEY_FILE = 64 * 1024
 BLOB_MAGIC = b"CGS1"  # every encrypted blob starts with it
 _KEY_ID_LEN = 8

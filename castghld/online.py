@@ -33,11 +33,12 @@ import dataclasses
 import secrets
 from urllib.parse import urlsplit
 
-from castghld.cast import RETRYABLE_STATUSES, CastAccount, CastClient, CastError
+from castghld.cast import CastAccount, CastClient, CastError
 from castghld.config import Config
 from castghld.ghl import GHLClient, GHLError
 from castghld.log import one_line, redact_numbers, scrub
 from castghld.metrics import Metrics
+from castghld.retry import RETRYABLE_STATUSES
 
 TIMEOUT = 5.0  # seconds per upstream request
 
