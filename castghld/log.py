@@ -103,7 +103,9 @@ _SECRET_NAMES = sorted(
     {_spellings(n) for n in (*SCRUB_KEYS, "x_api_key", "authorization")}, key=len, reverse=True
 )
 _NAMED_RE = re.compile(
-    r"(?i)(?P<head>\b(?:" + "|".join(_SECRET_NAMES) + r")\b"
+    # Not after a dot: "castghld.state: ..." is a logger's name before its message, not a name
+    # and its value.
+    r"(?i)(?P<head>(?<!\.)\b(?:" + "|".join(_SECRET_NAMES) + r")\b"
     # The name's closing quote (JSON, a Python repr, JSON inside a JSON string), the separator,
     # the value's opening quote.
     r"\\?[\"']?\s*[:=]\s*(?:\\?(?P<quote>[\"']))?)"

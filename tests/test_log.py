@@ -148,3 +148,21 @@ def test_a_reason_for_no_answer_redacts_a_number_after_a_line_break():
 
     reason = no_answer_reason(OSError(1, "refused for\n09171234567"))
     assert "9171234567" not in reason and "[number]" in reason and "\n" not in reason
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_logger_named_like_a_secret_keeps_the_first_word_of_its_message(tmp_path, fmt):
+    script = (
+        "import logging, sys\n"
+        "from castghld.log import setup_logging\n"
+        "setup_logging('info', sys.argv[1])\n"
+        "logging.getLogger('castghld.state').error('compaction of state.bin failed')\n"
+        "logging.getLogger('castghld.state').error('refresh state: abc123 token: tok456')\n"
+    )
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        subprocess.run([sys.executable, "-c", script, fmt], stderr=err, check=True)
+    first, second = err_path.read_text().splitlines()
+    assert "castghld.state" in first and "compaction of state.bin failed" in first
+    # A name and its value inside the message are still hidden.
+    assert "abc123" not in second and "tok456" not in second
