@@ -484,15 +484,17 @@ async def test_a_journal_dropped_unclosed_lets_its_writer_thread_end(tmp_path):
         return {t for t in threading.enumerate() if t.name == "castghld-outbox"}
 
     before = writers()
+    outboxes = []  # held until counted: one dropped earlier may end its thread before the count
     for n in range(3):
         (tmp_path / str(n)).mkdir()
         outbox = make_outbox(tmp_path / str(n), keys)
         await outbox.start()
         assert await outbox.add(f"out:{n}", record(n)) is True
         await outbox.wait_idle()
+        outboxes.append(outbox)
     assert len(writers() - before) == 3
-    journal = weakref.ref(outbox.journal)
-    del outbox
+    journals = [weakref.ref(outbox.journal) for outbox in outboxes]
+    del outbox, outboxes
     gc.collect()
-    assert journal() is None
+    assert all(journal() is None for journal in journals)
     await wait_for(lambda: not writers() - before)
