@@ -34,7 +34,7 @@ import tornado.web
 
 from castghld import __version__, sdnotify
 from castghld.accept import accept_connections
-from castghld.admin import AdminServer
+from castghld.admin import AdminServer, AdminSocketError
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
 from castghld.ghl import GHLClient
@@ -379,6 +379,10 @@ class Daemon:
         except StateError as e:
             raise StartupError([str(e)], e.transient) from None
         remove_leftover_temp_files(self.config.state.dir)
+        try:
+            self.admin.bind()  # before the port: a refusal must come before GHL can reach us
+        except AdminSocketError as e:
+            raise StartupError([f"{self.config.path}: server.admin_socket: {e}"]) from None
         if sockets is None:
             sockets = self._bind()
         try:
