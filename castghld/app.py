@@ -382,7 +382,7 @@ class Daemon:
         try:
             self.admin.bind()  # before the port: a refusal must come before GHL can reach us
         except AdminSocketError as e:
-            raise StartupError([f"{self.config.path}: server.admin_socket: {e}"]) from None
+            raise StartupError([f"{self.config.path}: {e}"]) from None
         if sockets is None:
             sockets = self._bind()
         try:

@@ -170,6 +170,14 @@ def load_config(path: str, secrets: bool = True) -> Config:
             raw = yaml.load(f, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist (use --config PATH)"]) from None
+    except PermissionError:
+        raise ConfigError(
+            [
+                f"{path}: cannot read config file: permission denied; the service user must "
+                f"read it: chmod 644 {path} (it holds no secret when they are *_file "
+                "credentials) and chmod 755 its directory"
+            ]
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: cannot read config file: {e}"]) from None
     except yaml.YAMLError as e:
