@@ -1,25 +1,29 @@
 """The local admin endpoint: what `castghld outbox ...` and `castghld forget` talk to while the
 daemon runs, so they act through the daemon's own outbox and state instead of writing its files
-beside it (two writers would corrupt the journal).
+beside it (two writers would corrupt the journal). The command side is castghld.admin_client.
 
-Design: HTTP over a unix socket, `<state.dir>/admin.sock`, created 0600 by the daemon (only the
-service user, and root, can connect; nothing listens on a network port). It lives while the daemon
-serves and is removed at stop. Answers are JSON; they never carry a token, a message body or a
-full phone number (numbers are masked to their last 4 digits).
+Design: HTTP over a unix socket, created 0600 by the daemon (only the service user, and root, can
+connect; nothing listens on a network port). It lives while the daemon serves and is removed at
+stop. Where (`daemon_socket_path`): `server.admin_socket` when set, else `admin.sock` in
+`$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=castghld`: /run/castghld), else in `state.dir`.
+Answers are JSON; they never carry a token, a message body or a full phone number (numbers are
+masked to their last 4 digits). A request with a body over `MAX_REQUEST_BODY` bytes or headers
+over `MAX_REQUEST_HEADERS` is refused (the commands send none).
 
 Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
-`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`.
+`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /retry-waiting[?account=A&location=L]`
+(cut every send backoff short), `POST /installs/LOCATION/forget`. ID is the record id
+(`out:<GHL message id>`, `in:<Cast message id>`) or the bare message id.
 """
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import logging
 import os
-import socket
+import stat
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +31,22 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from castghld.scheduler import Step
+
 if TYPE_CHECKING:
+    from castghld.config import Config
+    from castghld.scheduler import StepScheduler
     from castghld.services import Services
 
 log = logging.getLogger("castghld.admin")
 
 SOCKET_NAME = "admin.sock"
+RUNTIME_DIRECTORY_ENV = "RUNTIME_DIRECTORY"  # set by systemd for RuntimeDirectory=
+MAX_REQUEST_BODY = 4096
+MAX_REQUEST_HEADERS = 16 * 1024
 LIST_DEFAULT = 100
 LIST_MAX = 10_000
+ID_PREFIXES = ("out:", "in:")  # record ids: the kind's prefix and the upstream's message id
 # Record fields shown as they are (see castghld.records.OutboundRecord for what each one means);
 # others are left out (bodies, numbers, tokens).
 SHOWN_FIELDS = (
@@ -50,14 +62,40 @@ SHOWN_FIELDS = (
     "tries",
     "report",
     "refused",
-    "received_at",
-    "accepted_at",
+    "status",
+    "error_code",
 )
+TIME_FIELDS = ("received_at", "accepted_at", "sent_at", "report_since")
 NUMBER_FIELDS = ("phone", "from", "to")
+# What a step running for a message is doing (`castghld outbox show`).
+RUNNING = {
+    Step.SEND: "sending to Cast now",
+    Step.POLL: "asking Cast for its delivery receipt now",
+    Step.REPORT: "reporting its status to GHL now",
+}
 
 
-def socket_path(state_dir: str) -> str:
-    return os.path.join(state_dir, SOCKET_NAME)
+class AdminSocketError(Exception):
+    """The admin socket's path is taken by something that is not a socket."""
+
+
+def runtime_directory() -> str:
+    """systemd's `$RUNTIME_DIRECTORY` (its first entry), or ""."""
+    return os.environ.get(RUNTIME_DIRECTORY_ENV, "").split(":")[0]
+
+
+def daemon_socket_path(config: Config) -> str:
+    """Where the daemon listens (see the module docstring)."""
+    if config.server.admin_socket:
+        return config.server.admin_socket
+    return os.path.join(runtime_directory() or config.state.dir, SOCKET_NAME)
+
+
+def iso_time(epoch: Any) -> Any:
+    """Epoch seconds as an ISO 8601 UTC time (`2026-12-06T04:38:11Z`); other values unchanged."""
+    if not isinstance(epoch, int | float) or isinstance(epoch, bool):
+        return epoch
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def mask_number(value: Any) -> str:
@@ -78,18 +116,75 @@ def summary(rid: str, record: dict[str, Any], now: float) -> dict[str, Any]:
     }
 
 
-def detail(rid: str, record: dict[str, Any], now: float) -> dict[str, Any]:
+def detail(
+    rid: str, record: dict[str, Any], now: float, scheduler: StepScheduler | None = None
+) -> dict[str, Any]:
+    """`summary` with the record's shown fields, times in ISO form, and for an outbound
+    message where it is: `state` (readable), `attempts`, `last_error`, `next_attempt_at`."""
     out = summary(rid, record, now)
     for name in SHOWN_FIELDS:
         if name in record:
             value = record[name]
             out[name] = list(value) if isinstance(value, tuple) else value
+    for name in TIME_FIELDS:
+        if record.get(name) is not None:
+            out[name] = iso_time(record[name])
     for name in NUMBER_FIELDS:
         if name in record:
             out[name] = mask_number(record[name])
     if "message" in record:
         out["message_chars"] = len(record["message"] or "")
+    if record.get("kind") == "outbound" and scheduler is not None:
+        out.update(whereabouts(rid, record, scheduler))
     return out
+
+
+def whereabouts(rid: str, record: dict[str, Any], scheduler: StepScheduler) -> dict[str, Any]:
+    """Where an outbound message is, in words (`state`), with its send attempts in this run,
+    the last error retried and when its next step is due."""
+    tries = record.get("tries", 0)
+    out: dict[str, Any] = {"attempts": tries}
+    if record.get("last_code"):
+        out["last_error"] = (
+            f"{record.get('last_status', '-')} {record['last_code']}: {record.get('last_reason')}"
+        )
+    running = scheduler.running(rid)
+    due = scheduler.due(rid)
+    if due is not None:
+        out["next_attempt_at"] = iso_time(due[0])
+    if running is not None:
+        out["state"] = RUNNING.get(running, f"{running} running now")
+    elif due is not None:
+        at, step = iso_time(due[0]), due[1]
+        if step == Step.SEND:
+            out["state"] = f"waiting to retry send (attempt {tries}, next at {at})"
+        elif step == Step.POLL:
+            out["state"] = f"sent; waiting for its delivery receipt (next check at {at})"
+        elif step == Step.REPORT:
+            failures = record.get("report_failures", 0)
+            out["state"] = f"waiting to retry its report to GHL (attempt {failures}, next at {at})"
+        else:
+            out["state"] = f"paused after an unexpected error (goes on at {at})"
+    elif scheduler.holds(rid):
+        out["state"] = {
+            "new": "queued to send (its Cast account's pace decides when)",
+            "polling": "queued to ask Cast for its delivery receipt",
+        }.get(record.get("stage", ""), "queued to report its status to GHL")
+    else:
+        out["state"] = "not scheduled: goes on at the next start (or castghld outbox retry)"
+    return out
+
+
+def log_ids(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON fields naming a record in an operator's log line: outbound by GHL's message id,
+    inbound by Cast's (as every other line about it)."""
+    if record.get("kind") == "inbound":
+        ids = {"cast_id": record.get("cast_id")}
+    else:
+        ids = {"message_id": record.get("message_id")}
+    if record.get("location_id"):
+        ids["location_id"] = record["location_id"]
+    return ids
 
 
 class AdminHandler(tornado.web.RequestHandler):
@@ -104,11 +199,20 @@ class AdminHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.reply(status_code, {"error": "error", "message": self._reason})
 
-    def record(self, rid: str) -> dict[str, Any] | None:
-        record = self.daemon.outbox.records.get(rid)
-        if record is None:
-            self.reply(404, {"error": "not_found", "message": f"no unfinished message {rid}"})
-        return record
+    @property
+    def scheduler(self) -> StepScheduler | None:
+        """The outbound step scheduler (running steps, the timer heap), if outbound is served."""
+        return getattr(self.daemon.outbox.pipelines.get("outbound"), "scheduler", None)
+
+    def resolve(self, given: str) -> str | None:
+        """The record id of `given` (a record id, or a bare GHL or Cast message id); None after
+        answering 404."""
+        records = self.daemon.outbox.records
+        for rid in (given, *(prefix + given for prefix in ID_PREFIXES)):
+            if rid in records:
+                return rid
+        self.reply(404, {"error": "not_found", "message": f"no unfinished message {given}"})
+        return None
 
 
 class OutboxListHandler(AdminHandler):
@@ -127,38 +231,96 @@ class OutboxListHandler(AdminHandler):
 
 
 class OutboxRecordHandler(AdminHandler):
-    def get(self, rid: str) -> None:
-        record = self.record(rid)
-        if record is not None:
-            self.reply(200, detail(rid, record, time.time()))
+    def get(self, given: str) -> None:
+        rid = self.resolve(given)
+        if rid is not None:
+            record = self.daemon.outbox.records[rid]
+            self.reply(200, detail(rid, record, time.time(), self.scheduler))
 
 
 class OutboxActionHandler(AdminHandler):
-    async def post(self, rid: str, action: str) -> None:
-        if self.record(rid) is None:
+    async def post(self, given: str, action: str) -> None:
+        rid = self.resolve(given)
+        if rid is None:
             return
-        outbox = self.daemon.outbox
         if action == "retry":
-            if not outbox.retry(rid):
-                self.reply(
-                    409,
-                    {
-                        "error": "busy",
-                        "message": f"{rid} is already being sent or waits for its retry; "
-                        "it goes on by itself",
-                    },
-                )
-                return
-            log.warning("operator: %s dispatched again", rid, extra={"outcome": "retried"})
-            self.reply(200, {"id": rid, "outcome": "retried"})
+            self.retry(rid)
+        else:
+            await self.drop(rid)
+
+    def retry(self, rid: str) -> None:
+        """Dispatch a message that waits for nothing, or cut its backoff (a send or report
+        retry, a receipt check) short; 409 if it is running or queued already."""
+        outbox, scheduler = self.daemon.outbox, self.scheduler
+        record = outbox.records[rid]
+        hurried = scheduler is not None and scheduler.hurry(lambda r, _step: r == rid)
+        if not hurried and not outbox.retry(rid):
+            running = scheduler.running(rid) if scheduler is not None else None
+            why = RUNNING.get(running or "", "is already being sent or waits for its retry")
+            if running is None and scheduler is not None and scheduler.holds(rid):
+                why = "is queued for its next step already"
+            message = f"{rid} {why}; it goes on by itself"
+            self.reply(409, {"error": "busy", "message": message})
             return
-        await outbox.drop(rid)
+        log.warning(
+            "operator: %s dispatched again%s",
+            rid,
+            " (its wait cut short)" if hurried else "",
+            extra={**log_ids(record), "outcome": "retried", "reason": "operator"},
+        )
+        self.reply(200, {"id": rid, "outcome": "retried"})
+
+    async def drop(self, rid: str) -> None:
+        """Forget the message for good, unless a step of it runs now: a send in flight may be
+        taken by Cast whatever we do, so the operator hears that instead of "dropped"."""
+        record = self.daemon.outbox.records[rid]
+        running = self.scheduler.running(rid) if self.scheduler is not None else None
+        if running is not None:
+            doing = RUNNING.get(running, running)
+            message = (
+                f"{rid} is {doing.removesuffix(' now')} (in flight): not dropped; "
+                + ("Cast may take it whatever we do; " if running == Step.SEND else "")
+                + "try again once it waits (castghld outbox show)"
+            )
+            self.reply(409, {"error": "in_flight", "message": message})
+            return
+        await self.daemon.outbox.drop(rid)
         log.warning(
             "operator: %s dropped from the outbox; nothing more is sent or reported for it",
             rid,
-            extra={"outcome": "dropped", "reason": "operator"},
+            extra={**log_ids(record), "outcome": "dropped", "reason": "operator"},
         )
         self.reply(200, {"id": rid, "outcome": "dropped"})
+
+
+class RetryWaitingHandler(AdminHandler):
+    """`castghld outbox retry --all [--account A] [--location L]`: every send waiting for its
+    retry goes now (after a Cast outage the operator knows is over)."""
+
+    def post(self) -> None:
+        account = self.get_argument("account", "")
+        location = self.get_argument("location", "")
+        records = self.daemon.outbox.records
+
+        def wanted(rid: str, step: str) -> bool:
+            record = records.get(rid, {})
+            return (
+                step == Step.SEND
+                and (not account or record.get("account") == account)
+                and (not location or record.get("location_id") == location)
+            )
+
+        hurried = self.scheduler.hurry(wanted) if self.scheduler is not None else []
+        if hurried:
+            log.warning(
+                "operator: %d send retr%s cut short%s%s",
+                len(hurried),
+                "y" if len(hurried) == 1 else "ies",
+                f" account={account}" if account else "",
+                f" location={location}" if location else "",
+                extra={"outcome": "retried", "reason": "operator", "count": len(hurried)},
+            )
+        self.reply(200, {"outcome": "retried", "count": len(hurried)})
 
 
 class ForgetHandler(AdminHandler):
@@ -181,6 +343,7 @@ default_handlers = [
     (r"/outbox", OutboxListHandler),
     (r"/outbox/([^/]+)", OutboxRecordHandler),
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),
+    (r"/retry-waiting", RetryWaitingHandler),
     (r"/installs/([^/]+)/forget", ForgetHandler),
 ]
 
@@ -190,67 +353,61 @@ class AdminServer:
 
     def __init__(self, daemon: Services):
         self.daemon = daemon
-        self.path = socket_path(daemon.config.state.dir)
+        self.path = daemon_socket_path(daemon.config)
+        self._socket: Any = None
         self._server: tornado.httpserver.HTTPServer | None = None
 
+    def bind(self) -> None:
+        """Create the socket (0600), before the daemon listens on its port. Something else than
+        a socket at its path is `AdminSocketError` (the daemon refuses to start: it would delete
+        or shadow a file that is not its own); a path that cannot be bound (a missing directory,
+        too long for a unix socket) is logged, not fatal: the daemon serves without the admin
+        commands."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            mode = None
+            log.warning("admin socket %s: %s", self.path, e.strerror)
+        if mode is not None and not stat.S_ISSOCK(mode):
+            raise AdminSocketError(
+                f"admin socket {self.path}: exists and is not a socket; move it away, or set "
+                "server.admin_socket to another path"
+            )
+        try:
+            self._socket = tornado.netutil.bind_unix_socket(self.path, mode=0o600)
+        except (OSError, ValueError) as e:
+            log.warning(
+                "no admin socket at %s (%s): castghld outbox/forget unavailable",
+                self.path,
+                getattr(e, "strerror", None) or e,
+            )
+
     def start(self) -> None:
-        """Listen on the socket (0600); a path too long for a unix socket is logged, not fatal:
-        the daemon serves without the admin commands."""
+        """Serve the socket `bind` created."""
+        if self._socket is None:
+            return
         app = tornado.web.Application(
             [(p, cls, {"daemon": self.daemon}) for p, cls in default_handlers],
             log_function=lambda handler: None,
         )
-        try:
-            sock = tornado.netutil.bind_unix_socket(self.path, mode=0o600)
-        except OSError as e:
-            log.warning(
-                "no admin socket at %s (%s): castghld outbox/forget unavailable", self.path, e
-            )
-            return
-        self._server = tornado.httpserver.HTTPServer(app)
-        self._server.add_socket(sock)
+        self._server = tornado.httpserver.HTTPServer(
+            app, max_body_size=MAX_REQUEST_BODY, max_header_size=MAX_REQUEST_HEADERS
+        )
+        self._server.add_socket(self._socket)
 
     async def stop(self) -> None:
-        if self._server is None:
+        if self._socket is None:
             return
-        self._server.stop()
-        await self._server.close_all_connections()
-        self._server = None
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+            self._server = None
+        else:
+            self._socket.close()
+        self._socket = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-class AdminUnavailable(Exception):
-    """No daemon answers on the admin socket."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
-def call(state_dir: str, method: str, path: str, timeout: float = 30.0) -> tuple[int, Any]:
-    """One request to the running daemon's admin socket: (status, decoded JSON answer).
-    Raises AdminUnavailable if no daemon listens there."""
-    sock_path = socket_path(state_dir)
-    connection = _UnixConnection(sock_path, timeout)
-    try:
-        connection.request(method, path, body=b"" if method == "POST" else None)
-        response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise AdminUnavailable(f"{sock_path}: no running castghld answers ({e.strerror})") from None
-    except PermissionError:
-        raise AdminUnavailable(
-            f"{sock_path}: permission denied (run as root or the service user)"
-        ) from None
-    finally:
-        connection.close()

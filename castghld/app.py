@@ -34,7 +34,7 @@ import tornado.web
 
 from castghld import __version__, sdnotify
 from castghld.accept import accept_connections
-from castghld.admin import AdminServer
+from castghld.admin import AdminServer, AdminSocketError
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
 from castghld.ghl import GHLClient
@@ -383,6 +383,10 @@ class Daemon:
         remove_leftover_temp_files(self.config.state.dir)
         # Key rotation: the state under the newest key first; the outbox follows in its start.
         await self.state.adopt_newest_key()
+        try:
+            self.admin.bind()  # before the port: a refusal must come before GHL can reach us
+        except AdminSocketError as e:
+            raise StartupError([f"{self.config.path}: {e}"]) from None
         if sockets is None:
             sockets = self._bind()
         try:

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
@@ -32,6 +31,8 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
 EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
+# Commands that need only the config's paths, not its secrets (`operator_command`).
+OPERATOR_COMMANDS = ("installs", "outbox", "forget")
 
 DESCRIPTION = """\
 castghld makes Cast (Philippine SMS API) the SMS provider of GoHighLevel sub-accounts.
@@ -113,15 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
         "outbox",
         help="list / show / retry / drop unfinished messages of the running daemon",
         description="Inspect the outbox of the running daemon through its admin socket "
-        "(<state.dir>/admin.sock, 0600: run as root or the service user). list: id, kind, stage, "
-        "location, age. show ID: the record without its text or full number. retry ID: dispatch "
-        "a waiting message now. drop ID: forget it (nothing more is sent or reported for it).",
+        "(0600: run as root or the service user; found at server.admin_socket, else "
+        "/run/castghld/admin.sock, else <state.dir>/admin.sock). Needs no secret. ID: the GHL "
+        "message id (or Cast's, for a reply), with or without its out:/in: prefix. list: id, "
+        "kind, stage, location, age. show ID: where it is (state, attempts, last error, next "
+        "attempt), without its text or full number. retry ID: do its next step now (cuts a "
+        "retry's wait short). retry --all: every send waiting for its retry goes now "
+        "(--account, --location narrow it). drop ID: forget it (nothing more is sent or "
+        "reported for it; refused while its send is in flight).",
     )
     outbox.add_argument(
         "action", nargs="?", default="list", choices=("list", "show", "retry", "drop")
     )
     outbox.add_argument("id", nargs="?", metavar="ID")
     outbox.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    outbox.add_argument(
+        "--all", action="store_true", dest="every", help="retry: every send waiting for a retry"
+    )
+    outbox.add_argument("--account", default="", help="retry --all: only this Cast account")
+    outbox.add_argument("--location", default="", help="retry --all: only this location")
     outbox.add_argument(
         "--limit",
         type=int,
@@ -172,17 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo()
         if args.command == "gen-key":
             return gen_key(args.path, if_missing=args.if_missing)
-        config = load_config(args.config or default_config_path())
+        path = args.config or default_config_path()
+        if args.command in OPERATOR_COMMANDS:
+            return operator_command(args, load_config(path, secrets=False))
+        config = load_config(path)
         if args.command == "serve":
             return serve(config)
         if args.command == "check-config":
             return check_config(config, online=args.online)
-        if args.command == "installs":
-            return installs(config, as_json=args.json)
-        if args.command == "outbox":
-            return outbox_command(config, args.action, args.id, as_json=args.json, limit=args.limit)
-        if args.command == "forget":
-            return forget(config, args.location)
         if args.command == "reconcile":
             return reconcile(config)
         if args.command == "install-url":
@@ -192,6 +200,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def operator_command(args: argparse.Namespace, config: Config) -> int:
+    """`installs`, `outbox`, `forget`: config loaded without its secrets (they need only its
+    paths), so an operator runs them outside the unit's credentials."""
+    from castghld.admin_client import forget, outbox_command
+
+    if args.command == "installs":
+        config.require("state.key_file")
+        return installs(config, as_json=args.json)
+    config.require()
+    if args.command == "forget":
+        return forget(config, args.location)
+    return outbox_command(
+        config,
+        args.action,
+        args.id,
+        as_json=args.json,
+        limit=args.limit,
+        every=args.every,
+        account=args.account,
+        location=args.location,
+    )
 
 
 def fail(problems: Sequence[str], transient: bool = False) -> int:
@@ -474,61 +505,6 @@ def _installs_doc(rows: list, pending: list) -> dict[str, Any]:
         if location_id not in installed
     ]
     return {"installations": out}
-
-
-def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
-    """(0, the daemon's JSON answer), or (exit code, None) after saying why on stderr: 75 when no
-    daemon answers, 1 when it refused (its message)."""
-    from castghld.admin import AdminUnavailable, call
-
-    try:
-        status, doc = call(config.state.dir, method, path)
-    except AdminUnavailable as e:
-        error(str(e))
-        return EXIT_TEMPFAIL, None
-    if status != 200:
-        error(str(doc.get("message", status)))
-        return 1, None
-    return 0, doc
-
-
-def outbox_command(
-    config: Config, action: str, rid: str | None, as_json: bool = False, limit: int = LIST_DEFAULT
-) -> int:
-    """`castghld outbox [list|show ID|retry ID|drop ID]` through the running daemon."""
-    if action != "list" and not rid:
-        return fail([f"outbox {action} needs a message ID (see castghld outbox list)"])
-    path = f"/outbox?limit={limit}" if action == "list" else f"/outbox/{quote(rid or '', safe='')}"
-    if action in ("retry", "drop"):
-        path += "/" + action
-    code, doc = _admin(config, "POST" if action in ("retry", "drop") else "GET", path)
-    if code:
-        return code
-    if as_json or action == "show":
-        print(json.dumps(doc, indent=2))
-    elif action == "list":
-        records = doc["records"]
-        if not records:
-            print("outbox empty")
-        for r in records:
-            age = "-" if r["age_seconds"] is None else f"{r['age_seconds']:.0f}s"
-            print(f"{r['id']:<40} {r['kind']:<9} {r['stage']:<10} {r['location_id']:<26} {age}")
-        if doc["total"] > len(records):
-            print(
-                f"... the {len(records)} oldest of {doc['total']} unfinished messages "
-                "(--limit N shows more)"
-            )
-    else:
-        print(f"{doc['id']}: {doc['outcome']}")
-    return 0
-
-
-def forget(config: Config, location_id: str) -> int:
-    code, _ = _admin(config, "POST", f"/installs/{quote(location_id, safe='')}/forget")
-    if code:
-        return code
-    print(f"{location_id}: forgotten")
-    return 0
 
 
 def reconcile(config: Config) -> int:

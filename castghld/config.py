@@ -55,6 +55,7 @@ class ServerConfig:
     public_url: str = ""
     xheaders: bool = True
     shutdown_timeout: float = 20.0
+    admin_socket: str = ""  # "": $RUNTIME_DIRECTORY/admin.sock, else <state.dir>/admin.sock
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,17 @@ class Config:
     tokens: TokensConfig = TokensConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
+    # Loaded without secrets (`load_config(secrets=False)`): key path -> the problem of a value
+    # that names an unset ${VAR}, for the command that uses the key to `require`.
+    unresolved: Mapping[str, str] = field(default_factory=dict)
+
+    def require(self, *keys: str) -> None:
+        """ConfigError if `state.dir`, `server.admin_socket` or one of `keys` could not be
+        resolved (a config loaded without secrets): the operator commands use those."""
+        needed = ("state.dir", "server.admin_socket", *keys)
+        problems = [line for key, line in self.unresolved.items() if key in needed]
+        if problems:
+            raise ConfigError(problems)
 
     @property
     def redirect_uri(self) -> str:
@@ -146,13 +158,26 @@ def _with_file_variants(names: set[str], secrets: set[str]) -> set[str]:
     return names | {f"{s}_file" for s in secrets}
 
 
-def load_config(path: str) -> Config:
-    """Read, interpolate and validate the config at `path`; ConfigError lists every problem."""
+def load_config(path: str, secrets: bool = True) -> Config:
+    """Read, interpolate and validate the config at `path`; ConfigError lists every problem.
+
+    `secrets=False` is for the commands that need only paths (`outbox`, `forget`, `installs`):
+    secrets are neither required nor read (an operator runs those commands outside the unit's
+    `$CREDENTIALS_DIRECTORY`) and a value naming an unset variable is left to `Config.require`;
+    every other problem (an unknown key, a bad value) is still an error."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist (use --config PATH)"]) from None
+    except PermissionError:
+        raise ConfigError(
+            [
+                f"{path}: cannot read config file: permission denied; the service user must "
+                f"read it: chmod 644 {path} (it holds no secret when they are *_file "
+                "credentials) and chmod 755 its directory"
+            ]
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: cannot read config file: {e}"]) from None
     except yaml.YAMLError as e:
@@ -160,12 +185,12 @@ def load_config(path: str) -> Config:
         line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         what = getattr(e, "problem", None) or str(e)
         raise ConfigError([f"{path}: invalid YAML{line}: {what}"]) from None
-    return build_config(path, raw if raw is not None else {})
+    return build_config(path, raw if raw is not None else {}, secrets)
 
 
-def build_config(path: str, raw: Any) -> Config:
+def build_config(path: str, raw: Any, secrets: bool = True) -> Config:
     """The Config of the parsed YAML `raw` read from `path`; ConfigError lists every problem."""
-    r = Reader(path)
+    r = Reader(path, secrets)
     sections = {"server", "ghl", "cast", "state", "tokens", "delivery", "logging"}
     top = r.section("", raw, sections)
     server = _server(r, top.get("server"))
@@ -186,6 +211,7 @@ def build_config(path: str, raw: Any) -> Config:
         tokens=tokens,
         delivery=delivery,
         logging=logging_cfg,
+        unresolved=r.unresolved,
     )
 
 
@@ -197,6 +223,7 @@ def _server(r: Reader, raw: Any) -> ServerConfig:
         public_url=r.url("server", s, "public_url", "", required=True),
         xheaders=r.boolean("server", s, "xheaders", ServerConfig.xheaders),
         shutdown_timeout=r.duration("server", s, "shutdown_timeout", 20.0, minimum=1),
+        admin_socket=r.path_value("server", s, "admin_socket", ""),
     )
     if not server.host.strip():
         r.problem("server.host", "must not be empty (write 0.0.0.0 to listen on every interface)")

@@ -128,10 +128,15 @@ CREDENTIALS_HINT = (
 class Reader:
     """Walks the parsed YAML, collecting problems instead of stopping at the first."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, secrets: bool = True):
+        """`secrets=False`: the operator commands' reading (see `load_config`): secrets are
+        neither required nor read, and an unset ``${VAR}`` is kept in `unresolved` (key path ->
+        problem line) for the command to require if it uses that key."""
         self.path = path
         self.base_dir = os.path.dirname(os.path.abspath(path))
         self.problems: list[str] = []
+        self.secrets = secrets
+        self.unresolved: dict[str, str] = {}
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.path}: {key}: {message}")
@@ -144,7 +149,11 @@ class Reader:
             name = match.group(1)
             if name not in os.environ:
                 hint = CREDENTIALS_HINT if name == "CREDENTIALS_DIRECTORY" else ""
-                self.problem(key, f"environment variable {name} is not set{hint}")
+                message = f"environment variable {name} is not set{hint}"
+                if self.secrets:
+                    self.problem(key, message)
+                else:
+                    self.unresolved[key] = f"{self.path}: {key}: {message}"
                 return ""
             return os.environ[name]
 
@@ -168,7 +177,7 @@ class Reader:
         full = f"{key}.{name}"
         known = len(self.problems)
         value = self.interpolate(full, raw[name])
-        if len(self.problems) > known:
+        if len(self.problems) > known or full in self.unresolved:
             # An unset variable is the problem; the value without it would only add a second,
             # misleading one (`${CREDENTIALS_DIRECTORY}/key` read as the file `/key`).
             return default
@@ -247,7 +256,7 @@ class Reader:
     def url(self, key: str, raw: dict, name: str, default: str, required: bool = False) -> str:
         value = self.string(key, raw, name, default)
         if not value:
-            if required:
+            if required and f"{key}.{name}" not in self.unresolved:
                 self.problem(f"{key}.{name}", "is required (e.g. https://ghl.example.ph)")
             return value
         parts = urlsplit(value)
@@ -270,7 +279,10 @@ class Reader:
         return tuple(str(self.interpolate(full, v)) for v in value)
 
     def secret(self, key: str, raw: dict, name: str, required: bool) -> Secret | None:
-        """`name` inline or `name_file`; exactly one of them when required."""
+        """`name` inline or `name_file`; exactly one of them when required. Not read at all
+        when the reader skips secrets."""
+        if not self.secrets:
+            return None
         known = len(self.problems)
         inline = self.string(key, raw, name, "")
         file_key = f"{name}_file"

@@ -33,6 +33,7 @@ RESTART_KEYS = (
     "server.host",
     "server.port",
     "server.xheaders",
+    "server.admin_socket",
     "state.dir",
     "state.key_file",
     "ghl.api_base",

@@ -92,6 +92,7 @@ class StepScheduler:
         self._timer_due = 0.0
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[str, str] = {}  # id -> the step running for it now
 
     def serve(self, step: str, run: StepRun, workers: int) -> None:
         """Run `run(rid)` for each id queued for `step`, by at most `workers` workers at a time:
@@ -122,6 +123,37 @@ class StepScheduler:
     @property
     def active(self) -> int:
         return len(self._held)
+
+    def running(self, rid: str) -> str | None:
+        """The step running for `rid` right now (its request may be in flight), or None."""
+        return self._running.get(rid)
+
+    def due(self, rid: str) -> tuple[float, str] | None:
+        """(wall-clock time, step) of `rid`'s entry in the timer heap, or None: what
+        `castghld outbox show` says it waits for. One pass over the heap: an operator's
+        question, not a per-message cost."""
+        entries = [(due, step) for due, _, held, step in self._timers if held == rid]
+        if not entries:
+            return None
+        due, step = min(entries)
+        return time.time() + (due - time.monotonic()), step
+
+    def hurry(self, wanted: Callable[[str, str], bool]) -> list[str]:
+        """Make every timer entry `(rid, step)` that is `wanted` due now (`castghld outbox
+        retry`: an operator cuts a backoff short); the ids hurried. One pass over the heap."""
+        now = time.monotonic()
+        hurried = []
+        for index, (due, seq, rid, step) in enumerate(self._timers):
+            if due > now and wanted(rid, step):
+                self._timers[index] = (now, seq, rid, step)
+                hurried.append(rid)
+        if hurried:
+            heapq.heapify(self._timers)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_due = now
+            self._timer = asyncio.get_running_loop().call_at(now, self._fire)
+        return hurried
 
     async def wait_idle(self) -> None:
         while self._held:
@@ -168,7 +200,7 @@ class StepScheduler:
         limit = self._limits[step]
         while not self.stopping and pool.workers < min(len(pool.ready), limit):
             pool.workers += 1
-            self.spawn(self._pool_worker(pool, self._runs[step]))
+            self.spawn(self._pool_worker(pool, step))
 
     def later(self, delay: float, rid: str, step: str) -> None:
         """Queue `rid` for `step` in `delay` seconds: a retry's backoff, a poll's due time."""
@@ -195,27 +227,27 @@ class StepScheduler:
         return False
 
     async def _send_worker(self, name: str, lane: _Queue) -> None:
-        run = self._runs[Step.SEND]
         try:
             while lane.ready and not self.stopping:
-                await self._guarded(run, lane.ready.popleft())
+                await self._guarded(Step.SEND, lane.ready.popleft())
         finally:
             lane.workers -= 1
             if not lane.ready and not lane.workers and self._lanes.get(name) is lane:
                 del self._lanes[name]
 
-    async def _pool_worker(self, pool: _Queue, run: StepRun) -> None:
+    async def _pool_worker(self, pool: _Queue, step: str) -> None:
         try:
             while pool.ready and not self.stopping:
-                await self._guarded(run, pool.ready.popleft())
+                await self._guarded(step, pool.ready.popleft())
         finally:
             pool.workers -= 1
 
-    async def _guarded(self, run: StepRun, rid: str) -> None:
+    async def _guarded(self, step: str, rid: str) -> None:
         if not self._alive(rid):
             return
+        self._running[rid] = step
         try:
-            await run(rid)
+            await self._runs[step](rid)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -225,6 +257,8 @@ class StepScheduler:
                 "outbound: step failed for %s; retrying in %.0fs", rid, PIPELINE_RETRY[0]
             )
             self.later(PIPELINE_RETRY[0], rid, Step.RESUME)
+        finally:
+            self._running.pop(rid, None)
 
     def _fire(self) -> None:
         self._timer = None

@@ -45,7 +45,7 @@ def test_outbox_commands_against_a_running_daemon(config_dir, capsys):
         assert post_reply(port) == 200
         code, out, _ = run(capsys, "--config", path, "outbox", "list")
         assert code == 0 and "in:CASTIN9" in out and "inbound" in out
-        code, out, _ = run(capsys, "outbox", "show", "in:CASTIN9", "--config", path)
+        code, out, _ = run(capsys, "outbox", "show", "in:CASTIN9", "--json", "--config", path)
         assert code == 0
         shown = json.loads(out)
         assert shown["cast_id"] == "CASTIN9" and shown["from"] == "…4567"
@@ -82,8 +82,10 @@ def test_outbox_list_shows_the_oldest_first_and_says_how_many_more(config_dir, c
             assert post_reply(port, message_id=f"CASTIN{n}") == 200
         code, out, _ = run(capsys, "--config", path, "outbox", "list", "--limit", "2")
         lines = out.strip().splitlines()
-        assert code == 0 and [line.split()[0] for line in lines[:2]] == ["in:CASTIN3", "in:CASTIN1"]
-        assert lines[2] == "... the 2 oldest of 3 unfinished messages (--limit N shows more)"
+        assert lines[0].split() == ["ID", "KIND", "STAGE", "LOCATION", "AGE"]
+        ids = [line.split()[0] for line in lines[1:3]]
+        assert code == 0 and ids == ["in:CASTIN3", "in:CASTIN1"]
+        assert lines[3] == "... the 2 oldest of 3 unfinished messages (--limit N shows more)"
         code, out, _ = run(capsys, "--config", path, "outbox", "list", "--json")
         doc = json.loads(out)
         assert doc["total"] == 3 and len(doc["records"]) == 3

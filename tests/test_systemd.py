@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import pathlib
 import shutil
@@ -62,3 +63,25 @@ def test_verify_reports_a_broken_unit(tmp_path):
     broken = UNIT.read_text().replace("Type=notify", "Type=notfy")
     _, warnings = verify(unit_copy(tmp_path, broken))
     assert any("notfy" in line for line in warnings)
+
+
+def unit_values(name: str) -> list[str]:
+    prefix = name + "="
+    return [
+        line[len(prefix) :] for line in UNIT.read_text().splitlines() if line.startswith(prefix)
+    ]
+
+
+def test_unit_gives_the_admin_socket_a_runtime_directory():
+    # /run/castghld/admin.sock: where `castghld outbox` looks first (castghld.admin_client).
+    assert unit_values("RuntimeDirectory") == ["castghld"]
+
+
+def test_documentation_points_at_a_file_the_install_puts_there():
+    """pip installs setup.cfg's data_files under the venv (/opt/castghld, README's install)."""
+    parser = configparser.ConfigParser()
+    parser.read(UNIT.parent.parent / "setup.cfg")
+    shipped = parser["options.data_files"]["share/castghld"].split()
+    (url,) = unit_values("Documentation")
+    assert url.startswith("file:///opt/castghld/share/castghld/")
+    assert url.rsplit("/", 1)[1] in shipped
