@@ -182,13 +182,22 @@ async def test_uninstall_older_than_a_reinstall_keeps_the_tokens(bridge, config_
 
 
 @pytest.mark.gen_test
-async def test_uninstall_without_timestamp_or_webhook_id_deletes_nothing(bridge):
+async def test_uninstall_without_timestamp_or_webhook_id_is_dated_by_its_arrival(
+    bridge, config_dir
+):
+    """The body GHL's app-uninstall doc shows has neither: it uninstalls, and an INSTALL dated
+    before its arrival (a late retry) does not undo it."""
     await bridge.start()
     await bridge.install("loc1")
     event = app_event("UNINSTALL", "loc1")
     del event["timestamp"], event["webhookId"]
     assert (await post_app_webhook(bridge, event)).code == 200
-    assert bridge.daemon.installations.get("loc1") is not None
+    assert bridge.daemon.installations.get("loc1") is None
+    assert stored_on_disk(config_dir, "installs", "loc1") is None
+    late = app_event("INSTALL", "loc1", "comp1", timestamp=iso_timestamp(seconds_ago=60))
+    assert (await post_app_webhook(bridge, late)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    assert bridge.daemon.installations.pending() == []
 
 
 @pytest.mark.gen_test
