@@ -38,6 +38,7 @@ from castghld.tokens.refresh import (
 )
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     MAX_EXPIRES_IN,
     PENDING,
@@ -56,6 +57,7 @@ from castghld.tokens.store import (
 __all__ = [
     "COMPANIES",
     "EXPIRY_SLACK",
+    "FORGOTTEN",
     "INSTALLS",
     "MAX_EXPIRES_IN",
     "MINT_CONCURRENCY",
@@ -123,6 +125,12 @@ class Installations:
         return self._store.on_usable
 
     @property
+    def on_departed(self) -> list[Callable[[str], None]]:
+        """Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
+        unlisted by a reconciliation): it is not texted for any more."""
+        return self._store.on_departed
+
+    @property
     def _reconcile_task(self) -> asyncio.Task | None:
         """The reconciliation running in the background, if any (tests wait for it)."""
         return self._reconciler.task
@@ -168,6 +176,12 @@ class Installations:
         """Forget a location, or a company and every location installed through it, unless the
         pair is newer than the UNINSTALL; the locations whose pair was deleted."""
         return await self._lifecycle.uninstall(location_id, company_id, event_at, webhook_id)
+
+    async def forget(self, location_id: str) -> bool:
+        """`castghld forget`: delete the location's pair, as an UNINSTALL dated now would, and
+        keep reconciliations from minting it again until a new INSTALL or OAuth install. Whether
+        a pair was deleted."""
+        return await self._lifecycle.forget(location_id)
 
     async def mint_location(self, company_id: str, location_id: str, source: str) -> str:
         """Get and store a location pair with the company's token; its access token."""

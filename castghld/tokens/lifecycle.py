@@ -17,6 +17,11 @@ Guarantees:
   location's last UNINSTALL is ignored. An UNINSTALL without a date but with a ``webhookId`` is
   dated by its first delivery (section ``undated_uninstalls``); one with neither (the body GHL's
   app-uninstall doc shows) by its arrival.
+- ``castghld forget`` is an UNINSTALL dated now that also keeps the location out of
+  reconciliations (section ``forgotten``), which would otherwise mint it again while GHL lists it;
+  a new INSTALL webhook or an OAuth install of the location ends that.
+- `InstallStore.on_departed` is told of every location whose pair an UNINSTALL or a forget
+  deleted, after the commit.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from castghld.tokens.flight import SingleFlight
 from castghld.tokens.reconcile import Reconciler
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     PENDING,
     SOURCE_AGENCY,
@@ -138,7 +144,13 @@ class Lifecycle:
             return "older than the location's last UNINSTALL; ignored"
         if usable(self.state.get(INSTALLS, location_id)):
             return "already installed"
+        if self.state.get(FORGOTTEN, location_id) is not None:
+            # A new INSTALL after `castghld forget`: GHL installs it again (committed with the
+            # pending install, or just below when that is unchanged).
+            self.state.delete(FORGOTTEN, location_id)
         await self.store.keep_pending(location_id, company_id, event_at)
+        if self.state.dirty:
+            await self.state.commit()
         if company_id and self.state.get(COMPANIES, company_id) is not None:
             try:
                 await self.minter.mint_location(company_id, location_id, SOURCE_AGENCY)
@@ -161,10 +173,13 @@ class Lifecycle:
         company_id: str = "",
         event_at: float | None = None,
         webhook_id: str = "",
+        *,
+        forgotten: bool = False,
     ) -> list[str]:
         """Forget a location, or a company and every location installed through it, unless the
         pair is newer than the UNINSTALL (see the module docstring: ordering). Returns the
-        locations whose pair was deleted, once that is on disk."""
+        locations whose pair was deleted, once that is on disk (`forgotten`: and marked so in
+        the same commit, see `forget`)."""
         event_at = self._uninstall_date(event_at, webhook_id, location_id, company_id)
         targets: list[str] = []
         if location_id:
@@ -175,6 +190,8 @@ class Lifecycle:
         for lid in dict.fromkeys(targets):
             if self._forget_location(lid, event_at):
                 removed.append(lid)
+                if forgotten:
+                    self.state.put(FORGOTTEN, lid, {"at": event_at})
         await self.state.commit()
         for lid in removed:
             log.info(
@@ -182,7 +199,17 @@ class Lifecycle:
                 lid,
                 extra={"location_id": lid, "outcome": "uninstalled"},
             )
+        self.store.departed(removed)
         return removed
+
+    async def forget(self, location_id: str) -> bool:
+        """`castghld forget`: an UNINSTALL dated now, and the location stays forgotten (section
+        ``forgotten``: a reconciliation does not mint it although GHL still lists it) until a
+        new INSTALL webhook or an OAuth install. Whether a pair was deleted."""
+        removed = await self.uninstall(
+            location_id=location_id, event_at=time.time(), forgotten=True
+        )
+        return bool(removed)
 
     def _uninstall_date(
         self, event_at: float | None, webhook_id: str, location_id: str, company_id: str

@@ -8,7 +8,8 @@ Guarantees:
   ``tokens.reconcile_interval``: it mints every location GHL lists as installed that has no
   usable pair and marks ``uninstalled`` the ones GHL no longer lists (they are not texted for;
   their tokens are kept in case GHL lists them again). A mint that fails is kept pending and
-  retried by the next reconciliation.
+  retried by the next reconciliation. A location deleted by ``castghld forget`` is not minted
+  although GHL lists it, until a new INSTALL webhook or an OAuth install (`lifecycle.py`).
 - Nothing is marked on a list that could not be read completely, nor on an empty list while we
   hold usable locations of the company (more likely a wrong ``ghl.app_id``), nor for a location
   installed after the list was asked for.
@@ -29,6 +30,7 @@ from castghld.tokens.flight import SingleFlight
 from castghld.tokens.refresh import Refresher
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     PENDING,
     SOURCE_RECONCILED,
@@ -169,6 +171,8 @@ class Reconciler:
         to_mint = []
         for location_id in listed:
             record = self.state.get(INSTALLS, location_id)
+            if record is None and self.state.get(FORGOTTEN, location_id) is not None:
+                continue  # `castghld forget`: until a new INSTALL or OAuth install
             if record is None or record.get("status") in (STATUS_UNINSTALLED, STATUS_NEEDS_REAUTH):
                 to_mint.append(location_id)
             elif self.state.get(PENDING, location_id) is not None:
