@@ -13,6 +13,7 @@ share one `InstallStore`, each in the module of its job, with that job's guarant
 - `agency.py`: location pairs minted with a company's token, retried, kept pending on failure.
 - `reconcile.py`: GHL's list of installed locations against ours (mint, mark ``uninstalled``),
   expiry of pending installs and tombstones.
+- `unlisted.py`: locations GHL's list lacks, confirmed gone before they are marked.
 - `refresh.py`: access tokens for callers, refresh, re-mint on ``invalid_grant``, the sweep.
 """
 
@@ -195,7 +196,8 @@ class Installations:
 
     async def reconcile(self) -> dict[str, Any]:
         """Compare every company's installed locations at GHL with ours; mint and mark. Returns
-        ``{"minted": [...], "marked": [...], "failed": {...}, "companies": {...}}``."""
+        ``{"minted": [...], "marked": [...], "unconfirmed": [...], "failed": {...},
+        "companies": {...}}``."""
         return await self._reconciler.reconcile()
 
     # -- tokens (refresh.py) -------------------------------------------------------------------

@@ -22,7 +22,7 @@ location id: ``at`` (the last UNINSTALL's date, for ordering; kept `TOMBSTONE_AG
 ``undated_uninstalls`` by webhookId: ``at`` (first delivery of an UNINSTALL without timestamp);
 ``forgotten`` by location id: ``at`` (``castghld forget``: not minted again by a reconciliation
 until a new INSTALL or an OAuth install); ``unlisted`` by location id: ``at`` (first complete read
-of GHL's list that lacked it, `reconcile.py`).
+of GHL's list that lacked it, `unlisted.py`).
 """
 
 from __future__ import annotations
