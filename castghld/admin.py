@@ -325,10 +325,7 @@ class RetryWaitingHandler(AdminHandler):
 
 class ForgetHandler(AdminHandler):
     async def post(self, location_id: str) -> None:
-        removed = await self.daemon.installations.uninstall(
-            location_id=location_id, event_at=time.time()
-        )
-        if not removed:
+        if not await self.daemon.installations.forget(location_id):
             self.reply(404, {"error": "not_found", "message": f"{location_id} is not installed"})
             return
         log.warning(

@@ -543,6 +543,11 @@ def reconcile(config: Config) -> int:
         print(f"minted       {location_id}")
     for location_id in report["marked"]:
         print(f"uninstalled  {location_id} (GHL no longer lists it; not texted for)")
+    for location_id in report["unconfirmed"]:
+        print(
+            f"unconfirmed  {location_id} (not in GHL's list, GHL did not confirm it gone: still "
+            "texted for; marked if the next complete list lacks it too)"
+        )
     for location_id, reason in sorted(report["failed"].items()):
         print(f"failed       {location_id}: {reason} (kept; retried by the next reconciliation)")
     for company_id, reason in sorted(report["companies"].items()):

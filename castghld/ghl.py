@@ -37,7 +37,10 @@ T = TypeVar("T")
 
 VERSION = "2021-04-15"
 VERSION_OAUTH = "2021-07-28"  # /oauth/locationToken, /oauth/installedLocations and /contacts/*
-INSTALLED_PAGE = 100  # locations per /oauth/installedLocations page
+INSTALLED_PAGE = 100  # locations per /oauth/installedLocations page asked for (GHL may serve fewer)
+INSTALLED_READS = 3  # reads of a list whose count changes while it is read
+INSTALLED_MAX_PAGES = 5000  # a guard against a list that never ends
+INSTALLED_CHANGED = "it changed while read"
 GHL_RATE_LIMIT = (90, 10.0)  # GHL allows 100 / 10 s per location; keep a margin for clock skew
 
 
@@ -76,6 +79,15 @@ class GHLError(Exception):
     def oauth_error(self) -> str:
         """The OAuth `error` code of a token endpoint answer (e.g. ``invalid_grant``), or ''."""
         return self.body.get("error", "") if isinstance(self.body, dict) else ""
+
+
+class IncompleteList(GHLError):
+    """GHL's list of installed locations could not be read completely. `ids`: the installed
+    locations it did give (installed; about the others it says nothing)."""
+
+    def __init__(self, message: str, ids: list[str]):
+        super().__init__(502, message)
+        self.ids = ids
 
 
 class TokenSource(Protocol):
@@ -266,44 +278,83 @@ class GHLClient:
     async def installed_locations(self, company_token: str, company_id: str) -> list[str]:
         """Ids of every location of `company_id` that has our app installed, all pages.
 
-        GHL answers ``{locations: [{_id, name, isInstalled, ...}], count, ...}``; pages of
-        `INSTALLED_PAGE` are read until ``count`` ids are seen or a page comes back short. An
-        answer of another shape is a GHLError (502): a reconciliation must never act on a list it
-        could not read completely.
+        GHL answers ``{locations: [{_id, name, isInstalled, ...}], count, ...}``, serving pages
+        of its own size (a default of 20, whatever ``limit`` asked). Pages are read, ``skip``
+        moving on by what each held, until ``count`` distinct entries are seen (without
+        ``count``: until an empty page). A ``count`` that changes between pages means the list
+        changed under the read (its pages shifted): it is read again from the start, up to
+        `INSTALLED_READS` times. An answer of another shape is a GHLError (502); a list that
+        cannot be read completely (it ends short of ``count``, a page adds no new entry as from
+        a server ignoring ``skip``, or it keeps changing) is an `IncompleteList` carrying what
+        was read: a reconciliation never marks a location on such a list.
         """
+        problem = "it kept changing while read"
         ids: list[str] = []
-        skip = 0
-        while True:
-            query = urlencode(
-                {
-                    "companyId": company_id,
-                    "appId": self.config.ghl.app_id,
-                    "isInstalled": "true",
-                    "skip": str(skip),
-                    "limit": str(INSTALLED_PAGE),
-                }
-            )
-            answer = await self.request(
-                "GET",
-                "/oauth/installedLocations?" + query,
-                version=VERSION_OAUTH,
-                token=company_token,
-                pace_key="company:" + company_id,
-            )
-            page = answer.get("locations") if isinstance(answer, dict) else None
-            if not isinstance(page, list):
-                raise GHLError(502, "GHL's installedLocations answer has no locations list")
-            for entry in page:
-                location_id = entry.get("_id") if isinstance(entry, dict) else None
-                if not isinstance(location_id, str) or not location_id:
-                    raise GHLError(502, "GHL's installedLocations answer has an entry without _id")
-                if entry.get("isInstalled", True) is not False:
-                    ids.append(location_id)
-            skip += len(page)
-            count = answer.get("count")
-            total = count if isinstance(count, int) and not isinstance(count, bool) else None
-            if len(page) < INSTALLED_PAGE or (total is not None and skip >= total):
-                return list(dict.fromkeys(ids))
+        for _ in range(INSTALLED_READS):
+            ids, problem = await self._read_installed(company_token, company_id)
+            if problem is None:
+                return ids
+            if problem != INSTALLED_CHANGED:
+                break
+        raise IncompleteList(f"GHL's list of installed locations is incomplete: {problem}", ids)
+
+    async def _read_installed(
+        self, company_token: str, company_id: str
+    ) -> tuple[list[str], str | None]:
+        """One read of every page: (installed ids, None), or (ids read, why it is incomplete)."""
+        entries: dict[str, bool] = {}  # every entry's id -> installed, in GHL's order
+        first_count: int | None = None
+        for number in range(INSTALLED_MAX_PAGES):
+            page, count = await self._installed_page(company_token, company_id, len(entries))
+            installed = [lid for lid, on in entries.items() if on]
+            if number == 0:
+                first_count = count
+            elif count != first_count:
+                return installed, INSTALLED_CHANGED
+            new = [(lid, on) for lid, on in page if lid not in entries]
+            if not page:
+                if count is None or len(entries) >= count:
+                    return installed, None
+                return installed, f"it ended after {len(entries)} of {count} entries"
+            if not new:
+                return installed, f"a page at skip={len(entries)} repeated entries already read"
+            entries.update(new)
+            if count is not None and len(entries) >= count:
+                return [lid for lid, on in entries.items() if on], None
+        return [lid for lid, on in entries.items() if on], "more pages than expected"
+
+    async def _installed_page(
+        self, company_token: str, company_id: str, skip: int
+    ) -> tuple[list[tuple[str, bool]], int | None]:
+        """One page of ``/oauth/installedLocations``: ([(id, installed)], count or None)."""
+        query = urlencode(
+            {
+                "companyId": company_id,
+                "appId": self.config.ghl.app_id,
+                "isInstalled": "true",
+                "skip": str(skip),
+                "limit": str(INSTALLED_PAGE),
+            }
+        )
+        answer = await self.request(
+            "GET",
+            "/oauth/installedLocations?" + query,
+            version=VERSION_OAUTH,
+            token=company_token,
+            pace_key="company:" + company_id,
+        )
+        page = answer.get("locations") if isinstance(answer, dict) else None
+        if not isinstance(page, list):
+            raise GHLError(502, "GHL's installedLocations answer has no locations list")
+        entries = []
+        for entry in page:
+            location_id = entry.get("_id") if isinstance(entry, dict) else None
+            if not isinstance(location_id, str) or not location_id:
+                raise GHLError(502, "GHL's installedLocations answer has an entry without _id")
+            entries.append((location_id, entry.get("isInstalled", True) is not False))
+        count = answer.get("count")
+        valid = isinstance(count, int) and not isinstance(count, bool) and count >= 0
+        return entries, count if valid else None
 
     # -- location-scoped calls with retries ----------------------------------------------------
 

@@ -182,13 +182,22 @@ async def test_uninstall_older_than_a_reinstall_keeps_the_tokens(bridge, config_
 
 
 @pytest.mark.gen_test
-async def test_uninstall_without_timestamp_or_webhook_id_deletes_nothing(bridge):
+async def test_uninstall_without_timestamp_or_webhook_id_is_dated_by_its_arrival(
+    bridge, config_dir
+):
+    """The body GHL's app-uninstall doc shows has neither: it uninstalls, and an INSTALL dated
+    before its arrival (a late retry) does not undo it."""
     await bridge.start()
     await bridge.install("loc1")
     event = app_event("UNINSTALL", "loc1")
     del event["timestamp"], event["webhookId"]
     assert (await post_app_webhook(bridge, event)).code == 200
-    assert bridge.daemon.installations.get("loc1") is not None
+    assert bridge.daemon.installations.get("loc1") is None
+    assert stored_on_disk(config_dir, "installs", "loc1") is None
+    late = app_event("INSTALL", "loc1", "comp1", timestamp=iso_timestamp(seconds_ago=60))
+    assert (await post_app_webhook(bridge, late)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    assert bridge.daemon.installations.pending() == []
 
 
 @pytest.mark.gen_test
@@ -370,3 +379,54 @@ async def test_installed_locations_reads_every_page(bridge):
     assert listed == [f"loc{n:03d}" for n in range(250)]
     pages = bridge.ghl.calls_to("GET", "/oauth/installedLocations")
     assert [c.query["skip"] for c in pages] == ["0", "100", "200"]
+
+
+# -- castghld forget ----------------------------------------------------------------------------
+
+
+async def forget(config_dir, location_id: str) -> int:
+    """`castghld forget LOCATION` against the running daemon (through its admin socket)."""
+    loop = asyncio.get_running_loop()
+    argv = ["--config", config_dir.config_path, "forget", location_id]
+    return await loop.run_in_executor(None, main, argv)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_forgotten_location_is_not_minted_again_by_reconciliation(bridge, config_dir):
+    await agency_installed(bridge, ["locA", "locB"])
+    assert await forget(config_dir, "locB") == 0
+    report = await bridge.daemon.installations.reconcile()  # GHL still lists locB
+    assert report["minted"] == [] and bridge.daemon.installations.get("locB") is None
+    await bridge.stop()
+    await bridge.start()  # the reconciliation at startup
+    await reconciled(bridge)
+    assert bridge.daemon.installations.get("locB") is None
+    assert bridge.daemon.installations.pending() == []
+    response = await bridge.post_message(locationId="locB", messageId="m-b")
+    assert json.loads(response.body)["status"] == "ignored"
+    assert usable(bridge, "locA")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_forgotten_location_is_installed_again_by_a_new_install_webhook(bridge, config_dir):
+    await agency_installed(bridge, ["locA", "locB"])
+    assert await forget(config_dir, "locB") == 0
+    assert (await post_app_webhook(bridge, app_event("INSTALL", "locB", AGENCY))).code == 200
+    await wait_for(lambda: usable(bridge, "locB"))
+    await bridge.daemon.installations.reconcile()
+    assert usable(bridge, "locB")
+    await status_update_succeeds(bridge, "locB", "msg-b")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_forgotten_location_is_installed_again_through_the_oauth_callback(bridge, config_dir):
+    await agency_installed(bridge, ["locA", "locB"])
+    assert await forget(config_dir, "locB") == 0
+    await bridge.install("locB", company_id=AGENCY)
+    assert usable(bridge, "locB")
+    await bridge.stop()
+    bridge.ghl.revoke("locB")  # its pair is refused: re-minted from the agency token
+    await bridge.start()
+    await reconciled(bridge)
+    await status_update_succeeds(bridge, "locB", "msg-b")
+    assert usable(bridge, "locB")

@@ -259,3 +259,36 @@ async def test_post_webhook_sends_the_signed_body(ghl, cast):
     assert json.loads(body) == payload
     assert headers["X-Ghl-Signature"] == ghl.sign(body)["X-GHL-Signature"]
     assert ghl.webhook_messages == {"m1": "loc1"}
+
+
+async def installed_page(ghl: FakeGHL, token: str, skip: int, limit: int = 100) -> dict:
+    query = urlencode(
+        {"companyId": "ag", "appId": "cid", "isInstalled": "true", "skip": skip, "limit": limit}
+    )
+    answer = await fetch(
+        f"{ghl.url}/oauth/installedLocations?{query}",
+        Authorization=f"Bearer {token}",
+        Version="2021-07-28",
+    )
+    assert answer.code == 200, answer.body
+    return json.loads(answer.body)
+
+
+@pytest.mark.gen_test
+async def test_installed_locations_paging_switches(ghl):
+    locations = [f"loc{n:02d}" for n in range(30)]
+    token = ghl.issue_company_tokens("ag", locations)["access_token"]
+    ghl.installed_page_cap = 20  # asked for 100: serves 20
+    page = await installed_page(ghl, token, skip=0)
+    assert [e["_id"] for e in page["locations"]] == locations[:20] and page["count"] == 30
+    ghl.installed_ignores_skip = True
+    page = await installed_page(ghl, token, skip=20)
+    assert [e["_id"] for e in page["locations"]] == locations[:20]
+    ghl.installed_ignores_skip = False
+    ghl.hidden_from_list.add("loc29")  # still mintable, not listed
+    ghl.uninstall_after_pages("loc00", pages=1)
+    page = await installed_page(ghl, token, skip=20)
+    assert [e["_id"] for e in page["locations"]] == locations[20:29] and page["count"] == 29
+    page = await installed_page(ghl, token, skip=0)  # loc00 left after the page before
+    assert page["locations"][0]["_id"] == "loc01" and page["count"] == 28
+    assert ghl.violations == []

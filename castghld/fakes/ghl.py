@@ -112,6 +112,14 @@ class _FakeGHLOAuth(_FakeServer):
         self._spent_refresh: set[str] = set()
         self._company_locations: defaultdict[str, set[str]] = defaultdict(set)
         self._inactive: set[str] = set()
+        # How /oauth/installedLocations may page differently (GHL documents a default page of 20
+        # and no maximum): serve at most this many per page whatever `limit` asks; ignore `skip`;
+        # leave out locations still installed (a lagging index); `uninstall_after_pages`.
+        self.installed_page_cap: int | None = None
+        self.installed_ignores_skip = False
+        self.hidden_from_list: set[str] = set()
+        self._installed_pages = 0  # pages served so far
+        self._uninstall_after: list[tuple[int, str]] = []  # (pages served, location id)
 
     def _error_body(self, status: int, message: str) -> Any:
         return {"statusCode": status, "message": message}
@@ -169,6 +177,11 @@ class _FakeGHLOAuth(_FakeServer):
         for locations in self._company_locations.values():
             locations.discard(location_id)
         self.revoke(location_id)
+
+    def uninstall_after_pages(self, location_id: str, pages: int = 1) -> None:
+        """`uninstall_app(location_id)` once `pages` more installedLocations pages are served:
+        an uninstall between two page reads, which shifts the pages after it."""
+        self._uninstall_after.append((self._installed_pages + pages, location_id))
 
     def issue_tokens(
         self, location_id: str, company_id: str = "comp1", expires_in: int = 86399
@@ -327,12 +340,18 @@ class _FakeGHLOAuth(_FakeServer):
         if not skip.isdigit() or not limit.isdigit() or not 1 <= int(limit) <= 500:
             self._violate(call, 422, "skip must be >= 0 and limit 1..500 (integers)")
         self._take_failure("installed_locations")
-        installed = sorted(self._company_locations[grant.company_id])
-        page = installed[int(skip) : int(skip) + int(limit)]
+        installed = sorted(self._company_locations[grant.company_id] - self.hidden_from_list)
+        start = 0 if self.installed_ignores_skip else int(skip)
+        size = min(int(limit), self.installed_page_cap or int(limit))
         locations = [
             {"_id": lid, "name": f"Location {lid}", "address": "", "isInstalled": True}
-            for lid in page
+            for lid in installed[start : start + size]
         ]
+        self._installed_pages += 1
+        for due, location_id in list(self._uninstall_after):
+            if due <= self._installed_pages:
+                self._uninstall_after.remove((due, location_id))
+                self.uninstall_app(location_id)
         return Answer(
             200,
             {"locations": locations, "count": len(installed), "installToFutureLocations": True},

@@ -13,6 +13,7 @@ share one `InstallStore`, each in the module of its job, with that job's guarant
 - `agency.py`: location pairs minted with a company's token, retried, kept pending on failure.
 - `reconcile.py`: GHL's list of installed locations against ours (mint, mark ``uninstalled``),
   expiry of pending installs and tombstones.
+- `unlisted.py`: locations GHL's list lacks, confirmed gone before they are marked.
 - `refresh.py`: access tokens for callers, refresh, re-mint on ``invalid_grant``, the sweep.
 """
 
@@ -38,6 +39,7 @@ from castghld.tokens.refresh import (
 )
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     MAX_EXPIRES_IN,
     PENDING,
@@ -56,6 +58,7 @@ from castghld.tokens.store import (
 __all__ = [
     "COMPANIES",
     "EXPIRY_SLACK",
+    "FORGOTTEN",
     "INSTALLS",
     "MAX_EXPIRES_IN",
     "MINT_CONCURRENCY",
@@ -123,6 +126,12 @@ class Installations:
         return self._store.on_usable
 
     @property
+    def on_departed(self) -> list[Callable[[str], None]]:
+        """Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
+        unlisted by a reconciliation): it is not texted for any more."""
+        return self._store.on_departed
+
+    @property
     def _reconcile_task(self) -> asyncio.Task | None:
         """The reconciliation running in the background, if any (tests wait for it)."""
         return self._reconciler.task
@@ -169,6 +178,12 @@ class Installations:
         pair is newer than the UNINSTALL; the locations whose pair was deleted."""
         return await self._lifecycle.uninstall(location_id, company_id, event_at, webhook_id)
 
+    async def forget(self, location_id: str) -> bool:
+        """`castghld forget`: delete the location's pair, as an UNINSTALL dated now would, and
+        keep reconciliations from minting it again until a new INSTALL or OAuth install. Whether
+        a pair was deleted."""
+        return await self._lifecycle.forget(location_id)
+
     async def mint_location(self, company_id: str, location_id: str, source: str) -> str:
         """Get and store a location pair with the company's token; its access token."""
         return await self._minter.mint_location(company_id, location_id, source)
@@ -181,7 +196,8 @@ class Installations:
 
     async def reconcile(self) -> dict[str, Any]:
         """Compare every company's installed locations at GHL with ours; mint and mark. Returns
-        ``{"minted": [...], "marked": [...], "failed": {...}, "companies": {...}}``."""
+        ``{"minted": [...], "marked": [...], "unconfirmed": [...], "failed": {...},
+        "companies": {...}}``."""
         return await self._reconciler.reconcile()
 
     # -- tokens (refresh.py) -------------------------------------------------------------------

@@ -13,10 +13,15 @@ Guarantees:
   answered, until a mint or a code exchange completes it, so agency installs never leave a
   location uninstalled.
 - Ordering: an UNINSTALL dated before the location's ``installed_at`` is ignored, so a late or
-  retried UNINSTALL never deletes the pair of a reinstall; one without a date and without a
-  ``webhookId`` never deletes a pair. An INSTALL dated before the location's last UNINSTALL is
-  ignored. An UNINSTALL without a date but with a ``webhookId`` is dated by its first delivery
-  (section ``undated_uninstalls``).
+  retried UNINSTALL never deletes the pair of a reinstall. An INSTALL dated before the
+  location's last UNINSTALL is ignored. An UNINSTALL without a date but with a ``webhookId`` is
+  dated by its first delivery (section ``undated_uninstalls``); one with neither (the body GHL's
+  app-uninstall doc shows) by its arrival.
+- ``castghld forget`` is an UNINSTALL dated now that also keeps the location out of
+  reconciliations (section ``forgotten``), which would otherwise mint it again while GHL lists it;
+  a new INSTALL webhook or an OAuth install of the location ends that.
+- `InstallStore.on_departed` is told of every location whose pair an UNINSTALL or a forget
+  deleted, after the commit.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from castghld.tokens.flight import SingleFlight
 from castghld.tokens.reconcile import Reconciler
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     PENDING,
     SOURCE_AGENCY,
@@ -43,9 +49,9 @@ from castghld.tokens.store import (
 )
 
 
-def _older(record: dict[str, Any], event_at: float | None) -> bool:
-    """Whether an UNINSTALL dated `event_at` (None: undated) comes after `record`'s install."""
-    return event_at is not None and record.get("installed_at", 0.0) <= event_at
+def _older(record: dict[str, Any], event_at: float) -> bool:
+    """Whether an UNINSTALL dated `event_at` comes after `record`'s install."""
+    return record.get("installed_at", 0.0) <= event_at
 
 
 class Lifecycle:
@@ -138,7 +144,13 @@ class Lifecycle:
             return "older than the location's last UNINSTALL; ignored"
         if usable(self.state.get(INSTALLS, location_id)):
             return "already installed"
+        if self.state.get(FORGOTTEN, location_id) is not None:
+            # A new INSTALL after `castghld forget`: GHL installs it again (committed with the
+            # pending install, or just below when that is unchanged).
+            self.state.delete(FORGOTTEN, location_id)
         await self.store.keep_pending(location_id, company_id, event_at)
+        if self.state.dirty:
+            await self.state.commit()
         if company_id and self.state.get(COMPANIES, company_id) is not None:
             try:
                 await self.minter.mint_location(company_id, location_id, SOURCE_AGENCY)
@@ -161,10 +173,13 @@ class Lifecycle:
         company_id: str = "",
         event_at: float | None = None,
         webhook_id: str = "",
+        *,
+        forgotten: bool = False,
     ) -> list[str]:
         """Forget a location, or a company and every location installed through it, unless the
         pair is newer than the UNINSTALL (see the module docstring: ordering). Returns the
-        locations whose pair was deleted, once that is on disk."""
+        locations whose pair was deleted, once that is on disk (`forgotten`: and marked so in
+        the same commit, see `forget`)."""
         event_at = self._uninstall_date(event_at, webhook_id, location_id, company_id)
         targets: list[str] = []
         if location_id:
@@ -175,6 +190,8 @@ class Lifecycle:
         for lid in dict.fromkeys(targets):
             if self._forget_location(lid, event_at):
                 removed.append(lid)
+                if forgotten:
+                    self.state.put(FORGOTTEN, lid, {"at": event_at})
         await self.state.commit()
         for lid in removed:
             log.info(
@@ -182,12 +199,23 @@ class Lifecycle:
                 lid,
                 extra={"location_id": lid, "outcome": "uninstalled"},
             )
+        self.store.departed(removed)
         return removed
+
+    async def forget(self, location_id: str) -> bool:
+        """`castghld forget`: an UNINSTALL dated now, and the location stays forgotten (section
+        ``forgotten``: a reconciliation does not mint it although GHL still lists it) until a
+        new INSTALL webhook or an OAuth install. Whether a pair was deleted."""
+        removed = await self.uninstall(
+            location_id=location_id, event_at=time.time(), forgotten=True
+        )
+        return bool(removed)
 
     def _uninstall_date(
         self, event_at: float | None, webhook_id: str, location_id: str, company_id: str
-    ) -> float | None:
-        """The date an UNINSTALL is ordered by, or None if it has none (it deletes no pair)."""
+    ) -> float:
+        """The date an UNINSTALL is ordered by: its timestamp (never ahead of our clock), else
+        the first delivery of its webhookId, else its arrival."""
         if event_at is not None:
             # Nothing happened after we heard of it: a timestamp ahead of our clock (GHL's skew,
             # or a bad value) must not make a tombstone that outlives TOMBSTONE_AGE or outranks
@@ -201,15 +229,18 @@ class Lifecycle:
             if first is None:
                 self.state.put(UNDATED_UNINSTALLS, webhook_id, {"at": event_at})
         if event_at is None:
-            log.warning(
-                "UNINSTALL location=%s company=%s without timestamp or webhookId: it cannot be "
-                "ordered against a reinstall, so no pair is deleted",
+            # GHL's app-uninstall doc shows a body with neither: dated by its arrival. A retry of
+            # it after a reinstall cannot be told from a new one (nothing identifies it).
+            event_at = time.time()
+            log.info(
+                "UNINSTALL location=%s company=%s without timestamp or webhookId: dated by its "
+                "arrival",
                 location_id or "-",
                 company_id or "-",
             )
         return event_at
 
-    def _forget_company(self, company_id: str, event_at: float | None) -> list[str]:
+    def _forget_company(self, company_id: str, event_at: float) -> list[str]:
         """Delete the company's agency token if the UNINSTALL is newer (not committed yet); the
         locations installed or pending through it."""
         company = self.state.get(COMPANIES, company_id)
@@ -223,7 +254,7 @@ class Lifecycle:
         ]
         return targets
 
-    def _forget_location(self, location_id: str, event_at: float | None) -> bool:
+    def _forget_location(self, location_id: str, event_at: float) -> bool:
         """Apply the UNINSTALL to one location (not committed yet): drop its pending INSTALL if
         older, raise its tombstone, delete its pair. Whether a pair was deleted."""
         record = self.state.get(INSTALLS, location_id)
@@ -239,12 +270,11 @@ class Lifecycle:
             )
             return False
         pending = self.state.get(PENDING, location_id)
-        if pending is not None and (event_at is None or (pending.get("event_at") or 0) <= event_at):
+        if pending is not None and (pending.get("event_at") or 0) <= event_at:
             self.state.delete(PENDING, location_id)
-        if event_at is not None:
-            tombstone = self.state.get(UNINSTALLS, location_id)
-            if tombstone is None or tombstone["at"] < event_at:
-                self.state.put(UNINSTALLS, location_id, {"at": event_at})
+        tombstone = self.state.get(UNINSTALLS, location_id)
+        if tombstone is None or tombstone["at"] < event_at:
+            self.state.put(UNINSTALLS, location_id, {"at": event_at})
         if record is None:
             return False
         self.state.delete(INSTALLS, location_id)

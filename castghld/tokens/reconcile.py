@@ -5,13 +5,17 @@ Guarantees:
 
 - A reconciliation (`Reconciler.reconcile`) runs after every company token is stored, after an
   INSTALL webhook that could not be completed at once, at startup and every
-  ``tokens.reconcile_interval``: it mints every location GHL lists as installed that has no
-  usable pair and marks ``uninstalled`` the ones GHL no longer lists (they are not texted for;
-  their tokens are kept in case GHL lists them again). A mint that fails is kept pending and
-  retried by the next reconciliation.
-- Nothing is marked on a list that could not be read completely, nor on an empty list while we
-  hold usable locations of the company (more likely a wrong ``ghl.app_id``), nor for a location
-  installed after the list was asked for.
+  ``tokens.reconcile_interval``: it reads GHL's whole list however GHL pages it
+  (`GHLClient.installed_locations`), mints every location listed as installed that has no usable
+  pair and marks ``uninstalled`` the ones GHL no longer lists once that is confirmed
+  (`unlisted.py`: GHL refuses to mint their token, or two consecutive complete lists lack them).
+  They are not texted for; their tokens are kept in case GHL lists them again. A mint that fails
+  is kept pending and retried by the next reconciliation. A location deleted by ``castghld
+  forget`` is not minted although GHL lists it, until a new INSTALL webhook or an OAuth install
+  (`lifecycle.py`).
+- Nothing is marked on a list that could not be read completely (what it does list is minted),
+  nor on an empty list while we hold usable locations of the company (more likely a wrong
+  ``ghl.app_id``), nor for a location installed after the list was asked for.
 - A pending INSTALL never listed for `PENDING_MAX_AGE` is logged at error and dropped; UNINSTALL
   tombstones are kept `TOMBSTONE_AGE`.
 - One reconciliation runs at a time; one requested while another runs follows it.
@@ -23,12 +27,13 @@ import asyncio
 import time
 from typing import Any
 
-from castghld.ghl import GHLClient, GHLError, TokenUnavailable, refresh_once_on_401
+from castghld.ghl import GHLClient, GHLError, IncompleteList, TokenUnavailable, refresh_once_on_401
 from castghld.tokens.agency import Minter
 from castghld.tokens.flight import SingleFlight
 from castghld.tokens.refresh import Refresher
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
     PENDING,
     SOURCE_RECONCILED,
@@ -36,10 +41,12 @@ from castghld.tokens.store import (
     STATUS_UNINSTALLED,
     UNDATED_UNINSTALLS,
     UNINSTALLS,
+    UNLISTED,
     InstallStore,
     log,
     usable,
 )
+from castghld.tokens.unlisted import UnlistedLocations
 
 PENDING_MAX_AGE = 7 * 86400.0
 TOMBSTONE_AGE = 30 * 86400.0
@@ -62,6 +69,7 @@ class Reconciler:
         self.refresher = refresher
         self.minter = minter
         self.ghl = ghl
+        self.confirmations = UnlistedLocations(store, minter)
         self.task: asyncio.Task | None = None  # the reconciliation running in the background
         self._again = False
 
@@ -102,18 +110,37 @@ class Reconciler:
     async def reconcile(self) -> dict[str, Any]:
         """Compare every company's installed locations at GHL with ours; mint and mark.
 
-        Returns ``{"minted": [...], "marked": [...], "failed": {location: reason},
-        "companies": {company: error}}`` (companies whose list could not be read: nothing of
-        theirs is marked on a list we could not read completely).
+        Returns ``{"minted": [...], "marked": [...], "unconfirmed": [...], "failed": {location:
+        reason}, "companies": {company: error}}``: ``unconfirmed`` are the locations missing from
+        one complete list that GHL did not confirm gone (marked if the next complete list lacks
+        them too); ``companies`` those whose list could not be read completely (nothing of theirs
+        is marked; the locations such a list does give are minted).
         """
-        report: dict[str, Any] = {"minted": [], "marked": [], "failed": {}, "companies": {}}
+        report: dict[str, Any] = {
+            "minted": [],
+            "marked": [],
+            "unconfirmed": [],
+            "failed": {},
+            "companies": {},
+        }
         for company_id, company in self.state.items(COMPANIES):
             if company.get("status") == STATUS_NEEDS_REAUTH:
                 report["companies"][company_id] = "agency token needs reauthorisation"
                 continue
             asked_at = time.time()
+            complete = True
             try:
                 listed = await self._installed_locations(company_id)
+            except IncompleteList as e:
+                listed, complete = e.ids, False
+                report["companies"][company_id] = str(e)
+                log.warning(
+                    "reconcile company=%s: %s; minting the %d it lists, marking nothing",
+                    company_id,
+                    e,
+                    len(listed),
+                    extra={"company_id": company_id, "outcome": "incomplete", "reason": str(e)},
+                )
             except (GHLError, TokenUnavailable) as e:
                 report["companies"][company_id] = str(e)
                 log.warning(
@@ -123,13 +150,14 @@ class Reconciler:
                     extra={"company_id": company_id, "outcome": "failed", "reason": str(e)},
                 )
                 continue
-            await self._reconcile_company(company_id, listed, asked_at, report)
+            await self._reconcile_company(company_id, listed, complete, asked_at, report)
         await self.expire_pending()
-        if report["minted"] or report["marked"] or report["failed"]:
+        if report["minted"] or report["marked"] or report["failed"] or report["unconfirmed"]:
             log.info(
-                "reconciliation: minted=%d marked_uninstalled=%d failed=%d",
+                "reconciliation: minted=%d marked_uninstalled=%d unconfirmed=%d failed=%d",
                 len(report["minted"]),
                 len(report["marked"]),
+                len(report["unconfirmed"]),
                 len(report["failed"]),
             )
         return report
@@ -142,11 +170,16 @@ class Reconciler:
         )
 
     async def _reconcile_company(
-        self, company_id: str, listed: list[str], asked_at: float, report: dict[str, Any]
+        self,
+        company_id: str,
+        listed: list[str],
+        complete: bool,
+        asked_at: float,
+        report: dict[str, Any],
     ) -> None:
-        """Mint what `listed` (GHL's answer to a request made at `asked_at`) has and we lack;
-        mark what we hold and it lacks, unless it was installed after the request was made (the
-        list may predate it)."""
+        """Mint what `listed` (GHL's answer to a request made at `asked_at`) has and we lack. If
+        the list is `complete`, confirm and mark what we hold and it lacks, unless it was
+        installed after the request was made (the list may predate it)."""
         ours = [
             lid
             for lid, r in self.state.items(INSTALLS)
@@ -165,10 +198,17 @@ class Reconciler:
                 extra={"company_id": company_id, "outcome": "skipped", "reason": "empty list"},
             )
             return
-        report["marked"] += await self._mark_unlisted(company_id, set(listed), asked_at)
+        for location_id in listed:  # listed again: a later absence is a first one
+            self.state.delete(UNLISTED, location_id)
+        if complete:
+            marked, unconfirmed = await self.confirmations.run(company_id, set(listed), asked_at)
+            report["marked"] += marked
+            report["unconfirmed"] += unconfirmed
         to_mint = []
         for location_id in listed:
             record = self.state.get(INSTALLS, location_id)
+            if record is None and self.state.get(FORGOTTEN, location_id) is not None:
+                continue  # `castghld forget`: until a new INSTALL or OAuth install
             if record is None or record.get("status") in (STATUS_UNINSTALLED, STATUS_NEEDS_REAUTH):
                 to_mint.append(location_id)
             elif self.state.get(PENDING, location_id) is not None:
@@ -176,30 +216,8 @@ class Reconciler:
         minted, failed = await self.minter.mint_many(company_id, to_mint, SOURCE_RECONCILED)
         report["minted"] += minted
         report["failed"].update(failed)
-
-    async def _mark_unlisted(self, company_id: str, listed: set[str], asked_at: float) -> list[str]:
-        """Mark ``uninstalled`` (durably) the company's locations not in `listed` that were
-        installed before `asked_at`; the ones newly marked."""
-        marked = []
-        for location_id, record in self.state.items(INSTALLS):
-            if record.get("company_id") != company_id or location_id in listed:
-                continue
-            if record.get("installed_at", 0.0) >= asked_at:
-                continue
-            if record.get("status") != STATUS_UNINSTALLED:
-                self.state.put(INSTALLS, location_id, {**record, "status": STATUS_UNINSTALLED})
-                marked.append(location_id)
-        if marked:
+        if self.state.dirty:
             await self.state.commit()
-            for location_id in marked:
-                log.warning(
-                    "location=%s is no longer installed at GHL (company=%s); not texted for "
-                    "until it is installed again",
-                    location_id,
-                    company_id,
-                    extra={"location_id": location_id, "outcome": "marked_uninstalled"},
-                )
-        return marked
 
     async def expire_pending(self) -> None:
         """Drop pending installs older than `PENDING_MAX_AGE` and tombstones older than
@@ -215,6 +233,9 @@ class Reconciler:
                 PENDING_MAX_AGE // 86400,
                 extra={"location_id": lid, "outcome": "dropped", "reason": "pending too long"},
             )
+        for location_id, _ in self.state.items(UNLISTED):
+            if self.store.get(location_id) is None:  # uninstalled or marked since
+                self.state.delete(UNLISTED, location_id)
         horizon = time.time() - TOMBSTONE_AGE
         for section in (UNINSTALLS, UNDATED_UNINSTALLS):
             for key, tombstone in self.state.items(section):

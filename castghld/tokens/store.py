@@ -19,7 +19,10 @@ expires_at (epoch s), status, company_id, scope, installed_at, refreshed_at, sou
 ``agency`` or ``reconciled``); ``companies`` by company id (+ ``approved_locations``);
 ``pending_installs`` by location id: ``company_id, event_at, received_at``; ``uninstalls`` by
 location id: ``at`` (the last UNINSTALL's date, for ordering; kept `TOMBSTONE_AGE`);
-``undated_uninstalls`` by webhookId: ``at`` (first delivery of an UNINSTALL without timestamp).
+``undated_uninstalls`` by webhookId: ``at`` (first delivery of an UNINSTALL without timestamp);
+``forgotten`` by location id: ``at`` (``castghld forget``: not minted again by a reconciliation
+until a new INSTALL or an OAuth install); ``unlisted`` by location id: ``at`` (first complete read
+of GHL's list that lacked it, `unlisted.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ COMPANIES = "companies"
 PENDING = "pending_installs"
 UNINSTALLS = "uninstalls"
 UNDATED_UNINSTALLS = "undated_uninstalls"  # webhookId -> first delivery of a dateless UNINSTALL
+FORGOTTEN = "forgotten"  # location id -> when `castghld forget` deleted it
+UNLISTED = "unlisted"  # location id -> first complete read of GHL's list that lacked it
 STATUS_OK = "ok"
 STATUS_NEEDS_REAUTH = "needs_reauth"
 STATUS_INACTIVE = "inactive"
@@ -91,6 +96,9 @@ class InstallStore:
         # Called with a location id once its pair is on disk and usable (install, reinstall,
         # recovery from inactive): work that waited for the location can go on.
         self.on_usable: list[Callable[[str], None]] = []
+        # Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
+        # unlisted by a reconciliation): it is not texted for any more.
+        self.on_departed: list[Callable[[str], None]] = []
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -142,10 +150,13 @@ class InstallStore:
         """
         previous = self.state.get(section, key)
         pending = self.state.get(PENDING, key) if section == INSTALLS else None
+        forgotten = self.state.get(FORGOTTEN, key) if section == INSTALLS else None
         now_usable = usable(record)
         self.state.put(section, key, record)
         if pending is not None and now_usable:
             self.state.delete(PENDING, key)
+        if forgotten is not None and now_usable:
+            self.state.delete(FORGOTTEN, key)  # installed again: reconciliations mint it again
         try:
             await self.state.commit()
         except OSError:
@@ -156,10 +167,18 @@ class InstallStore:
                     self.state.put(section, key, previous)
                 if pending is not None and self.state.get(PENDING, key) is None:
                     self.state.put(PENDING, key, pending)
+                if forgotten is not None and self.state.get(FORGOTTEN, key) is None:
+                    self.state.put(FORGOTTEN, key, forgotten)
             raise
         if section == INSTALLS and now_usable and not usable(previous):
             for callback in self.on_usable:
                 callback(key)
+
+    def departed(self, location_ids: list[str]) -> None:
+        """Tell `on_departed` (the departures are on disk)."""
+        for location_id in location_ids:
+            for callback in self.on_departed:
+                callback(location_id)
 
     async def durable(self, token: str) -> str:
         """`token`, once the state is on disk: the pair in memory may be one whose commit failed,
