@@ -81,6 +81,7 @@ class StepScheduler:
         self._on_due = on_due
         self._log = log
         self._held: set[str] = set()
+        self._running: set[str] = set()  # ids whose step runs right now
         self._idle = asyncio.Event()
         self._idle.set()
         self._runs: dict[str, StepRun] = {}
@@ -119,6 +120,10 @@ class StepScheduler:
     def holds(self, rid: str) -> bool:
         return rid in self._held
 
+    def running(self, rid: str) -> bool:
+        """True while a step of `rid` runs (not while it waits in a queue or the timer heap)."""
+        return rid in self._running
+
     @property
     def active(self) -> int:
         return len(self._held)
@@ -138,6 +143,7 @@ class StepScheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._held.clear()
+        self._running.clear()
         self._lanes.clear()
         self._timers.clear()
         for pool in self._pools.values():
@@ -214,6 +220,7 @@ class StepScheduler:
     async def _guarded(self, run: StepRun, rid: str) -> None:
         if not self._alive(rid):
             return
+        self._running.add(rid)
         try:
             await run(rid)
         except asyncio.CancelledError:
@@ -225,6 +232,8 @@ class StepScheduler:
                 "outbound: step failed for %s; retrying in %.0fs", rid, PIPELINE_RETRY[0]
             )
             self.later(PIPELINE_RETRY[0], rid, Step.RESUME)
+        finally:
+            self._running.discard(rid)
 
     def _fire(self) -> None:
         self._timer = None

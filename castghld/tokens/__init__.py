@@ -123,6 +123,12 @@ class Installations:
         return self._store.on_usable
 
     @property
+    def on_departed(self) -> list[Callable[[str], None]]:
+        """Called with a location id once its departure is on disk (UNINSTALL, `forget`, marked
+        uninstalled by reconciliation): nothing more is sent or reported for it."""
+        return self._store.on_departed
+
+    @property
     def _reconcile_task(self) -> asyncio.Task | None:
         """The reconciliation running in the background, if any (tests wait for it)."""
         return self._reconciler.task
@@ -136,6 +142,11 @@ class Installations:
 
     def location_ids(self) -> list[str]:
         return self._store.location_ids()
+
+    def departed(self) -> set[str]:
+        """Locations that left and are remembered (UNINSTALL or `forget` within `TOMBSTONE_AGE`,
+        or marked uninstalled by reconciliation)."""
+        return self._store.departed()
 
     def pending(self) -> list[str]:
         """Location ids of INSTALL webhooks not completed yet."""

@@ -182,6 +182,7 @@ class Lifecycle:
                 lid,
                 extra={"location_id": lid, "outcome": "uninstalled"},
             )
+        self.store.departure_durable(removed)
         return removed
 
     def _uninstall_date(

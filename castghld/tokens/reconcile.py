@@ -199,6 +199,7 @@ class Reconciler:
                     company_id,
                     extra={"location_id": location_id, "outcome": "marked_uninstalled"},
                 )
+            self.store.departure_durable(marked)
         return marked
 
     async def expire_pending(self) -> None:
