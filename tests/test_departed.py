@@ -4,9 +4,12 @@ not texted for again, and no reply is given to another location in its place (is
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from test_agency import agency_installed, reconciled
+from test_inbound import post as post_reply
+from test_inbound import reply
 from test_oauth import app_event, post_app_webhook
 
 from castghld.cli import main
@@ -143,3 +146,61 @@ async def test_sent_text_waiting_for_its_receipt_finishes_without_report(bridge)
     await bridge.stop()
     await bridge.start()
     assert not bridge.daemon.outbox.records
+
+
+# -- §3: replies of a location that left ----------------------------------------------------------
+
+
+async def kept_unrouted(bridge) -> None:
+    """Every inbound record was tried and waits (none delivered)."""
+    outbox = bridge.daemon.outbox
+    await wait_for(lambda: outbox.records and outbox.running == 0)
+    assert bridge.ghl.inbound_messages == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reply_kept_with_two_locations_is_not_given_to_the_remaining_one(bridge):
+    await bridge.start()
+    await bridge.install("locA")
+    await bridge.install("locB")
+    assert (await post_reply(bridge, reply("OLD"))).code == 200
+    await kept_unrouted(bridge)
+    await uninstall(bridge, "locB")
+    await bridge.stop()
+    await bridge.start()
+    await kept_unrouted(bridge)
+    assert list(bridge.daemon.outbox.records) == ["in:OLD"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_new_reply_after_another_location_left_is_not_given_to_the_remaining_one(bridge):
+    await bridge.start()
+    await bridge.install("locA")
+    await bridge.install("locB")
+    await uninstall(bridge, "locB")
+    assert (await post_reply(bridge, reply("NEW"))).code == 200
+    await kept_unrouted(bridge)
+    unrouted = bridge.daemon.metrics.registry.get_sample_value(
+        "castghld_inbound_messages_total", {"stage": "delivery", "outcome": "unrouted"}
+    )
+    assert unrouted == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_reply_of_a_location_that_left_expires_after_inbound_max_age(bridge):
+    await bridge.start({"delivery": {"inbound_max_age": 1}})
+    await bridge.install("locA")
+    await bridge.install("locB")
+    assert (await post_reply(bridge, reply("OLD"))).code == 200
+    await kept_unrouted(bridge)
+    await uninstall(bridge, "locB")
+    accepted_at = bridge.daemon.outbox.records["in:OLD"]["accepted_at"]
+    await wait_for(lambda: time.time() - accepted_at > 1.0, timeout=5)
+    await bridge.stop()
+    await bridge.start({"delivery": {"inbound_max_age": 1}})
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+    assert bridge.ghl.inbound_messages == []
+    expired = bridge.daemon.metrics.registry.get_sample_value(
+        "castghld_inbound_messages_total", {"stage": "delivery", "outcome": "expired"}
+    )
+    assert expired == 1
