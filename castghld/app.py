@@ -304,6 +304,8 @@ def init_delivery(
     outbox.pipelines["inbound"] = inbound
     # Replies kept for want of an installed location go on once one is installed.
     installations.on_usable.append(lambda _location_id: outbox.redispatch("inbound"))
+    # Texts of a location that left are not sent or reported any more.
+    installations.on_departed.append(outbound.location_departed)
     return DeliveryPipelines(outbox, cast, outbound, inbound)
 
 

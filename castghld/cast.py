@@ -26,6 +26,8 @@ Guarantees:
   slots are taken, at the instant the request would leave, and raises ``SendWindowClosed``
   instead. A message that waited behind a backlog is not texted late, and one first attempted
   before a crash is not resent once Cast may have forgotten its idempotency key.
+  ``may_leave`` is asked at that same instant (``SendWithdrawn``): a message whose location left
+  while it waited for its slot is not sent.
 - A status poll answered 429 pauses that account's polls for its ``Retry-After``.
 - The API key never appears in an error, a log line or a metric label.
 """
@@ -39,7 +41,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -124,6 +126,10 @@ def worth_retrying(error: CastError, provider_errors: int) -> bool:
 
 class SendWindowClosed(Exception):
     """The send's ``not_after`` passed before the request could leave: nothing was sent."""
+
+
+class SendWithdrawn(Exception):
+    """The send's ``may_leave`` said no when the request would have left: nothing was sent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +280,10 @@ class CastClient:
         message: str,
         idempotency_key: str,
         not_after: float | None = None,
+        may_leave: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
-        """One send attempt; raises `SendWindowClosed` rather than leave after `not_after`."""
+        """One send attempt; raises `SendWindowClosed` rather than leave after `not_after`, and
+        `SendWithdrawn` if `may_leave()` is false at the instant the request would leave."""
         body: dict[str, Any] = {"to": to, "message": message}
         if account.sender_id:
             body["sender_id"] = account.sender_id
@@ -297,6 +305,8 @@ class CastClient:
                         await _park()
                     if not_after is not None and time.time() > not_after:
                         raise SendWindowClosed  # slots taken but nothing sent: harmless
+                    if may_leave is not None and not may_leave():
+                        raise SendWithdrawn  # as above
                     # No await from the slots' instant until the request is handed over.
                     exchange = self._start(
                         account,

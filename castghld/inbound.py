@@ -1,11 +1,18 @@
 """Inbound SMS: a reply Cast received, from the outbox to the right location's GHL conversation.
 
 Routing: the Cast ``to`` (our number in any PH form, or a sender ID) selects the location through
-``cast.locations.<id>.inbound_numbers``; when nothing maps it and exactly one location is
-installed, that one. A message no location claims, or whose location is not (or no longer)
-installed, stays in the outbox (logged, counted in ``castghld_outbox_pending{kind="inbound"}``):
-it is tried again when a location is installed and at every start, so a mapping added to the
-config later still delivers it.
+``cast.locations.<id>.inbound_numbers``. When nothing maps it, the single-location rule
+(`sole_location`, decided once, when the reply is accepted, and kept in its record) may give it
+a location: the one installed location, if exactly one was installed when the reply was
+accepted and no other location had left (UNINSTALL or ``forget`` within 30 days, or marked
+uninstalled); with none installed and none left, the first location installed while it is the
+only one. Otherwise no location is guessed: a reply that arrived while two locations were
+installed, or after another one left, is never given to the one that remains, whose business
+would see another's customer. A message no location claims, or whose location is not (or no
+longer) installed, stays in the outbox (logged, counted in
+``castghld_outbox_pending{kind="inbound"}`` and ``castghld_inbound_messages_total{stage=
+"delivery", outcome="unrouted"}``): it is tried again when a location is installed and at every
+start, so a mapping added to the config later still delivers it.
 
 Delivery: ``from`` normalised to E.164, ``POST /contacts/upsert`` (the contact id is cached per
 location + phone, so a known number costs no upsert), then ``POST /conversations/messages/inbound``
@@ -63,7 +70,21 @@ def record_id(cast_message_id: str) -> str:
     return "in:" + cast_message_id
 
 
-def new_record(payload: dict[str, Any]) -> Record:
+# `sole_location` of a reply accepted while no location was installed and none had left.
+FIRST_INSTALLED = "*"
+
+
+def sole_location(installations: Installations) -> str:
+    """Where the single-location rule sends a reply accepted now (see the module docstring):
+    the only installed location, `FIRST_INSTALLED`, or "" (no location is guessed)."""
+    installed = installations.location_ids()
+    if len(installed) > 1 or installations.departed() - set(installed):
+        return ""
+    return installed[0] if installed else FIRST_INSTALLED
+
+
+def new_record(payload: dict[str, Any], sole: str = "") -> Record:
+    """`sole`: `sole_location` when the reply was accepted."""
     return {
         "kind": KIND,
         "cast_id": payload["message_id"],
@@ -72,6 +93,7 @@ def new_record(payload: dict[str, Any]) -> Record:
         "message": payload["message"],
         "received_at": received_at(payload.get("received_at")),
         "accepted_at": time.time(),
+        "sole_location": sole,
     }
 
 
@@ -128,12 +150,20 @@ class InboundDelivery:
         """No new POST to GHL starts from now on (the outbox keeps the records)."""
         self.stopping = True
 
-    def route(self, to: str) -> str | None:
-        location_id = self.routes.get(route_key(to))
+    def route(self, record: Record) -> str | None:
+        """The location of a reply: its ``to`` mapped by ``inbound_numbers``, else the
+        single-location rule as decided at its acceptance (a record written before that rule
+        existed has none)."""
+        location_id = self.routes.get(route_key(record["to"]))
         if location_id is not None:
             return location_id
+        sole = record.get("sole_location") or None
+        if sole != FIRST_INSTALLED:
+            return sole
         installed = self.installations.location_ids()
-        return installed[0] if len(installed) == 1 else None
+        if len(installed) == 1 and not self.installations.departed() - set(installed):
+            return installed[0]
+        return None
 
     def _expired(self, record: Record) -> bool:
         return (
@@ -156,7 +186,7 @@ class InboundDelivery:
 
     async def __call__(self, outbox: Outbox, rid: str) -> None:
         record = outbox.records[rid]
-        location_id = self.route(record["to"])
+        location_id = self.route(record)
         # The operator's own number is a phone number like any other: never in full in a log.
         context = f"inbound={record['cast_id']} to={redact_numbers(record['to'])}"
         # The same ids as fields of every JSON line about this reply.

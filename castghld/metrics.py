@@ -121,6 +121,14 @@ class Metrics:
         self.sends = Counter(
             "castghld_cast_sends", "Cast send attempts by outcome", ["outcome"], registry=r
         )
+        # Messages ended without being sent (stage "unsent") or without their GHL report (stage
+        # "sent"): their location left (reason "location_uninstalled").
+        self.outbound_dropped = Counter(
+            "castghld_outbound_dropped",
+            "Outbound messages ended unsent or unreported, by reason and stage",
+            ["reason", "stage"],
+            registry=r,
+        )
         self.statuses = Counter(
             "castghld_ghl_status_reports", "Statuses reported to GHL", ["status"], registry=r
         )

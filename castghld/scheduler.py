@@ -170,6 +170,7 @@ class StepScheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._held.clear()
+        self._running.clear()
         self._lanes.clear()
         self._timers.clear()
         for pool in self._pools.values():

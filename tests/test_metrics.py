@@ -21,6 +21,7 @@ FAILURE_ONLY = {
     "castghld_outbox_pending": "test_oldest_waiting_age_grows_while_cast_hangs",
     "castghld_outbox_oldest_age_seconds": "test_oldest_waiting_age_grows_while_cast_hangs",
     "castghld_cast_outages": "test_outbound_logs.py (test_cast_outage_logs_one_warning_...)",
+    "castghld_outbound_dropped": "test_departed.py (a location leaves with texts queued)",
 }
 
 

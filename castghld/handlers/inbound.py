@@ -62,7 +62,9 @@ class InboundHandler(APIHandler):
             self.log_fields = {"cast_id": cast_id}
         try:
             added = await self.daemon.outbox.add(
-                inbound.record_id(payload["message_id"]), inbound.new_record(payload)
+                inbound.record_id(payload["message_id"]),
+                # The single-location rule is decided now, from who is installed now.
+                inbound.new_record(payload, inbound.sole_location(self.daemon.installations)),
             )
         except OSError as e:
             raise APIError(

@@ -25,6 +25,17 @@ Guarantees:
   also logs what happened (see send.py and receipt.py); Cast's texts have numbers redacted.
 - A step that raises unexpectedly does not lose the message: it goes on from its stage after a
   pause (`Step.RESUME`), or at the next start.
+- A location that left (UNINSTALL, ``castghld forget``, marked uninstalled by reconciliation;
+  `Installations.on_departed`) is not texted for again: its messages waiting to be sent are
+  dropped, and those already sent are finished without their GHL report (there is no token to
+  make it with), all in one journal write (``done`` entries: a restart does not bring them back),
+  with one warning line (counts, location, reason) and
+  ``castghld_outbound_dropped_total{reason="location_uninstalled", stage="unsent"|"sent"}``.
+  A message whose step is running at that instant is left to it: a send waiting for its pacing
+  slot asks again at the instant its request would leave and is dropped then; a request that
+  already left completes (Cast has it) and its report is skipped. Every step also checks the
+  location before it runs: a message met after that (a race with the drop, a restart) ends the
+  same way, counted, with its own ``info`` line.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from castghld.records import (
     record_id,
     sms_text,
 )
-from castghld.scheduler import Step, StepScheduler
+from castghld.scheduler import Step, StepRun, StepScheduler
 from castghld.tokens import Installations
 
 # The record (fields, stages, how one is made) is defined in castghld.records; its names stay
@@ -65,6 +76,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("castghld.outbound")
+
+# Why the messages of a location that left end unsent or unreported (metric and log reason).
+DEPARTED = "location_uninstalled"
 
 # Workers: sends per Cast account (10 msg/s at up to ~0.8 s per answer), polls, GHL reports.
 SENDERS_PER_ACCOUNT = 8
@@ -90,14 +104,21 @@ class OutboundDelivery:
         self.outbox: Outbox | None = None
         self.scheduler = StepScheduler(self._live, self._due, log)
         next_step = self._queue_next_step
-        self.sends = SendStep(config, cast, metrics, self.scheduler, next_step)
+        self.sends = SendStep(
+            config, cast, metrics, self.scheduler, next_step, self._installed, self.end_departed
+        )
         self.receipts = ReceiptStep(config, cast, self.scheduler, next_step, self.finish)
         self.reports = ReportStep(
             config, ghl, installations, metrics, self.scheduler, next_step, self.finish
         )
-        self.scheduler.serve(Step.SEND, self.sends.send, SENDERS_PER_ACCOUNT)
-        self.scheduler.serve(Step.POLL, self.receipts.poll, POLL_WORKERS)
-        self.scheduler.serve(Step.REPORT, self.reports.report, REPORT_WORKERS)
+        self.scheduler.serve(Step.SEND, self._unless_departed(self.sends.send), SENDERS_PER_ACCOUNT)
+        self.scheduler.serve(Step.POLL, self._unless_departed(self.receipts.poll), POLL_WORKERS)
+        self.scheduler.serve(
+            Step.REPORT, self._unless_departed(self.reports.report), REPORT_WORKERS
+        )
+        self._dropped = {
+            stage: metrics.outbound_dropped.labels(DEPARTED, stage) for stage in ("unsent", "sent")
+        }
 
     @property
     def config(self) -> Config:
@@ -182,6 +203,78 @@ class OutboundDelivery:
         return self.cast.account_for(record["location_id"]).name
 
     # -- the end -------------------------------------------------------------------------------
+
+    def _installed(self, location_id: str) -> bool:
+        return self.installations.get(location_id) is not None
+
+    def _unless_departed(self, run: StepRun) -> StepRun:
+        """`run`, unless the record's location left: then the message ends (`end_departed`)."""
+
+        async def step(rid: str) -> None:
+            assert self.outbox is not None
+            if not self._installed(self.outbox.records[rid]["location_id"]):
+                await self.end_departed(rid)
+                return
+            await run(rid)
+
+        return step
+
+    async def end_departed(self, rid: str) -> None:
+        """End a message whose location left: unsent, it is dropped; sent, it is finished
+        without its GHL report (there is no token to make it with)."""
+        assert self.outbox is not None
+        record = self.outbox.records.get(rid)
+        if record is None:
+            self.scheduler.release(rid)
+            return
+        unsent = record["stage"] == Stage.NEW
+        self._dropped["unsent" if unsent else "sent"].inc()
+        await self.finish(rid, "dropped" if unsent else "unreported", DEPARTED)
+
+    def location_departed(self, location_id: str) -> None:
+        """`Installations.on_departed`: end the location's messages (`_drop_location`)."""
+        if self.outbox is not None and not self.scheduler.stopping:
+            self.scheduler.spawn(self._drop_location(location_id))
+
+    async def _drop_location(self, location_id: str) -> None:
+        """End every message of a location that left, in one journal write: those waiting to
+        be sent are dropped, those sent are finished without their GHL report; one log line.
+        A message whose step runs right now is left to it: the send asks at the instant its
+        request would leave (``may_leave``), and the step after it ends the message."""
+        assert self.outbox is not None
+        if self._installed(location_id):  # installed again meanwhile
+            return
+        unsent, sent, busy = [], [], 0
+        for rid in self.outbox.ids_of_location(location_id):
+            record = self.outbox.records[rid]
+            if record.get("kind") != KIND:
+                continue
+            if self.scheduler.running(rid):
+                busy += 1
+            else:
+                (unsent if record["stage"] == Stage.NEW else sent).append(rid)
+        if not (unsent or sent or busy):
+            return
+        log.warning(
+            "location=%s left (%s): %d unsent message(s) dropped, %d sent one(s) finished "
+            "without their GHL report, %d in progress end with their current step",
+            location_id,
+            DEPARTED,
+            len(unsent),
+            len(sent),
+            busy,
+            extra={
+                "location_id": location_id,
+                "outcome": "dropped",
+                "reason": DEPARTED,
+                "count": len(unsent) + len(sent),
+            },
+        )
+        self._dropped["unsent"].inc(len(unsent))
+        self._dropped["sent"].inc(len(sent))
+        await self.outbox.finish_many(unsent + sent)
+        for rid in unsent + sent:
+            self.scheduler.release(rid)
 
     async def finish(self, rid: str, outcome: str, reason: str) -> None:
         """Forget the message (its id stays seen) and log its outcome: one line per message."""

@@ -17,6 +17,9 @@ Guarantees:
   sent late, and one attempted before a restart but still unresolved 23 h after it arrived
   (``SAFE_RESEND_AGE``) is reported ``failed`` (``OUTCOME_UNKNOWN``) rather than risked. No retry
   is planned past the send deadline.
+- So is the location: a message whose location left (UNINSTALL, ``forget``, marked uninstalled)
+  while it waited for its pacing slot is not sent (``SendWithdrawn``) but dropped, as
+  `OutboundDelivery` drops the location's other waiting messages.
 - ``attempted`` (with the Cast account and sender ID) is journaled before the first request may
   leave, and is its own entry rather than implied by ``put``: a message never attempted and older
   than ``send_deadline`` after a restart must be reported ``EXPIRED``, not texted late; one
@@ -33,9 +36,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from castghld.cast import (
@@ -45,6 +49,7 @@ from castghld.cast import (
     CastClient,
     CastError,
     SendWindowClosed,
+    SendWithdrawn,
     answer_summary,
     worth_retrying,
 )
@@ -87,6 +92,8 @@ class SendStep:
         metrics: Metrics,
         scheduler: StepScheduler,
         next_step: Callable[[str], None],
+        may_leave: Callable[[str], bool],
+        withdrawn: Callable[[str], Awaitable[None]],
     ):
         self.config = config
         self.cast = cast
@@ -94,6 +101,10 @@ class SendStep:
         self.scheduler = scheduler
         self.outbox: Outbox | None = None
         self._next_step = next_step
+        # Whether a location is still installed, asked at the instant a request would leave;
+        # `withdrawn(rid)` ends a message whose location left.
+        self.may_leave = may_leave
+        self.withdrawn = withdrawn
         self._regions: tuple[tuple[str, ...], frozenset[str] | None] = ((), None)
         # Metric children looked up once, not per message.
         self._sends = {o: metrics.sends.labels(o) for o in ("sent", "retry", "failed", "gave_up")}
@@ -144,15 +155,16 @@ class SendStep:
                 rid, attempted=True, account=account.name, sender_id=account.sender_id
             )
         try:
+            leave = functools.partial(self.may_leave, record["location_id"])
             answer = await self.cast.send_once(
-                account, checked, sms_text(record), record["message_id"], not_after
+                account, checked, sms_text(record), record["message_id"], not_after, leave
             )
         except SendWindowClosed:
-            await self._window_closed(rid, resuming)
-            return
+            return await self._window_closed(rid, resuming)
+        except SendWithdrawn:
+            return await self.withdrawn(rid)
         except CastError as e:
-            await self._retry_or_fail(rid, e)
-            return
+            return await self._retry_or_fail(rid, e)
         self._sends["sent"].inc()
         self.outages.observe(account.name, None)
         # No await between Cast's answer and queueing this entry (see Journal.append).

@@ -128,7 +128,7 @@ class Installations:
     @property
     def on_departed(self) -> list[Callable[[str], None]]:
         """Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
-        unlisted by a reconciliation): it is not texted for any more."""
+        unlisted by a reconciliation): nothing more is sent or reported for it."""
         return self._store.on_departed
 
     @property
@@ -145,6 +145,11 @@ class Installations:
 
     def location_ids(self) -> list[str]:
         return self._store.location_ids()
+
+    def departed(self) -> set[str]:
+        """Locations that left and are remembered (UNINSTALL or `forget` within `TOMBSTONE_AGE`,
+        or marked uninstalled by reconciliation)."""
+        return self._store.departed()
 
     def pending(self) -> list[str]:
         """Location ids of INSTALL webhooks not completed yet."""

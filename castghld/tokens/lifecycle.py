@@ -199,7 +199,7 @@ class Lifecycle:
                 lid,
                 extra={"location_id": lid, "outcome": "uninstalled"},
             )
-        self.store.departed(removed)
+        self.store.departure_durable(removed)
         return removed
 
     async def forget(self, location_id: str) -> bool:

@@ -97,7 +97,7 @@ class InstallStore:
         # recovery from inactive): work that waited for the location can go on.
         self.on_usable: list[Callable[[str], None]] = []
         # Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
-        # unlisted by a reconciliation): it is not texted for any more.
+        # unlisted by a reconciliation): nothing more is sent or reported for it.
         self.on_departed: list[Callable[[str], None]] = []
 
     # -- lookups -------------------------------------------------------------------------------
@@ -116,6 +116,23 @@ class InstallStore:
             for location_id, record in self.state.items(INSTALLS)
             if record.get("status") != STATUS_UNINSTALLED
         ]
+
+    def departed(self) -> set[str]:
+        """Locations that left and are remembered: an UNINSTALL or `forget` within
+        `TOMBSTONE_AGE` (its tombstone), or marked uninstalled by reconciliation."""
+        left = {location_id for location_id, _ in self.state.items(UNINSTALLS)}
+        left.update(
+            location_id
+            for location_id, record in self.state.items(INSTALLS)
+            if record.get("status") == STATUS_UNINSTALLED
+        )
+        return left
+
+    def departure_durable(self, location_ids: list[str]) -> None:
+        """Tell `on_departed` about `location_ids`, whose departure was just committed."""
+        for location_id in location_ids:
+            for callback in self.on_departed:
+                callback(location_id)
 
     def pending(self) -> list[str]:
         """Location ids of INSTALL webhooks not completed yet."""
@@ -173,12 +190,6 @@ class InstallStore:
         if section == INSTALLS and now_usable and not usable(previous):
             for callback in self.on_usable:
                 callback(key)
-
-    def departed(self, location_ids: list[str]) -> None:
-        """Tell `on_departed` (the departures are on disk)."""
-        for location_id in location_ids:
-            for callback in self.on_departed:
-                callback(location_id)
 
     async def durable(self, token: str) -> str:
         """`token`, once the state is on disk: the pair in memory may be one whose commit failed,

@@ -142,5 +142,5 @@ class UnlistedLocations:
                 confirmed[location_id],
                 extra={"location_id": location_id, "outcome": "marked_uninstalled"},
             )
-        self.store.departed(marked)
+        self.store.departure_durable(marked)
         return marked
