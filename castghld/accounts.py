@@ -25,6 +25,9 @@ Guarantees:
 - One ``error`` line per pause and one ``info`` line per resume, each naming the account, the
   reason, the messages waiting and the fix; ``castghld_cast_account_paused{account,reason}`` is 1
   while paused, 0 after. No key ever appears in either.
+- What `castghld accounts` shows of an account is kept here too: the last balance read (by a
+  probe or by `read`) and the sends of the last hour, in one counter per minute (60 ints per
+  account, whatever the rate).
 - Every resume starts a new `epoch` of the account: the send step uses it to tell a refusal that
   Cast replays from its idempotency cache (the same refusal, to a message refused before the
   account was fixed) from a new one.
@@ -33,6 +36,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -129,7 +133,41 @@ class AccountStates:
         self.paused: dict[str, Pause] = {}
         self._epochs: dict[str, int] = {}
         self._resumed: dict[str, tuple[float, int]] = {}  # name -> (when, probes), for re-pauses
+        self.balances: dict[str, tuple[float | None, float]] = {}  # name -> (credits, read at)
+        self._sends: dict[str, collections.deque[list[int]]] = {}  # name -> [[minute, count]]
         cast.on_key_change.append(self.key_changed)
+
+    def record_send(self, name: str) -> None:
+        """One message Cast took on the account (for `sends_last_hour`)."""
+        minute = int(time.time() // 60)
+        minutes = self._sends.setdefault(name, collections.deque())
+        if minutes and minutes[-1][0] == minute:
+            minutes[-1][1] += 1
+        else:
+            minutes.append([minute, 1])
+            while minutes[0][0] <= minute - 60:
+                minutes.popleft()
+
+    def sends_last_hour(self, name: str) -> int:
+        since = int(time.time() // 60) - 60
+        return sum(count for minute, count in self._sends.get(name, ()) if minute > since)
+
+    async def read(self, account: CastAccount) -> dict[str, Any]:
+        """The account's balance and approved sender IDs as Cast answers now (errors as
+        ``{"error": "<status> <code>"}``)."""
+        try:
+            balance = await self.cast.account_info(account, "balance")
+            self.balances[account.name] = (_number(balance.get("credits")), time.time())
+            sender_ids = await self.cast.account_info(account, "sender-ids")
+        except CastError as e:
+            return {"error": f"{e.status} {e.code}"}
+        listed = sender_ids.get("sender_ids")
+        approved = [
+            str(s.get("sender_id"))
+            for s in (listed if isinstance(listed, list) else [])
+            if isinstance(s, dict) and s.get("channel", "sms") == "sms"
+        ]
+        return {"approved_sender_ids": approved}
 
     def epoch(self, name: str) -> int:
         """How many times the account resumed in this process."""
@@ -235,6 +273,7 @@ class AccountStates:
             return ""
         credits = _number(balance.get("credits"))
         pause.credits = credits
+        self.balances[pause.account] = (credits, time.time())
         if pause.credits_at_pause is None:
             pause.credits_at_pause = credits
         return _fixed(pause, credits, profile)

@@ -9,7 +9,8 @@ full phone number (numbers are masked to their last 4 digits).
 
 Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
-`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`.
+`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`,
+`GET /accounts` (castghld.account_report).
 """
 
 from __future__ import annotations
@@ -177,7 +178,15 @@ class ForgetHandler(AdminHandler):
         self.reply(200, {"location_id": location_id, "outcome": "forgotten"})
 
 
+class AccountsHandler(AdminHandler):
+    async def get(self) -> None:
+        from castghld.account_report import account_report
+
+        self.reply(200, await account_report(self.daemon))
+
+
 default_handlers = [
+    (r"/accounts", AccountsHandler),
     (r"/outbox", OutboxListHandler),
     (r"/outbox/([^/]+)", OutboxRecordHandler),
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),

@@ -163,7 +163,7 @@ class OutboundDelivery:
             return
         stage = record["stage"]
         if stage == Stage.NEW:
-            self.scheduler.queue_send(rid, self._lane_name(record), front)
+            self.scheduler.queue_send(rid, self.lane_name(record), front)
         elif stage in (Stage.SENT, Stage.REPORT):
             self.scheduler.queue(Step.REPORT, rid)
         elif stage == Stage.POLLING:
@@ -176,7 +176,7 @@ class OutboundDelivery:
         raised (`Step.RESUME`): both go on from their stage."""
         self._queue_next_step(rid, front=step == Step.SEND)
 
-    def _lane_name(self, record: OutboundRecord) -> str:
+    def lane_name(self, record: OutboundRecord) -> str:
         """The name of the Cast account the message's next attempt goes through."""
         if record.get("attempted") and "account" in record:
             account = account_of(self.cast, record)
@@ -198,10 +198,10 @@ class OutboundDelivery:
             if record.get("kind") != "outbound" or record["stage"] != Stage.NEW:
                 continue
             if record.get("attempted"):
-                lane = self._lane_name(record)
+                lane = self.lane_name(record)
             else:
                 location = record["location_id"]
-                lane = lanes.get(location) or lanes.setdefault(location, self._lane_name(record))
+                lane = lanes.get(location) or lanes.setdefault(location, self.lane_name(record))
             count += lane == name
         return count
 

@@ -186,11 +186,8 @@ class SendStep:
             await self._decide(rid, "failed", *checked, refused=True)
             return
         resuming = self.resuming(record)
-        if resuming:
-            # The first attempt happened before a restart: Cast may have taken it. Resend (same
-            # key, same account) only while Cast still remembers the key.
-            # `tries` counts this run's attempts only (the journal does not keep them).
-            self.outbox.note(rid, resumed=True)
+        if resuming:  # attempted before a restart, maybe taken: resend while Cast has the key
+            self.outbox.note(rid, resumed=True)  # `tries` counts this run's attempts only
         not_after = self.not_after(record)
         account, why = (
             resend_account(self.cast, record)
@@ -225,6 +222,8 @@ class SendStep:
                 await self._retry_or_fail(rid, e)
             return
         self._sends["sent"].inc()
+        if self.accounts is not None:
+            self.accounts.record_send(account.name)
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(
             rid, stage=Stage.SENT, cast_id=answer["message_id"], sent_at=time.time()
