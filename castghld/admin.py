@@ -13,8 +13,9 @@ over `MAX_REQUEST_HEADERS` is refused (the commands send none).
 Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
 `POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /retry-waiting[?account=A&location=L]`
-(cut every send backoff short), `POST /installs/LOCATION/forget`. ID is the record id
-(`out:<GHL message id>`, `in:<Cast message id>`) or the bare message id.
+(cut every send backoff short), `POST /installs/LOCATION/forget`, `GET /accounts`
+(castghld.account_report). ID is the record id (`out:<GHL message id>`, `in:<Cast message id>`)
+or the bare message id.
 """
 
 from __future__ import annotations
@@ -336,7 +337,15 @@ class ForgetHandler(AdminHandler):
         self.reply(200, {"location_id": location_id, "outcome": "forgotten"})
 
 
+class AccountsHandler(AdminHandler):
+    async def get(self) -> None:
+        from castghld.account_report import account_report
+
+        self.reply(200, await account_report(self.daemon))
+
+
 default_handlers = [
+    (r"/accounts", AccountsHandler),
     (r"/outbox", OutboxListHandler),
     (r"/outbox/([^/]+)", OutboxRecordHandler),
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),

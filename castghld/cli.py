@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
 EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
 # Commands that need only the config's paths, not its secrets (`operator_command`).
-OPERATOR_COMMANDS = ("installs", "outbox", "forget")
+OPERATOR_COMMANDS = ("installs", "outbox", "forget", "accounts")
 
 DESCRIPTION = """\
 castghld makes Cast (Philippine SMS API) the SMS provider of GoHighLevel sub-accounts.
@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         "installs again.",
     )
     forget.add_argument("location", metavar="LOCATION")
+    accounts = add_command(
+        "accounts",
+        help="the Cast accounts of the running daemon: paused or ok, credits, waiting messages",
+        description="Per Cast account (by name, never the key), through the running daemon's "
+        "admin socket: ok or paused (reason, since), credits (read now) and those the waiting "
+        "messages need, waiting messages, sends in the last hour, its locations, its sender IDs "
+        "and whether Cast lists them as approved.",
+    )
+    accounts.add_argument("--json", action="store_true", help="one JSON document (for scripts)")
     add_command(
         "reconcile",
         help="reconcile agency installs with GHL now",
@@ -203,8 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def operator_command(args: argparse.Namespace, config: Config) -> int:
-    """`installs`, `outbox`, `forget`: config loaded without its secrets (they need only its
-    paths), so an operator runs them outside the unit's credentials."""
+    """`installs`, `outbox`, `forget`, `accounts`: config loaded without its secrets (they need
+    only its paths), so an operator runs them outside the unit's credentials."""
+    from castghld.account_report import accounts_command
     from castghld.admin_client import forget, outbox_command
 
     if args.command == "installs":
@@ -213,6 +223,8 @@ def operator_command(args: argparse.Namespace, config: Config) -> int:
     config.require()
     if args.command == "forget":
         return forget(config, args.location)
+    if args.command == "accounts":
+        return accounts_command(config, as_json=args.json)
     return outbox_command(
         config,
         args.action,

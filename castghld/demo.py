@@ -3,8 +3,9 @@
 Starts the package's strict fake GHL and fake Cast (castghld.fakes) and a daemon wired to them in
 a temporary directory, then: installs a location through the real OAuth callback, sends an SMS as
 GHL's Delivery URL webhook, and replies to it as Cast's inbound callback. Prints each hop (what
-GHL sent, what Cast received, what GHL was told). Exits 0 when every hop happened and neither fake
-saw a contract violation; removes the directory in any case.
+GHL sent, what Cast received, what GHL was told), and the Cast account's balance after the send
+(the demo account starts with `DEMO_CREDITS`; the send spent its parts). Exits 0 when every hop
+happened and neither fake saw a contract violation; removes the directory in any case.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from castghld.state import create_private_file, new_key_line
 
 LOCATION = "demo-location"
 INBOUND_SECRET = "demo-inbound-secret"  # noqa: S105 (the fakes' demo value)
+DEMO_CREDITS = 100
 
 
 def hop(arrow: str, what: str, detail: Any = None) -> None:
@@ -103,6 +105,14 @@ async def send_sms(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
         hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
 
 
+async def show_balance(daemon: Any) -> None:
+    """The account's balance as the daemon reads it (GET /api/v1/account/balance)."""
+    account = daemon.cast.account_for(LOCATION)
+    answer = await daemon.cast.account_info(account, "balance")
+    detail = {k: answer.get(k) for k in ("credits", "currency")}
+    hop("castghld -> Cast", f"GET /api/v1/account/balance ({account.name})", detail)
+
+
 async def receive_reply(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
     """Cast's inbound callback with a reply, and its post into the GHL conversation."""
     reply = {
@@ -130,6 +140,7 @@ async def round_trip(directory: str) -> int:
 
     ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
     cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
+    cast.set_credits("demo-account", DEMO_CREDITS)
     await ghl.start()
     await cast.start()
     daemon = Daemon(demo_config(directory, ghl, cast))
@@ -138,6 +149,7 @@ async def round_trip(directory: str) -> int:
         print(f"castghld demo: fake GHL {ghl.url}, fake Cast {cast.url}, daemon {daemon.url}")
         await install(daemon.url, ghl)
         await send_sms(daemon.url, ghl, cast)
+        await show_balance(daemon)
         await receive_reply(daemon.url, ghl, cast)
         violations = ghl.violations + cast.violations
         if violations:

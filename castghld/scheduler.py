@@ -4,7 +4,9 @@
 in exactly one of:
 - a send lane: one FIFO per Cast account (`queue_send`), served by at most ``workers`` send
   workers of that lane, which exist only while it has work: a busy account never holds up
-  another (they share only ``delivery.concurrency`` and the per-IP pace, in `CastClient`);
+  another (they share only ``delivery.concurrency`` and the per-IP pace, in `CastClient`). A
+  paused lane (`pause_lane`, castghld.accounts) keeps its ids in order and is not served until
+  `resume_lane`; the owner may take ids from its head (`take_head`: their deadline passed);
 - a pool: one FIFO per pooled step (`Step.POLL`, `Step.REPORT`, `queue`), served by at most the
   pool's ``workers`` workers;
 - the timer heap (`later`): a ``(due, seq, rid, step)`` tuple; one IOLoop timer moves due entries
@@ -33,7 +35,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from castghld.outbox import PIPELINE_RETRY
@@ -86,6 +88,7 @@ class StepScheduler:
         self._runs: dict[str, StepRun] = {}
         self._limits: dict[str, int] = {}
         self._lanes: dict[str, _Queue] = {}
+        self._paused_lanes: set[str] = set()
         self._pools: dict[str, _Queue] = {}
         self._timers: list[tuple[float, int, str, str]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -172,6 +175,7 @@ class StepScheduler:
         self._held.clear()
         self._running.clear()
         self._lanes.clear()
+        self._paused_lanes.clear()
         self._timers.clear()
         for pool in self._pools.values():
             pool.ready.clear()
@@ -189,10 +193,38 @@ class StepScheduler:
             lane.ready.appendleft(rid)
         else:
             lane.ready.append(rid)
+        self._serve_lane(lane_name, lane)
+
+    def _serve_lane(self, lane_name: str, lane: _Queue) -> None:
         limit = self._limits[Step.SEND]
+        if lane_name in self._paused_lanes:
+            return
         while not self.stopping and lane.workers < min(len(lane.ready), limit):
             lane.workers += 1
             self.spawn(self._send_worker(lane_name, lane))
+
+    def pause_lane(self, lane_name: str) -> None:
+        """Serve no more of the lane's ids (workers finish the send they are in)."""
+        self._paused_lanes.add(lane_name)
+
+    def resume_lane(self, lane_name: str) -> None:
+        self._paused_lanes.discard(lane_name)
+        lane = self._lanes.get(lane_name)
+        if lane is not None:
+            self._serve_lane(lane_name, lane)
+
+    def lane_ids(self, lane_name: str) -> Iterator[str]:
+        """The ids waiting in the lane, head first (no await while iterating)."""
+        lane = self._lanes.get(lane_name)
+        return iter(lane.ready) if lane is not None else iter(())
+
+    def take_head(self, lane_name: str, count: int) -> list[str]:
+        """Take the first `count` ids out of the lane (they stay held: the owner goes on with
+        them)."""
+        lane = self._lanes.get(lane_name)
+        if lane is None:
+            return []
+        return [lane.ready.popleft() for _ in range(min(count, len(lane.ready)))]
 
     def queue(self, step: str, rid: str) -> None:
         """Queue `rid` for a pooled step (`Step.POLL`, `Step.REPORT`)."""
@@ -229,7 +261,7 @@ class StepScheduler:
 
     async def _send_worker(self, name: str, lane: _Queue) -> None:
         try:
-            while lane.ready and not self.stopping:
+            while lane.ready and not self.stopping and name not in self._paused_lanes:
                 await self._guarded(Step.SEND, lane.ready.popleft())
         finally:
             lane.workers -= 1

@@ -32,3 +32,18 @@ def test_demo_exits_zero_naming_each_hop(tmp_path):
         assert hop in out
     assert "Traceback" not in result.stderr
     assert glob.glob(str(tmp_path / "castghld-demo-*")) == []
+
+
+def test_demo_shows_the_cast_balance_the_send_spent(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "castghld", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "castghld -> Cast   GET /api/v1/account/balance (acct-" in result.stdout
+    assert '{"credits": 99, "currency": "PHP"}' in result.stdout
+    assert "cast_test_demo" not in result.stdout
