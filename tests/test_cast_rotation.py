@@ -86,10 +86,11 @@ async def test_a_message_waiting_for_its_receipt_is_looked_up_after_the_key_rota
 ):
     bridge.cast.lookup_scope = lookup_scope
     bridge.cast.delivery_delay = 1.5
-    await start(bridge, named, {"delivery": {"status_polls": [0.2, 1, 2, 3]}})
+    polls = {"delivery": {"status_polls": [0.2, 1, 2, 3]}}
+    await start(bridge, named, polls)
     await bridge.post_message()
     await wait_for(lambda: bridge.cast.status_polls, timeout=10)  # polled once: "sent"
-    rotate(bridge, named)
+    rotate(bridge, named, polls)  # the reloaded config keeps the schedule (a reload applies it)
     await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"], timeout=20)
 
 

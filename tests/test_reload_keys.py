@@ -51,6 +51,8 @@ RELOADED = {
     "cast.locations.*.api_key": "test_reload_applies_location_overrides",
     "cast.locations.*.sender_id": "test_reload_applies_location_overrides",
     "cast.locations.*.inbound_numbers": "test_reload_applies_location_overrides",
+    "cast.account": "test_reload_applies_account_names",
+    "cast.locations.*.account": "test_reload_applies_account_names",
     "tokens.refresh_interval": "test_reload_applies_refresh_interval_to_the_waiting_sweep",
     "tokens.refresh_margin": "test_reload_applies_refresh_margin",
     "tokens.reconcile_interval": "test_reload_applies_reconcile_interval_to_the_waiting_loop",
@@ -71,7 +73,7 @@ def config_keys(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls, vars(config_module))
     keys = []
     for f in dataclasses.fields(cls):
-        if f.name == "path":
+        if f.name in ("path", "unresolved"):  # where it was read from, what it lacks: not keys
             continue
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
@@ -408,3 +410,24 @@ def reports_given_up(daemon) -> float:
             }:
                 return sample.value
     raise AssertionError("no castghld_ghl_status_reports_total{status=report_failed}")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_reload_applies_account_names(bridge):
+    """A name given by reload is the account's name from the next send on: its pause says so."""
+    running = await Running(bridge, {}).start()
+    await bridge.install("loc1")
+    await bridge.install("loc2")
+    bridge.cast.api_keys["cast_test_loc2"] = "acct-two"
+    bridge.cast.set_credits("acct", 0)
+    bridge.cast.set_credits("acct-two", 0)
+    locations = {"loc2": {"api_key": "cast_test_loc2", "account": "second"}}
+    running.reload({"cast": {"account": "main", "locations": locations}})
+    assert bridge.daemon.cast.account_for("loc1").name == "main"
+    await bridge.post_message(messageId="m-one", locationId="loc1")
+    await bridge.post_message(messageId="m-two", locationId="loc2")
+    await wait_for(lambda: set(bridge.daemon.outbound.accounts.paused) == {"main", "second"})
+    bridge.cast.top_up("acct", 5)
+    bridge.cast.top_up("acct-two", 5)
+    await wait_for(lambda: "delivered" in statuses(bridge.ghl, "m-one"), timeout=20)
+    await wait_for(lambda: "delivered" in statuses(bridge.ghl, "m-two"), timeout=20)
