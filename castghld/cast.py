@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
@@ -55,6 +55,7 @@ from castghld.pacing import (
     acquire_all,
     parse_retry_after,
 )
+from castghld.priority import LOOKUP, SWEEP, IPPriority
 
 log = logging.getLogger("castghld.cast")
 
@@ -137,6 +138,8 @@ class CastClient:
         self.poll_limiter = SlidingWindowLimiter(
             max(1, config.cast.requests_per_second // 2), WINDOW
         )
+        # Sends first, then receipt sweeps, then single lookups (castghld.priority).
+        self.priority = IPPriority(self.ip_limiter)
         self.concurrency = asyncio.Semaphore(config.delivery.concurrency)
         # One FIFO lock per account with sends waiting or leaving: [lock, users]; dropped at 0.
         self._account_locks: dict[str, list[Any]] = {}
@@ -272,7 +275,8 @@ class CastClient:
                     # Looked up under the account lock: LimiterMap may drop an idle limiter, and
                     # one send at a time of this account uses the current one.
                     limiter = self.send_limiters.get(account.name)
-                    await acquire_all(limiter, self.ip_limiter)
+                    with self.priority.send(limiter):
+                        await acquire_all(limiter, self.ip_limiter)
                     if self.stopping:
                         slot.release()  # slots taken but nothing sent: harmless
                         await _park()
@@ -324,7 +328,7 @@ class CastClient:
         pause = self.polls_paused(account)
         if pause > 0:
             await asyncio.sleep(pause)
-        await acquire_all(self.poll_limiter, self.ip_limiter)
+        await self.priority.acquire(LOOKUP, self.poll_limiter)
         try:
             answer = await self._start(account, "GET", path)
         except CastError as e:
@@ -337,6 +341,18 @@ class CastClient:
         if answer.get("error_message"):
             answer["error_message"] = redact_numbers(str(answer["error_message"]))
         return answer
+
+    # -- receipts by the page ------------------------------------------------------------------
+
+    async def logs(
+        self, account: CastAccount, first_day: str, last_day: str, limit: int, offset: int
+    ) -> dict[str, Any]:
+        """One page of the account's message logs (``GET /api/v1/sms/logs``, newest first), after
+        the sends (castghld.priority). The entries carry message text and numbers: the caller
+        reads the receipt fields and drops the rest."""
+        query = urlencode({"from": first_day, "to": last_day, "limit": limit, "offset": offset})
+        await self.priority.acquire(SWEEP, self.poll_limiter)
+        return await self._start(account, "GET", "/api/v1/sms/logs?" + query)
 
 
 async def _park() -> None:

@@ -11,6 +11,7 @@ state) plus one row in the table.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import re
@@ -87,6 +88,8 @@ class FakeCast(_FakeServer):
         self._deliveries: dict[str, tuple[str, str | None, str | None]] = {}
         self._requests: deque[float] = deque()
         self._send_times: defaultdict[str, deque[float]] = defaultdict(deque)
+        # GET /api/v1/sms/logs: off by default (answered 404, as a Cast without it would).
+        self.logs_enabled = False
 
     def set_delivery(
         self,
@@ -249,9 +252,64 @@ class FakeCast(_FakeServer):
             return chosen
         return self.default_delivery, DEFAULT_DLR.get(self.default_delivery), None
 
+    # -- GET /api/v1/sms/logs ------------------------------------------------------------------
+
+    def _sms_logs(self, call: Call) -> Answer:
+        """The account's messages newest first, with the text and number a real log carries and
+        the receipt (``dlr_status``, ``delivered_at``) once `delivery_delay` has passed."""
+        account = self._account(call)
+        if not self.logs_enabled:
+            return Answer(404, _cast_error(404, "Not found"))
+        query = call.query
+        unknown = sorted(set(query) - {"from", "to", "status", "search", "limit", "offset"})
+        day = re.compile(r"\d{4}-\d{2}-\d{2}")
+        limit, offset = query.get("limit", "50"), query.get("offset", "0")
+        if unknown or not all(
+            day.fullmatch(query.get(k, "")) for k in ("from", "to") if k in query
+        ):
+            self._violate(call, 400, f"bad logs query {sorted(query)}")
+        if not limit.isdigit() or not 1 <= int(limit) <= 500 or not offset.isdigit():
+            self._violate(call, 400, "limit must be 1..500 and offset >= 0 (integers)")
+        self._take_failure("sms_logs")
+        now_wall, now = time.time(), time.monotonic()
+        entries = []
+        for record in reversed(self.sent):
+            if record["account"] != account:
+                continue
+            created = datetime.datetime.fromtimestamp(
+                now_wall - (now - record["time"]), datetime.timezone.utc
+            )
+            when = created.date().isoformat()
+            if not query.get("from", when) <= when <= query.get("to", when):
+                continue
+            entries.append(self._log_entry(record, created))
+        page = entries[int(offset) : int(offset) + int(limit)]
+        return Answer(200, {"success": True, "count": len(page), "logs": page})
+
+    def _log_entry(self, record: dict[str, Any], created: datetime.datetime) -> dict[str, Any]:
+        entry = {
+            "id": int(record["message_id"][4:12], 16),
+            "message_type": "sms",
+            "sender_id": record["sender_id"],
+            "destination": record["to"],
+            "message": record["message"],
+            "smpp_message_id": record["message_id"],
+            "status": "sent",
+            "parts": math.ceil(len(record["message"]) / 160),
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+        }
+        status, dlr_status, _ = self._delivery(record)
+        if status == "failed":
+            entry["status"] = "failed"
+        if status != "sent":
+            entry["dlr_status"] = dlr_status
+            entry["delivered_at"] = entry["created_at"]
+        return entry
+
     # -- route table: (method, path regex, route name for scripting, handler) ------------------
 
     routes = (
         ("POST", r"/api/v1/sms/send", "send", "_send"),
         ("GET", r"/api/v1/sms/status/(?P<message_id>[^/]+)", "sms_status", "_sms_status"),
+        ("GET", r"/api/v1/sms/logs", "sms_logs", "_sms_logs"),
     )
