@@ -10,8 +10,11 @@ Guarantees:
   the budget, `CastClient.poll_limiter`) has room too: a lookup never delays such a send.
 - A lookup also yields to a waiting sweep.
 - No starvation of receipts: a sweep that has waited ``SWEEP_FLOOR`` seconds queues for the next
-  slot in FIFO order with the sends, so a campaign that keeps the budget full still gets its
-  receipts every few seconds. Lookups have no floor: they go when the sends leave room.
+  slot in FIFO order with the sends, at most ``FLOOR_SWEEPS_PER_SECOND`` such sweeps for all
+  accounts together: a campaign that keeps the budget full still gets each account's receipts
+  every few seconds (every ``SWEEP_FLOOR`` seconds, or every N seconds for N accounts), for a few
+  percent of the budget however many accounts send. Lookups have no floor: they go when the sends
+  leave room.
 - The limits themselves hold (check and record with no await between them, as in pacing.py).
 """
 
@@ -28,6 +31,8 @@ SWEEP = 1
 LOOKUP = 2
 # A sweep waiting this long stops yielding to sends and queues with them.
 SWEEP_FLOOR = 4.0
+# How many of those sweeps may go per second, all accounts together.
+FLOOR_SWEEPS_PER_SECOND = 1
 # How often a request that yields looks again (the sends ahead of it leave within ms).
 YIELD_TICK = 0.02
 
@@ -39,6 +44,7 @@ class IPPriority:
         self.ip = ip
         self._sends: list[SlidingWindowLimiter] = []  # account limiters of sends pacing now
         self._waiting = {SWEEP: 0, LOOKUP: 0}
+        self._floor = SlidingWindowLimiter(FLOOR_SWEEPS_PER_SECOND, 1.0)
 
     @contextlib.contextmanager
     def send(self, account: SlidingWindowLimiter) -> Iterator[None]:
@@ -63,7 +69,7 @@ class IPPriority:
             while True:
                 now = time.monotonic()
                 if rank == SWEEP and now - started >= SWEEP_FLOOR:
-                    await acquire_all(share, self.ip)
+                    await acquire_all(self._floor, share, self.ip)
                     return
                 wait = YIELD_TICK
                 if not self._yields(rank, now):

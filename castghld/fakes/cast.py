@@ -70,6 +70,7 @@ class FakeCast(_FakeServer):
         requests_per_second: int = 30,
         default_delivery: str = "delivered",
         delivery_delay: float = 0.0,
+        ip_burst: int | None = None,
     ) -> None:
         super().__init__()
         self.api_keys = dict(api_keys or {"cast_test_key": "acct"})  # API key -> account
@@ -90,6 +91,10 @@ class FakeCast(_FakeServer):
         self._send_times: defaultdict[str, deque[float]] = defaultdict(deque)
         # GET /api/v1/sms/logs: off by default (answered 404, as a Cast without it would).
         self.logs_enabled = False
+        # Cast's documented per-IP limit is a bucket: `requests_per_second` with bursts of
+        # `ip_burst` (50). None: the stricter "at most requests_per_second in any 1 s".
+        self.ip_burst = ip_burst
+        self._ip_tokens = (float(ip_burst or 0), time.monotonic())
 
     def set_delivery(
         self,
@@ -126,7 +131,9 @@ class FakeCast(_FakeServer):
         now = time.monotonic()
         _prune(self._requests, 1.0, now)
         self._requests.append(now)
-        if len(self._requests) > self.requests_per_second:
+        if self.ip_burst is not None:
+            self._take_ip_token(call, now)
+        elif len(self._requests) > self.requests_per_second:
             text = f"more than {self.requests_per_second} requests in 1 s"
             self._violate(call, 429, text, headers={"Retry-After": "1"})
         key = call.headers.get("X-API-Key")
@@ -135,6 +142,17 @@ class FakeCast(_FakeServer):
         if key not in self.api_keys:
             raise _Reject(Answer(401, _cast_error(401, "Invalid API key")))
         return self.api_keys[key]
+
+    def _take_ip_token(self, call: Call, now: float) -> None:
+        """The per-IP bucket: refilled at `requests_per_second`, holding at most `ip_burst`."""
+        assert self.ip_burst is not None
+        tokens, then = self._ip_tokens
+        tokens = min(float(self.ip_burst), tokens + (now - then) * self.requests_per_second)
+        if tokens < 1.0:
+            self._ip_tokens = (tokens, now)
+            text = f"more than {self.requests_per_second} requests/s (burst {self.ip_burst})"
+            self._violate(call, 429, text, headers={"Retry-After": "1"})
+        self._ip_tokens = (tokens - 1.0, now)
 
     # -- POST /api/v1/sms/send -----------------------------------------------------------------
 
