@@ -220,3 +220,23 @@ async def test_a_sweep_is_not_starved_by_sends_that_keep_the_budget_full(monkeyp
         sends += 1
         assert sends < 200, "the sweep never got a slot"
     await swept
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_fake_cast_models_casts_per_ip_burst_of_50():
+    from castghld.fakes import FakeCast
+
+    fake = FakeCast(ip_burst=50)
+    await fake.start()
+    try:
+        client = AsyncHTTPClient()
+        url = fake.url + "/api/v1/sms/status/CAST0000"
+        headers = {"X-API-Key": "cast_test_key"}
+        answers = await asyncio.gather(
+            *(client.fetch(url, headers=headers, raise_error=False) for _ in range(80))
+        )
+        codes = [answer.code for answer in answers]
+        assert codes.count(404) >= 50  # a burst of 50 (an unknown id: 404), more than 30 in 1 s
+        assert 429 in codes
+    finally:
+        await fake.stop()
