@@ -8,9 +8,10 @@ Guarantees:
   ``api_key`` is its own account) and every Cast request of the process is paced under
   ``cast.requests_per_second`` (Cast's per-IP limit). A send takes its account slot and its IP
   slot at the same instant, right before it leaves (``acquire_all``), so sends that waited do not
-  reach Cast in a bunch. Status polls take at most half of the per-IP budget, so sends always
-  keep the other half. We stay under the limits rather than discovering them through 429s; a 429
-  still pauses that account for its ``Retry-After``.
+  reach Cast in a bunch. Sends go first in the per-IP budget, then logs sweeps, then status
+  lookups (castghld.priority); sweeps and lookups take at most half of it. We stay under the
+  limits rather than discovering them through 429s; a 429 still pauses that account for its
+  ``Retry-After``.
 - No head-of-line blocking: the sends of one account queue (FIFO) on that account's lock, which
   is released as soon as the request has left; the ``delivery.concurrency`` semaphore is held
   from then until the answer. A busy account therefore waits on its own pace and other accounts

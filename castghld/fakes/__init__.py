@@ -20,9 +20,9 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
   again for the same account replays the first answer and never sends twice.
 - Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
   ``location_token``, ``installed_locations``, ``status``, ``upsert``, ``inbound``; Cast ``send``,
-  ``sms_status`` (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
-  spent by the next request to its route that passed the contract and authentication checks, and
-  changes no state (no token consumed, no idempotency key stored). Status 599 drops the
+  ``sms_status``, ``sms_logs`` (``hang("refresh")`` holds only GHL refresh grants). A scripted
+  failure is spent by the next request to its route that passed the contract and authentication
+  checks, and changes no state (no token consumed, no idempotency key stored). Status 599 drops the
   connection without an answer.
 - Random faults (`fault_mix`, a `FaultMix` per route) come from a seeded ``random.Random``: error
   statuses (599: a reset connection), 429 bursts with ``Retry-After``, and slow answers that take
@@ -32,6 +32,10 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
 - Fake Cast can cache a transient error under the idempotency key (`FakeCast.error_cache_seconds`):
   a 5xx answered to a send is replayed to that key for that long, as an idempotency layer that
   stores every answer does; nothing was sent meanwhile.
+- Fake Cast's ``GET /api/v1/sms/logs`` (`FakeCast.logs_enabled`; off: 404, as a Cast without
+  it) lists the account's messages newest first, with their text and number as Cast's do and the
+  receipt once ``delivery_delay`` has passed. Its per-IP limit is "at most
+  ``requests_per_second`` in any second", or Cast's documented bucket with ``ip_burst`` (50).
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 

@@ -1,5 +1,5 @@
-"""Fake Cast: the SMS send and delivery-status API castghld uses (SPEC §5), with idempotency keys,
-per-account send limits and a per-client request limit.
+"""Fake Cast: the SMS send, delivery-status and logs API castghld uses (SPEC §5), with idempotency
+keys, per-account send limits and a per-client request limit.
 
 `FakeCast` keeps its parts in this order: the state and the methods tests script it with, the
 checks every route makes (`_account`: request limit, then API key), one section per route with
@@ -300,7 +300,9 @@ class FakeCast(_FakeServer):
             when = created.date().isoformat()
             if not query.get("from", when) <= when <= query.get("to", when):
                 continue
-            entries.append(self._log_entry(record, created))
+            entry = self._log_entry(record, created)
+            if query.get("status", entry["status"]) == entry["status"]:
+                entries.append(entry)
         page = entries[int(offset) : int(offset) + int(limit)]
         return Answer(200, {"success": True, "count": len(page), "logs": page})
 
