@@ -214,7 +214,8 @@ class ReceiptSweep:
                     self._fall_back(state, cast_id, rid)
 
     def _logs_unusable(self, state: _Account, why: str) -> None:
-        log.warning(
+        # Info, not a warning: receipts still arrive (by lookups), at a higher request cost.
+        log.info(
             "Cast logs of %s cannot be read (%s): per-message status lookups for %.0fs",
             state.account.name,
             why,
