@@ -3,7 +3,9 @@ daemon's), plus the daemon's state seeded with installed locations whose tokens 
 
 Usage: python bench/upstreams.py CONFIG.json
 CONFIG: {"state_dir", "key_file", "installs", "expires_in", "cast_hang", "cast_rate",
-"progress_file"}.
+"progress_file"}; for bench/campaign.py also "cast_keys" (API keys, one Cast account each),
+"cast_logs" (serve GET /api/v1/sms/logs), "cast_ip_burst" (Cast's per-IP bucket, 50) and
+"delivery_delay" (seconds until a receipt).
 Prints one JSON line {"ghl": url, "cast": url} once serving; on SIGTERM prints one JSON line of
 request counts by route and contract violations, then exits.
 """
@@ -84,6 +86,12 @@ async def main(spec: dict[str, Any]) -> None:
     ghl = JWTSizedGHL()
     rate = spec.get("cast_rate", 10)
     cast = FakeCast(messages_per_second=rate, requests_per_second=max(30, rate * 3))
+    if spec.get("cast_keys"):
+        cast.api_keys = {key: f"account{n}" for n, key in enumerate(spec["cast_keys"])}
+    cast.logs_enabled = bool(spec.get("cast_logs"))
+    cast.ip_burst = spec.get("cast_ip_burst")
+    cast._ip_tokens = (float(cast.ip_burst or 0), time.monotonic())
+    cast.delivery_delay = float(spec.get("delivery_delay", 0.0))
     await ghl.start()
     await cast.start()
     if spec.get("cast_hang"):
@@ -108,7 +116,24 @@ async def main(spec: dict[str, Any]) -> None:
             )
             routes[f"{name} {route}"] += 1
     violations = ghl.violations + cast.violations
-    print(json.dumps({"routes": routes, "violations": violations[:20]}), flush=True)
+    summary = {"routes": routes, "violations": violations[:20], **outcomes(ghl, cast)}
+    print(json.dumps(summary), flush=True)
+
+
+def outcomes(ghl: FakeGHL, cast: FakeCast) -> dict[str, int]:
+    """What each message ended as at the fakes: sent once, final status reported once."""
+    reports = [[u.get("status") for u in updates] for updates in ghl.statuses.values()]
+    keys = collections.Counter(s["idempotency_key"] for s in cast.sent)
+    limited = [v for v in ghl.violations + cast.violations if "rate limit" in v or "more than" in v]
+    return {
+        "sent": len(cast.sent),
+        "sent_twice": sum(1 for n in keys.values() if n > 1),
+        "delivered_once": sum(
+            1 for r in reports if r[-1] == "delivered" and r.count("delivered") == 1
+        ),
+        "answered_429": len(limited),
+        "violations_total": len(ghl.violations) + len(cast.violations),
+    }
 
 
 if __name__ == "__main__":

@@ -138,6 +138,11 @@ class Metrics:
         self.statuses = Counter(
             "castghld_ghl_status_reports", "Statuses reported to GHL", ["status"], registry=r
         )
+        self.status_puts_saved = Counter(
+            "castghld_ghl_status_puts_saved",
+            "pending status PUTs not sent: the final status was known before they could leave",
+            registry=r,
+        )
         # One message counts once per stage: "received" (the Cast webhook), "attempt" (a try that
         # did not finish it), "delivery" (its final outcome).
         self.inbound = Counter(

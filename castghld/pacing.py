@@ -54,6 +54,10 @@ class SlidingWindowLimiter:
                 # A hair over the computed delay so the window has surely moved on.
                 await asyncio.sleep(delay + 0.001)
 
+    def delay(self) -> float:
+        """Seconds until an acquisition could complete (0: now)."""
+        return self._delay(time.monotonic())
+
     def give_back(self) -> None:
         """Return one slot taken by `try_acquire_all` (what it admitted turned out harmless)."""
         if self._times:

@@ -22,8 +22,8 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
   and never sends twice.
 - Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
   ``location_token``, ``installed_locations``, ``status``, ``upsert``, ``inbound``; Cast ``send``,
-  ``sms_status``, ``balance``, ``profile``, ``usage``, ``sender_ids``, ``unsubscribed``
-  (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
+  ``sms_status``, ``sms_logs``, ``balance``, ``profile``, ``usage``, ``sender_ids``,
+  ``unsubscribed`` (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
   spent by the next request to its route that passed the contract and authentication checks, and
   changes no state (no token consumed, no idempotency key stored). Status 599 drops the
   connection without an answer.
@@ -41,6 +41,10 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
   `allow_channels`) answer Cast's 403s; `add_key` is a rotation (both keys valid, one account).
   Idempotency keys are kept per API key (`idempotency_scope`, or per account); refusals are not
   kept under them unless `cache_refusals`.
+- Fake Cast's ``GET /api/v1/sms/logs`` (`FakeCast.logs_enabled`; off: 404, as a Cast without
+  it) lists the account's messages newest first, with their text and number as Cast's do and the
+  receipt once ``delivery_delay`` has passed. Its per-IP limit is "at most
+  ``requests_per_second`` in any second", or Cast's documented bucket with ``ip_burst`` (50).
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 

@@ -1,4 +1,4 @@
-"""Fake Cast: the SMS send, delivery-status and account API castghld uses (SPEC §5), with
+"""Fake Cast: the SMS send, delivery-status, logs and account API castghld uses (SPEC §5), with
 idempotency keys, per-account send limits, a per-client request limit, and the wallets and account
 switches of `castghld.fakes.cast_accounts`.
 
@@ -12,6 +12,7 @@ state) plus one row in the table.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import re
 import secrets
@@ -81,6 +82,7 @@ class FakeCast(FakeCastAccounts, _FakeServer):
         requests_per_second: int = 30,
         default_delivery: str = "delivered",
         delivery_delay: float = 0.0,
+        ip_burst: int | None = None,
     ) -> None:
         super().__init__()
         self.api_keys = dict(api_keys or {"cast_test_key": "acct"})  # API key -> account
@@ -103,6 +105,12 @@ class FakeCast(FakeCastAccounts, _FakeServer):
         self._deliveries: dict[str, tuple[str, str | None, str | None]] = {}
         self._requests: deque[float] = deque()
         self._send_times: defaultdict[str, deque[float]] = defaultdict(deque)
+        # GET /api/v1/sms/logs: off by default (answered 404, as a Cast without it would).
+        self.logs_enabled = False
+        # Cast's documented per-IP limit is a bucket: `requests_per_second` with bursts of
+        # `ip_burst` (50). None: the stricter "at most requests_per_second in any 1 s".
+        self.ip_burst = ip_burst
+        self._ip_tokens = (float(ip_burst or 0), time.monotonic())
 
     def set_delivery(
         self,
@@ -145,7 +153,9 @@ class FakeCast(FakeCastAccounts, _FakeServer):
         now = time.monotonic()
         _prune(self._requests, 1.0, now)
         self._requests.append(now)
-        if len(self._requests) > self.requests_per_second:
+        if self.ip_burst is not None:
+            self._take_ip_token(call, now)
+        elif len(self._requests) > self.requests_per_second:
             text = f"more than {self.requests_per_second} requests in 1 s"
             self._violate(call, 429, text, headers={"Retry-After": "1"})
         key = call.headers.get("X-API-Key")
@@ -159,6 +169,17 @@ class FakeCast(FakeCastAccounts, _FakeServer):
         """Where an idempotency key's first answer is kept (`idempotency_scope`)."""
         owner = "key:" + api_key if self.idempotency_scope == "key" else "account:" + account
         return owner, idempotency_key
+
+    def _take_ip_token(self, call: Call, now: float) -> None:
+        """The per-IP bucket: refilled at `requests_per_second`, holding at most `ip_burst`."""
+        assert self.ip_burst is not None
+        tokens, then = self._ip_tokens
+        tokens = min(float(self.ip_burst), tokens + (now - then) * self.requests_per_second)
+        if tokens < 1.0:
+            self._ip_tokens = (tokens, now)
+            text = f"more than {self.requests_per_second} requests/s (burst {self.ip_burst})"
+            self._violate(call, 429, text, headers={"Retry-After": "1"})
+        self._ip_tokens = (tokens - 1.0, now)
 
     # -- POST /api/v1/sms/send -----------------------------------------------------------------
 
@@ -295,10 +316,67 @@ class FakeCast(FakeCastAccounts, _FakeServer):
             return chosen
         return self.default_delivery, DEFAULT_DLR.get(self.default_delivery), None
 
+    # -- GET /api/v1/sms/logs ------------------------------------------------------------------
+
+    def _sms_logs(self, call: Call) -> Answer:
+        """The account's messages newest first, with the text and number a real log carries and
+        the receipt (``dlr_status``, ``delivered_at``) once `delivery_delay` has passed."""
+        account = self._account(call)
+        if not self.logs_enabled:
+            return Answer(404, _cast_error(404, "Not found"))
+        query = call.query
+        unknown = sorted(set(query) - {"from", "to", "status", "search", "limit", "offset"})
+        day = re.compile(r"\d{4}-\d{2}-\d{2}")
+        limit, offset = query.get("limit", "50"), query.get("offset", "0")
+        if unknown or not all(
+            day.fullmatch(query.get(k, "")) for k in ("from", "to") if k in query
+        ):
+            self._violate(call, 400, f"bad logs query {sorted(query)}")
+        if not limit.isdigit() or not 1 <= int(limit) <= 500 or not offset.isdigit():
+            self._violate(call, 400, "limit must be 1..500 and offset >= 0 (integers)")
+        self._take_failure("sms_logs")
+        now_wall, now = time.time(), time.monotonic()
+        entries = []
+        for record in reversed(self.sent):
+            if record["account"] != account:
+                continue
+            created = datetime.datetime.fromtimestamp(
+                now_wall - (now - record["time"]), datetime.timezone.utc
+            )
+            when = created.date().isoformat()
+            if not query.get("from", when) <= when <= query.get("to", when):
+                continue
+            entry = self._log_entry(record, created)
+            if query.get("status", entry["status"]) == entry["status"]:
+                entries.append(entry)
+        page = entries[int(offset) : int(offset) + int(limit)]
+        return Answer(200, {"success": True, "count": len(page), "logs": page})
+
+    def _log_entry(self, record: dict[str, Any], created: datetime.datetime) -> dict[str, Any]:
+        entry = {
+            "id": int(record["message_id"][4:12], 16),
+            "message_type": "sms",
+            "sender_id": record["sender_id"],
+            "destination": record["to"],
+            "message": record["message"],
+            "smpp_message_id": record["message_id"],
+            "status": "sent",
+            "parts": message_parts(record["message"]),
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+        }
+        status, dlr_status, _ = self._delivery(record)
+        if status == "failed":
+            entry["status"] = "failed"
+        if status != "sent":
+            entry["dlr_status"] = dlr_status
+            entry["delivered_at"] = entry["created_at"]
+        return entry
+
     # -- route table: (method, path regex, route name for scripting, handler) ------------------
 
     routes = (
         ("POST", r"/api/v1/sms/send", "send", "_send"),
         ("GET", r"/api/v1/sms/status/(?P<message_id>[^/]+)", "sms_status", "_sms_status"),
         *FakeCastAccounts.account_routes,
+        ("GET", r"/api/v1/sms/logs", "sms_logs", "_sms_logs"),
     )

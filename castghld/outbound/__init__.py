@@ -9,7 +9,10 @@ report workers, the timer heap of retries and polls). Where each part lives:
 - send.py, `SendStep`: one Cast attempt; exactly one SMS (the idempotency key); which Cast
   answers are retried (429, 500, 502, 503, 504, no answer) and with what backoff; the send
   deadline and the 23 h resend window.
-- receipt.py, `ReceiptStep`: Cast's delivery status, polled on ``delivery.status_polls``.
+- sweep.py, `ReceiptSweep`: receipts by the page, from Cast's logs per account, while a
+  message waits for its receipt (from ``sent`` on, so a fast receipt saves the ``pending`` PUT).
+- receipt.py, `ReceiptStep`: Cast's delivery status of one message, polled on
+  ``delivery.status_polls``, for what the sweeps cannot resolve.
 - report.py, `ReportStep`: the ``pending`` and final statuses reported to GHL.
 - castghld.accounts, `AccountStates`: Cast accounts paused by an account-level refusal, their
   probe and resume; here, the lane a paused account's messages wait in and their deadline.
@@ -19,9 +22,9 @@ Guarantees:
 - The journal holds what a restart needs, nothing more: ``put`` (at ack time), ``attempted``
   with the Cast account and sender ID (durable before the first request may leave), ``sent``
   with Cast's message id, a ``report`` decided after an attempt, and ``done``. Reporting
-  ``pending``, each poll and a final delivery status are kept in memory only: a restart reports
-  ``pending`` again, polls again (Cast answers the same) and decides again; a message refused
-  before any attempt (invalid number, expired) is refused again the same way.
+  ``pending``, each poll or sweep and a final delivery status are kept in memory only: a restart
+  reports ``pending`` again, sweeps or polls again (Cast answers the same) and decides again; a
+  message refused before any attempt (invalid number, expired) is refused again the same way.
 - One ``info`` line per message outcome (`OutboundDelivery.finish`), with ``message_id``,
   ``location_id``, ``cast_id``, ``outcome`` and ``reason`` as structured fields. A final failure
   also logs what happened (see send.py and receipt.py); Cast's texts have numbers redacted.
@@ -55,6 +58,7 @@ from castghld.metrics import Metrics
 from castghld.outbound.receipt import ReceiptStep
 from castghld.outbound.report import ReportStep
 from castghld.outbound.send import SendStep, account_of
+from castghld.outbound.sweep import ReceiptSweep
 from castghld.outbox import Outbox
 from castghld.records import (
     KIND,
@@ -114,6 +118,7 @@ class OutboundDelivery:
             config, cast, metrics, self.scheduler, next_step, self._installed, self.end_departed
         )
         self.receipts = ReceiptStep(config, cast, self.scheduler, next_step, self.finish)
+        self.sweeps = ReceiptSweep(cast, self.scheduler, self.receipts)
         self.reports = ReportStep(
             config, ghl, installations, metrics, self.scheduler, next_step, self.finish
         )
@@ -166,13 +171,15 @@ class OutboundDelivery:
     async def stop(self) -> None:
         """Stop the workers where they are; the records stay in the outbox for the next start."""
         await self.scheduler.stop()
+        self.sweeps.clear()
 
     # -- queues --------------------------------------------------------------------------------
 
     def _use(self, outbox: Outbox) -> None:
         """The outbox whose records the steps read and write."""
         if outbox is not self.outbox:
-            self.outbox = self.sends.outbox = self.receipts.outbox = self.reports.outbox = outbox
+            self.outbox = self.sends.outbox = self.receipts.outbox = outbox
+            self.reports.outbox = self.sweeps.outbox = outbox
 
     def _record(self, rid: str) -> OutboundRecord | None:
         assert self.outbox is not None
@@ -188,17 +195,22 @@ class OutboundDelivery:
     def _queue_next_step(self, rid: str, front: bool = False) -> None:
         """Queue `rid` for the step its stage calls for: ``new`` to its Cast account's send lane
         (`front`: a send retry, it has waited longest), ``sent`` and ``report`` to a GHL report,
-        ``polling`` to its next status poll."""
+        ``sent`` and ``polling`` also to its account's receipt sweeps, or else (``polling``) to
+        its next status poll."""
         record = self._record(rid)
         if record is None:
             return
         stage = record["stage"]
         if stage == Stage.NEW:
             self.scheduler.queue_send(rid, self.lane_name(record), front)
-        elif stage in (Stage.SENT, Stage.REPORT):
+        elif stage == Stage.SENT:
+            self.scheduler.queue(Step.REPORT, rid)
+            self.sweeps.take(rid, record)
+        elif stage == Stage.REPORT:
             self.scheduler.queue(Step.REPORT, rid)
         elif stage == Stage.POLLING:
-            self.receipts.schedule(rid, record)
+            if not self.sweeps.take(rid, record):
+                self.receipts.schedule(rid, record)
         else:  # Stage.UNDECIDED, written by an older version once its polls were used up
             self.scheduler.spawn(self.finish(rid, "pending", "no delivery report"))
 

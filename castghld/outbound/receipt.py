@@ -117,7 +117,9 @@ class ReceiptStep:
                 )
                 return
             answer = {}
-        self._decided(rid, record, answer)
+        if not self.decide(rid, answer):
+            self.outbox.note(rid, polls_done=record.get("polls_done", 0) + 1, poll_failures=0)
+            self.schedule(rid, self.outbox.records[rid])
 
     async def _lookup(self, account: CastAccount, record: OutboundRecord) -> dict:
         """The status lookup with the account's key; on 404, with the key that sent it."""
@@ -132,10 +134,17 @@ class ReceiptStep:
             dataclasses.replace(account, api_key=old_key), record["cast_id"]
         )
 
-    def _decided(self, rid: str, record: OutboundRecord, answer: dict) -> None:
-        """What Cast's answer decides: a final status to report, or the next poll."""
+    def decide(self, rid: str, answer: dict) -> bool:
+        """Take Cast's delivery status `answer` (a lookup's, or a sweep's from the logs): False
+        if it is not final yet; else the record's final status is set (in memory) and, unless its
+        ``pending`` report is still to come (stage ``sent``: that report, queued already, reports
+        the final status instead), the record is queued for its report."""
         assert self.outbox is not None
+        record = self.outbox.records[rid]
         status = FINAL_STATUSES.get(str(answer.get("status")))
+        if status is None:
+            return False
+        queued = record["stage"] == Stage.SENT  # its report is queued or under way
         if status == "failed":
             code = redact_numbers(str(answer.get("dlr_status") or answer.get("status")))
             code = code.upper()[:64]
@@ -160,10 +169,8 @@ class ReceiptStep:
             self.outbox.note(
                 rid, stage=Stage.REPORT, status="failed", error_code=code, error_reason=reason
             )
-            self._next_step(rid)
-        elif status == "delivered":
-            self.outbox.note(rid, stage=Stage.REPORT, status="delivered")
-            self._next_step(rid)
         else:
-            self.outbox.note(rid, polls_done=record.get("polls_done", 0) + 1, poll_failures=0)
-            self.schedule(rid, self.outbox.records[rid])
+            self.outbox.note(rid, stage=Stage.REPORT, status="delivered")
+        if not queued:
+            self._next_step(rid)
+        return True

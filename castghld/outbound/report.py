@@ -10,6 +10,12 @@ Guarantees:
   calls fail cannot hold the report workers. A report refused for good, or not taken by the
   deadline, is logged (error) and counted; the message goes on (``pending``: to its polls; a
   final status: finished).
+- One PUT instead of two when it can be: a ``pending`` report finds the location's GHL window
+  full waits in the timer heap, not in a worker; a message whose final status is known before
+  its ``pending`` PUT has left (GHL's window for the location was full, the report was waiting for a
+  retry, or the receipt came back fast) is reported only with its final status; each PUT saved so
+  is counted (``castghld_ghl_status_puts_saved_total``). A ``pending`` PUT under way when the
+  final status is decided is followed by the final one, never by the polls.
 - Whether a status was reported is kept in memory only: after a restart a message not finished
   yet reports its status again.
 """
@@ -17,6 +23,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -76,6 +83,7 @@ class ReportStep:
             s: metrics.statuses.labels(s)
             for s in ("pending", "delivered", "failed", "report_failed")
         }
+        self._puts_saved = metrics.status_puts_saved
 
     async def report(self, rid: str) -> None:
         """Report (`Step.REPORT`) ``pending`` (then poll) or the final status (then finish)."""
@@ -83,6 +91,12 @@ class ReportStep:
         record = self.outbox.records[rid]
         if record["stage"] == Stage.SENT:
             status, error = "pending", None
+            wait = self.ghl.limiters.get(record["location_id"]).delay()
+            if wait > 0:
+                # The location's GHL window is full: ``pending`` waits outside a worker, and
+                # gives way to the final status if the receipt comes first.
+                self.scheduler.later(wait + random.uniform(0, 0.1), rid, Step.REPORT)
+                return
         else:
             status, error = record["status"], _error_of(record)
         now = time.time()
@@ -105,11 +119,23 @@ class ReportStep:
                 log_context(record),
             )
         if status == "pending":
-            self.outbox.note(rid, stage=Stage.POLLING, report_since=None, report_failures=0)
-            self._next_step(rid)
+            self._after_pending(rid)
             return
+        if record.get("cast_id") and not record.get("pending_reported"):
+            self._puts_saved.inc()  # the final status was known before ``pending`` could leave
         reason = f"{error['code']}: {error['message']}" if error else ""
         await self._finish(rid, status, reason)
+
+    def _after_pending(self, rid: str) -> None:
+        """``pending`` was reported (or given up on): on to the receipt, unless a sweep decided
+        the final status while the PUT was under way; then that one is reported next."""
+        assert self.outbox is not None
+        self.outbox.note(rid, pending_reported=True, report_since=None, report_failures=0)
+        if self.outbox.records[rid]["stage"] == Stage.REPORT:
+            self.scheduler.queue(Step.REPORT, rid)
+            return
+        self.outbox.note(rid, stage=Stage.POLLING)
+        self._next_step(rid)
 
     async def _put_status(
         self, record: OutboundRecord, status: str, error: dict[str, str] | None, deadline: float
