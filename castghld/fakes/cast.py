@@ -321,7 +321,10 @@ class FakeCast(FakeCastAccounts, _FakeServer):
     def _sms_logs(self, call: Call) -> Answer:
         """The account's messages newest first, with the text and number a real log carries and
         the receipt (``dlr_status``, ``delivered_at``) once `delivery_delay` has passed."""
-        account = self._account(call)
+        api_key, account = self._caller(call)
+        refusal = self._key_refusal(api_key, account)
+        if refusal is not None:
+            return refusal
         if not self.logs_enabled:
             return Answer(404, _cast_error(404, "Not found"))
         query = call.query
