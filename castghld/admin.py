@@ -9,7 +9,8 @@ full phone number (numbers are masked to their last 4 digits).
 
 Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
-`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`.
+`POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`,
+`GET /usage?from=DAY&to=DAY[&location=ID]` (the usage ledger's rows, counts only).
 """
 
 from __future__ import annotations
@@ -177,11 +178,26 @@ class ForgetHandler(AdminHandler):
         self.reply(200, {"location_id": location_id, "outcome": "forgotten"})
 
 
+class UsageHandler(AdminHandler):
+    def get(self) -> None:
+        from castghld.usage import parse_day
+
+        try:
+            start = parse_day(self.get_argument("from"))
+            end = parse_day(self.get_argument("to"))
+        except (ValueError, tornado.web.MissingArgumentError) as e:
+            self.reply(400, {"error": "bad_date", "message": f"from/to: {e}"})
+            return
+        location_id = self.get_argument("location", None) or None
+        self.reply(200, {"rows": self.daemon.usage.rows(start, end, location_id)})
+
+
 default_handlers = [
     (r"/outbox", OutboxListHandler),
     (r"/outbox/([^/]+)", OutboxRecordHandler),
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),
     (r"/installs/([^/]+)/forget", ForgetHandler),
+    (r"/usage", UsageHandler),
 ]
 
 

@@ -58,6 +58,7 @@ from castghld.state import (
     remove_leftover_temp_files,
 )
 from castghld.tokens import Installations
+from castghld.usage import UsageLedger
 from castghld.webhook_ids import RecentWebhookIds
 
 log = logging.getLogger("castghld")
@@ -287,12 +288,18 @@ def init_delivery(
     ghl: GHLClient,
     installations: Installations,
     metrics: Metrics,
+    usage: UsageLedger | None = None,
 ) -> DeliveryPipelines:
-    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines."""
+    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines; they
+    count what they send and receive in `usage`."""
     cast = CastClient(config, metrics)
     outbox = init_outbox(config, keyring, metrics)
-    outbound = OutboundDelivery(config, cast, ghl, installations, metrics)
+    outbound = OutboundDelivery(config, cast, ghl, installations, metrics, usage)
     inbound = InboundDelivery(config, ghl, installations, metrics)
+    if usage is not None:
+        inbound.count_reply = lambda location_id: usage.count_reply(
+            location_id, cast.account_for(location_id).name
+        )
     outbox.pipelines["outbound"] = outbound
     outbox.pipelines["inbound"] = inbound
     # Replies kept for want of an installed location go on once one is installed.
@@ -326,11 +333,15 @@ class Daemon:
         self.code_exchanges = CodeExchangeLimits()
         self.app_webhook_ids = RecentWebhookIds()
         self.ghl, self.installations = init_tokens(config, self.state, self.metrics)
-        delivery = init_delivery(config, self.keyring, self.ghl, self.installations, self.metrics)
+        self.usage = UsageLedger(self.state)
+        delivery = init_delivery(
+            config, self.keyring, self.ghl, self.installations, self.metrics, self.usage
+        )
         self.outbox, self.cast = delivery.outbox, delivery.cast
         self.outbound, self.inbound = delivery.outbound, delivery.inbound
         load_outbox(self.outbox, self.metrics)
-        self.components: list[Component] = [self.installations, delivery]
+        # The ledger stops last: the counts of the last sends are in it before the final commit.
+        self.components: list[Component] = [self.usage, self.installations, delivery]
         self.metrics.before_scrape.append(self._update_backlog_age)
 
     def _update_backlog_age(self) -> None:

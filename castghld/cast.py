@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
@@ -69,6 +69,7 @@ IP_WINDOW = 1.1
 MAX_MESSAGE_CHARS = 10_000
 # Cast's 502 PROVIDER_ERROR: the carrier refused the message; a few retries, not until the deadline.
 PROVIDER_ERROR_RETRIES = 3
+SANDBOX_KEY_PREFIX = "cast_test_"
 
 
 class CastError(Exception):
@@ -118,6 +119,11 @@ class CastAccount:
     def name(self) -> str:
         """A stable, non-secret name for pacing and logs."""
         return _account_name(self.api_key)
+
+    @property
+    def sandbox(self) -> bool:
+        """A Cast sandbox key (``cast_test_...``): Cast delivers nothing and charges nothing."""
+        return self.api_key.startswith(SANDBOX_KEY_PREFIX)
 
 
 @functools.lru_cache(maxsize=256)
@@ -304,6 +310,18 @@ class CastClient:
         if not isinstance(answer.get("message_id"), str) or not answer["message_id"]:
             raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
         return answer
+
+    # -- account API -------------------------------------------------------------------------
+
+    async def account_get(
+        self, account: CastAccount, what: str, query: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """One ``GET /api/v1/account/<what>`` (balance, profile, usage, sender-ids,
+        unsubscribed) of `account`: paced like a status poll (half of the per-IP budget at most,
+        sends keep the rest), one attempt; raises `CastError`."""
+        path = "/api/v1/account/" + what + ("?" + urlencode(query) if query else "")
+        await acquire_all(self.poll_limiter, self.ip_limiter)
+        return await self._start(account, "GET", path)
 
     # -- delivery status -----------------------------------------------------------------------
 

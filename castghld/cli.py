@@ -154,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
         "them in a temporary directory; install a location, send an SMS, receive a reply, and "
         "print each hop. No account or config needed; exit 0 when every hop happened.",
     )
+    usage = add_command(
+        "usage",
+        help="per location and day: messages sent, parts, outcomes, replies (rebilling)",
+        description="Print the usage ledger (Manila days; counts only): messages Cast accepted, "
+        "parts charged, delivered, undelivered, failed (never sent), replies. Read from the "
+        "running daemon, or from the state file when none runs. --check puts Cast's own daily "
+        "usage per account beside it (exit 1 when a day differs).",
+    )
+    usage.add_argument(
+        "--from", dest="start", metavar="DATE", help="first day (default: 29 days before --to)"
+    )
+    usage.add_argument("--to", dest="end", metavar="DATE", help="last day (default: today)")
+    usage.add_argument("--location", metavar="ID", help="one location only")
+    shape = usage.add_mutually_exclusive_group()
+    shape.add_argument("--csv", action="store_const", const="csv", dest="format", default="table")
+    shape.add_argument("--json", action="store_const", const="json", dest="format")
+    usage.add_argument("--check", action="store_true", help="compare with Cast's daily usage")
     add_command(
         "install-url",
         help="print the URL that starts the OAuth install",
@@ -187,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reconcile(config)
         if args.command == "install-url":
             return install_url(config)
+        if args.command == "usage":
+            return usage(config, args)
     except ConfigError as e:
         return fail(e.problems)
     except KeyboardInterrupt:
@@ -564,6 +583,21 @@ def reconcile(config: Config) -> int:
     changes = len(report["minted"]) + len(report["marked"])
     print(f"{changes} change(s)" if changes else "no changes")
     return 1 if report["companies"] else 0
+
+
+def usage(config: Config, args: argparse.Namespace) -> int:
+    from castghld.app import StartupError
+    from castghld.usage import parse_day
+    from castghld.usage_report import usage_command
+
+    try:
+        start = parse_day(args.start) if args.start else None
+        end = parse_day(args.end) if args.end else None
+        return usage_command(config, start, end, args.location, args.format, args.check)
+    except StartupError as e:
+        return fail(e.problems, e.transient)
+    except ValueError as e:
+        return fail([f"usage: {e}"])
 
 
 def install_url(config: Config) -> int:

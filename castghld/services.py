@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from castghld.signatures import SignatureVerifier
     from castghld.state import StateStore
     from castghld.tokens import Installations
+    from castghld.usage import UsageLedger
     from castghld.webhook_ids import RecentWebhookIds
 
 
@@ -36,3 +37,4 @@ class Services(Protocol):
     outbox: Outbox
     code_exchanges: CodeExchangeLimits  # admission of OAuth callbacks
     app_webhook_ids: RecentWebhookIds  # the app-webhook dedupe
+    usage: UsageLedger  # per location and day: sent, parts, outcomes, replies (castghld usage)

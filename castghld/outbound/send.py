@@ -96,6 +96,9 @@ class SendStep:
         # Metric children looked up once, not per message.
         self._sends = {o: metrics.sends.labels(o) for o in ("sent", "retry", "failed", "gave_up")}
         self._sends["rejected"] = metrics.sends.labels("rejected")
+        # Called with (record, account name, Cast's answer) once Cast accepted a send: the parts
+        # it charged go to the usage ledger and the metrics (OutboundDelivery sets it).
+        self.on_sent: Callable[[OutboundRecord, str, dict[str, Any]], None] = _ignore
 
     async def send(self, rid: str) -> None:
         """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap."""
@@ -144,6 +147,7 @@ class SendStep:
             await self._retry_or_fail(rid, e)
             return
         self._sends["sent"].inc()
+        self.on_sent(record, account.name, answer)
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(
             rid, stage=Stage.SENT, cast_id=answer["message_id"], sent_at=time.time()
@@ -298,6 +302,10 @@ class SendStep:
         else:
             self.outbox.note(rid, **fields)
         self._next_step(rid)
+
+
+def _ignore(*_: Any) -> None:
+    pass
 
 
 def _send_fields(
