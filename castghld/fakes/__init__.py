@@ -2,7 +2,8 @@
 
 Modules: `server` (the framework both fakes share: listening, the call log, violations, scripted
 failures, hangs, random faults, and the test helpers `wait_for` and `max_in_window`), `ghl`
-(`FakeGHL`), `cast` (`FakeCast`). Import from here: every public name is re-exported.
+(`FakeGHL`), `cast` (`FakeCast`), `cast_accounts` (Cast's account side: wallets, key and account
+switches, ``/api/v1/account/*``). Import from here: every public name is re-exported.
 
 The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to send. Guarantees:
 
@@ -17,10 +18,12 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
   access token, a reused, revoked or unknown refresh token (``refresh_reuse`` counts reuses), a
   spent authorization code, a suspended location, an unknown API key.
 - GHL refresh tokens and authorization codes are single-use. A Cast ``X-Idempotency-Key`` seen
-  again for the same account replays the first answer and never sends twice.
+  again for the same API key (or account: `FakeCast.idempotency_scope`) replays the first answer
+  and never sends twice.
 - Scripting (`fail_next`, `latency`, `hang`) works per logical route: GHL ``token``,
   ``location_token``, ``installed_locations``, ``status``, ``upsert``, ``inbound``; Cast ``send``,
-  ``sms_status`` (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
+  ``sms_status``, ``balance``, ``profile``, ``usage``, ``sender_ids``, ``unsubscribed``
+  (``hang("refresh")`` holds only GHL refresh grants). A scripted failure is
   spent by the next request to its route that passed the contract and authentication checks, and
   changes no state (no token consumed, no idempotency key stored). Status 599 drops the
   connection without an answer.
@@ -32,6 +35,12 @@ The fakes hold the daemon to SPEC §4 and §5, not to what the daemon happens to
 - Fake Cast can cache a transient error under the idempotency key (`FakeCast.error_cache_seconds`):
   a 5xx answered to a send is replayed to that key for that long, as an idempotency layer that
   stores every answer does; nothing was sent meanwhile.
+- Fake Cast's accounts have unlimited credits until a test gives one a wallet (`set_credits`):
+  then sends spend it by parts (`castghld.parts.message_parts`) and are refused with 402 when it
+  cannot pay. Key and account switches (`revoke_key`, `expire_key`, `deactivate`, `refuse_ip`,
+  `allow_channels`) answer Cast's 403s; `add_key` is a rotation (both keys valid, one account).
+  Idempotency keys are kept per API key (`idempotency_scope`, or per account); refusals are not
+  kept under them unless `cache_refusals`.
 - `stop` releases hung and slow requests, lets them answer, then closes every connection.
 """
 
@@ -44,6 +53,7 @@ from castghld.fakes.cast import (
     PH_MOBILE,
     FakeCast,
 )
+from castghld.fakes.cast_accounts import UNLIMITED_CREDITS, FakeCastAccount
 from castghld.fakes.ghl import (
     E164,
     GHL_RATE_MAX,
@@ -81,10 +91,12 @@ __all__ = [
     "INBOUND_FIELDS",
     "PH_MOBILE",
     "STATUS_FIELDS",
+    "UNLIMITED_CREDITS",
     "UPSERT_FIELDS",
     "Answer",
     "Call",
     "FakeCast",
+    "FakeCastAccount",
     "FakeGHL",
     "FaultMix",
     "max_in_window",

@@ -1,5 +1,6 @@
-"""Fake Cast: the SMS send and delivery-status API castghld uses (SPEC §5), with idempotency keys,
-per-account send limits and a per-client request limit.
+"""Fake Cast: the SMS send, delivery-status and account API castghld uses (SPEC §5), with
+idempotency keys, per-account send limits, a per-client request limit, and the wallets and account
+switches of `castghld.fakes.cast_accounts`.
 
 `FakeCast` keeps its parts in this order: the state and the methods tests script it with, the
 checks every route makes (`_account`: request limit, then API key), one section per route with
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import secrets
 import time
@@ -21,6 +21,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
+from castghld.fakes.cast_accounts import FakeCastAccounts
 from castghld.fakes.server import (
     DROP_CONNECTION,
     Answer,
@@ -30,6 +31,7 @@ from castghld.fakes.server import (
     _Reject,
     max_in_window,
 )
+from castghld.parts import message_parts
 
 PH_MOBILE = re.compile(r"\+639\d{9}|09\d{9}")
 CAST_SEND_FIELDS = frozenset(("to", "message", "sender_id"))
@@ -59,8 +61,18 @@ def _ph_key(number: str) -> str:
     return "+63" + digits[1:] if digits.startswith("0") else "+" + digits
 
 
-class FakeCast(_FakeServer):
-    """Cast's send and delivery-status API, with idempotency keys and rate limits."""
+class FakeCast(FakeCastAccounts, _FakeServer):
+    """Cast's send, delivery-status and account API, with idempotency keys and rate limits.
+
+    `idempotency_scope`: Cast keeps an ``X-Idempotency-Key``'s first answer per API key (SPEC
+    §5, ``"key"``, the default); ``"account"`` shares it between the keys of one account. With
+    one key per account both are the same. `cache_refusals`: whether an account refusal (402,
+    403) answered to a send is kept under its idempotency key and replayed to it, like a success,
+    after the account was fixed (Cast's doc does not say; default False: refusals are not kept).
+    `lookup_scope`: who may read a message's delivery status: any key of its account
+    (``"account"``, the default, SPEC §5 404 "another account's") or only the key that sent it
+    (``"key"``: other keys get 404).
+    """
 
     def __init__(
         self,
@@ -76,11 +88,15 @@ class FakeCast(_FakeServer):
         self.requests_per_second = requests_per_second
         self.default_delivery = default_delivery
         self.delivery_delay = delivery_delay
+        self.idempotency_scope = "key"
+        self.cache_refusals = False
+        self.lookup_scope = "account"
+        self._init_accounts()
         self.sent: list[dict[str, Any]] = []
         self.replays = 0
         self.error_cache_seconds = 0.0
         self.cached_error_replays = 0
-        self._cached_errors: dict[tuple[str, str], tuple[Answer, float]] = {}
+        self._cached_errors: dict[tuple[str, str], tuple[Answer, float]] = {}  # by _scope
         self.status_polls: Counter[str] = Counter()
         self._answers: dict[tuple[str, str], tuple[dict[str, Any], Answer]] = {}
         self._by_id: dict[str, dict[str, Any]] = {}
@@ -118,8 +134,14 @@ class FakeCast(_FakeServer):
     def _error_body(self, status: int, message: str) -> Any:
         return _cast_error(status, message)
 
-    def _account(self, call: Call) -> str:
-        """The per-IP request limit, then the API key; the key's account."""
+    def send_outside(self, account: str, to: str, message: str) -> str:
+        """A message sent on `account` by something other than castghld; its Cast message id."""
+        body = {"to": to, "message": message}
+        answer = self._deliver(account, "", "outside-" + secrets.token_hex(4), body)
+        return answer.body["message_id"]
+
+    def _caller(self, call: Call) -> tuple[str, str]:
+        """The per-IP request limit, then the API key; (the key, its account)."""
         now = time.monotonic()
         _prune(self._requests, 1.0, now)
         self._requests.append(now)
@@ -131,30 +153,45 @@ class FakeCast(_FakeServer):
             self._violate(call, 401, "no X-API-Key header", _cast_error(401, "Invalid API key"))
         if key not in self.api_keys:
             raise _Reject(Answer(401, _cast_error(401, "Invalid API key")))
-        return self.api_keys[key]
+        return key, self.api_keys[key]
+
+    def _scope(self, api_key: str, account: str, idempotency_key: str) -> tuple[str, str]:
+        """Where an idempotency key's first answer is kept (`idempotency_scope`)."""
+        owner = "key:" + api_key if self.idempotency_scope == "key" else "account:" + account
+        return owner, idempotency_key
 
     # -- POST /api/v1/sms/send -----------------------------------------------------------------
 
     def _send(self, call: Call) -> Answer:
-        account = self._account(call)
+        api_key, account = self._caller(call)
         body = self._send_body(call)
         key = call.headers.get("X-Idempotency-Key", "")
         if not key:
             error = _cast_error(400, "X-Idempotency-Key is required", "INVALID_REQUEST")
             self._violate(call, 400, "no X-Idempotency-Key header", error)
-        self._take_send_failure(account, key)
-        first = self._answers.get((account, key))
+        scope = self._scope(api_key, account, key)
+        self._take_send_failure(scope)
+        first = self._answers.get(scope)
         if first is not None:
             return self._replay(call, body, *first)
-        self._check_send_rate(call, account)
-        answer = self._deliver(account, key, body)
-        self._answers[(account, key)] = (body, answer)
+        refusal = self._key_refusal(api_key, account)
+        if refusal is None:
+            self._check_send_rate(call, account)
+            parts = message_parts(body["message"])
+            refusal = self._channel_refusal(account) or self._charge(account, parts)
+        if refusal is not None:
+            self.refusals[refusal.body["error_code"]] += 1
+            if self.cache_refusals:
+                self._answers[scope] = (body, refusal)
+            return Answer(refusal.status, copy.deepcopy(refusal.body))
+        answer = self._deliver(account, api_key, key, body)
+        self._answers[scope] = (body, answer)
         return answer
 
-    def _take_send_failure(self, account: str, key: str) -> None:
+    def _take_send_failure(self, scope: tuple[str, str]) -> None:
         """A scripted or random failure; with `error_cache_seconds`, a 5xx is kept for the key."""
         now = time.monotonic()
-        cached = self._cached_errors.get((account, key))
+        cached = self._cached_errors.get(scope)
         if cached is not None and cached[1] > now:
             self.cached_error_replays += 1
             answer = cached[0]
@@ -163,9 +200,9 @@ class FakeCast(_FakeServer):
             self._take_failure("send")
         except _Reject as e:
             status = e.answer.status
-            fresh_key = (account, key) not in self._answers
+            fresh_key = scope not in self._answers
             if self.error_cache_seconds > 0 and 500 <= status < DROP_CONNECTION and fresh_key:
-                self._cached_errors[(account, key)] = (e.answer, now + self.error_cache_seconds)
+                self._cached_errors[scope] = (e.answer, now + self.error_cache_seconds)
             raise
 
     def _send_body(self, call: Call) -> dict[str, Any]:
@@ -191,7 +228,8 @@ class FakeCast(_FakeServer):
         if body != first_body:
             self._violate(call, 422, "idempotency key reused with a different body")
         self.replays += 1
-        return Answer(first.status, copy.deepcopy(first.body), dict(first.headers))
+        headers = {**first.headers, "X-Idempotent-Replay": "true"}
+        return Answer(first.status, copy.deepcopy(first.body), headers)
 
     def _check_send_rate(self, call: Call, account: str) -> None:
         times = self._send_times[account]
@@ -200,27 +238,33 @@ class FakeCast(_FakeServer):
             text = f"more than {self.messages_per_second} sends in 1 s for {account}"
             self._violate(call, 429, text, headers={"Retry-After": "1"})
 
-    def _deliver(self, account: str, key: str, body: dict[str, Any]) -> Answer:
+    def _deliver(self, account: str, api_key: str, key: str, body: dict[str, Any]) -> Answer:
         message_id = "CAST" + secrets.token_hex(8).upper()
+        parts = message_parts(body["message"])
         record = {
             "to": body["to"],
             "message": body["message"],
             "sender_id": body.get("sender_id"),
             "account": account,
+            "api_key": api_key,
             "idempotency_key": key,
             "message_id": message_id,
+            "parts": parts,
+            "date": self.today(),
             "time": time.monotonic(),
         }
         self.sent.append(record)
         self._by_id[message_id] = record
         self._send_times[account].append(record["time"])
-        parts = math.ceil(len(body["message"]) / 160)
         return Answer(200, {"success": True, "message_id": message_id, "parts": parts})
 
     # -- GET /api/v1/sms/status/{id} -----------------------------------------------------------
 
     def _sms_status(self, call: Call, message_id: str) -> Answer:
-        account = self._account(call)
+        api_key, account = self._caller(call)
+        refusal = self._key_refusal(api_key, account)
+        if refusal is not None:
+            return refusal
         self.status_polls[message_id] += 1
         self._take_failure("sms_status")
         record = self._by_id.get(message_id)
@@ -228,6 +272,8 @@ class FakeCast(_FakeServer):
             return Answer(404, _cast_error(404, "Message not found"))
         if record["account"] != account:
             self._violate(call, 404, f"{record['account']}'s message asked as {account}")
+        if self.lookup_scope == "key" and record["api_key"] != api_key:
+            return Answer(404, _cast_error(404, "Message not found"))
         status, dlr_status, error_message = self._delivery(record)
         return Answer(
             200,
@@ -254,4 +300,5 @@ class FakeCast(_FakeServer):
     routes = (
         ("POST", r"/api/v1/sms/send", "send", "_send"),
         ("GET", r"/api/v1/sms/status/(?P<message_id>[^/]+)", "sms_status", "_sms_status"),
+        *FakeCastAccounts.account_routes,
     )
