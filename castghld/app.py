@@ -37,6 +37,7 @@ from castghld.accept import accept_connections
 from castghld.admin import AdminServer
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
+from castghld.credits import CastCredits
 from castghld.ghl import GHLClient
 from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
@@ -340,8 +341,17 @@ class Daemon:
         self.outbox, self.cast = delivery.outbox, delivery.cast
         self.outbound, self.inbound = delivery.outbound, delivery.inbound
         load_outbox(self.outbox, self.metrics)
+        self.credits = CastCredits(
+            config, self.cast, self.metrics, self.outbox, self.outbound.account_name
+        )
         # The ledger stops last: the counts of the last sends are in it before the final commit.
-        self.components: list[Component] = [self.usage, self.installations, delivery]
+        # The credits follow the outbox before it dispatches anything.
+        self.components: list[Component] = [
+            self.usage,
+            self.installations,
+            self.credits,
+            delivery,
+        ]
         self.metrics.before_scrape.append(self._update_backlog_age)
 
     def _update_backlog_age(self) -> None:
@@ -487,7 +497,15 @@ class Daemon:
     def config_holders(self) -> list[Any]:
         """The components that keep the config and read it at each use; a reload hands each the
         new one. A component that keeps a reference to the config belongs in this list."""
-        return [self, self.ghl, self.installations, self.cast, self.outbound, self.inbound]
+        return [
+            self,
+            self.ghl,
+            self.installations,
+            self.cast,
+            self.outbound,
+            self.inbound,
+            self.credits.balances,
+        ]
 
     def request_stop(self) -> None:
         self._stop_requested.set()

@@ -56,9 +56,7 @@ EXPECTED = {"sent": 2, "parts": 3, "delivered": 1, "undelivered": 1, "failed": 1
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_usage_counts_sends_parts_outcomes_and_replies_per_location_and_day(
-    bridge, capsys
-):
+async def test_usage_counts_sends_parts_outcomes_and_replies_per_location_and_day(bridge, capsys):
     await bridge.start()
     await bridge.install("loc1")
     await traffic(bridge)

@@ -173,6 +173,10 @@ class OutboundDelivery:
         raised (`Step.RESUME`): both go on from their stage."""
         self._queue_next_step(rid, front=step == Step.SEND)
 
+    def account_name(self, record: OutboundRecord) -> str:
+        """The Cast account a record is (or will be) sent through: its send lane."""
+        return self._lane_name(record)
+
     def _lane_name(self, record: OutboundRecord) -> str:
         if record.get("attempted") and "account" in record:
             return record["account"]
