@@ -76,9 +76,7 @@ async def test_credits_needed_counts_the_parts_of_waiting_messages_as_cast_does(
         "d": ("Salamat po! 😀 " * 6, ()),  # UCS-2 over 70: 2 parts of 67
     }
     for message_id, (text, attachments) in texts.items():
-        await bridge.post_message(
-            messageId=message_id, message=text, attachments=list(attachments)
-        )
+        await bridge.post_message(messageId=message_id, message=text, attachments=list(attachments))
     expected = sum(message_parts("\n".join([t, *a])) for t, a in texts.values())
     assert expected == 7
     await wait_for(lambda: daemon.credits.waiting.needed(account) == expected)

@@ -125,3 +125,32 @@ async def test_ledger_flushes_in_one_commit_and_drops_rows_past_retention(config
     reread.load()
     assert reread.get(SECTION, f"{today()}|loc1|acct-1") == [100, 200, 1, 0, 0, 0]
     reread.close()
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_usage_check_agrees_with_cast_usage_parts_included(bridge, capsys):
+    bridge.cast.today = today  # Cast's days are Manila days, like the ledger's
+    bridge.cast.add_key("cast_loc2_key", "acct2")
+    await bridge.start({"cast": {"locations": {"loc2": {"api_key": "cast_loc2_key"}}}})
+    await bridge.install("loc1")
+    await bridge.install("loc2")
+    sends = {"a": ("loc1", "hi"), "b": ("loc1", "z" * 400), "c": ("loc2", "Salamat 😀 " * 10)}
+    for message_id, (location_id, text) in sends.items():
+        await bridge.post_message(messageId=message_id, locationId=location_id, message=text)
+    for message_id in sends:
+        await wait_for(lambda m=message_id: "delivered" in statuses(bridge.ghl, m), timeout=10)
+    path = bridge.config_dir.config_path
+    code, out, err = await cli_in_thread(capsys, "--config", path, "usage", "--check")
+    assert code == 0, out + err
+    assert "Cast's usage agrees with castghld's ledger" in out
+    accounts = {loc: bridge.daemon.cast.account_for(loc).name for loc in ("loc1", "loc2")}
+    code, out, _ = await cli_in_thread(capsys, "--config", path, "usage", "--check", "--json")
+    check = {row["account"]: row for row in json.loads(out)["check"]}
+    parts = sum(s["parts"] for s in bridge.cast.sent if s["account"] == "acct")
+    assert check[accounts["loc1"]]["our_parts"] == check[accounts["loc1"]]["cast_parts"] == parts
+    assert check[accounts["loc2"]]["cast_messages"] == check[accounts["loc2"]]["our_sent"] == 1
+    # A message sent on the account by something other than castghld shows up as a difference.
+    bridge.cast.send_outside("acct", "+639170000009", "sent from elsewhere")
+    code, out, _ = await cli_in_thread(capsys, "--config", path, "usage", "--check")
+    assert code == 1
+    assert "differs: Cast +1 message(s), +1 part(s)" in out and "1 day(s) differ" in out
