@@ -67,7 +67,7 @@ class BalancePoller:
         for where, account in configured_accounts(self.config):
             if account.sandbox:
                 log.warning(
-                    "Cast account %s (%s) uses a sandbox key (cast_test_...): Cast delivers "
+                    "Cast account %s (%s) uses a sandbox key: Cast delivers "
                     "nothing and charges nothing",
                     account.name,
                     where,
