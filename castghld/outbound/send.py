@@ -11,7 +11,8 @@ Guarantees:
   ``PROVIDER_ERROR_RETRIES`` times. A retry waits ``SEND_RETRY`` backoff with full jitter, never
   shorter than Cast's Retry-After, as a `Step.SEND` entry in the scheduler's timer heap, then
   goes to the front of its account's lane. Any other answer is Cast's final refusal: reported
-  ``failed`` with Cast's error code.
+  ``failed`` with Cast's error code; one that an opt-out explains (castghld.optout) with a
+  reason that says so.
 - Both windows are checked at the instant the request would leave, after pacing: a message never
   attempted within ``delivery.send_deadline`` is reported ``failed`` (``EXPIRED``) instead of
   sent late, and one attempted before a restart but still unresolved 23 h after it arrived
@@ -49,6 +50,7 @@ from castghld.cast import (
 )
 from castghld.config import Config
 from castghld.metrics import Metrics
+from castghld.optout import OptOuts
 from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
@@ -99,6 +101,7 @@ class SendStep:
         # Called with (record, account name, Cast's answer) once Cast accepted a send: the parts
         # it charged go to the usage ledger and the metrics (OutboundDelivery sets it).
         self.on_sent: Callable[[OutboundRecord, str, dict[str, Any]], None] = _ignore
+        self.opt_outs = OptOuts(cast)
 
     async def send(self, rid: str) -> None:
         """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap."""
@@ -214,6 +217,7 @@ class SendStep:
         if error.code == "NO_ANSWER":
             reason = "Cast did not answer before the send deadline; the SMS may have been sent"
         if not error.retryable:
+            reason = await self._explain_refusal(record, error) or reason
             self._sends["failed"].inc()
             log.error(
                 "Cast refused %s: %d %s %s",
@@ -257,6 +261,14 @@ class SendStep:
             last_reason=reason,
         )
         self.scheduler.later(delay, rid, Step.SEND)
+
+    async def _explain_refusal(self, record: OutboundRecord, error: CastError) -> str | None:
+        """A reason that says more than Cast's text: the number opted out of the sender ID."""
+        account = account_of(self.cast, record)
+        checked = self._check(record)
+        if account is None or not isinstance(checked, str):
+            return None
+        return await self.opt_outs.explain(account, checked, error)
 
     def _log_gave_up(
         self, record: OutboundRecord, tries: int, status: int, code: str, reason: str, why: str
