@@ -65,6 +65,9 @@ class BalancePoller:
 
     async def start(self) -> None:
         for where, account in configured_accounts(self.config):
+            # Series at 0 from the first scrape: increase() sees the first charge.
+            self.metrics.parts_charged.labels(account.name)
+            self.metrics.credits_needed.labels(account.name).set(0)
             if account.sandbox:
                 log.warning(
                     "Cast account %s (%s) uses a sandbox key: Cast delivers "

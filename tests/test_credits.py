@@ -108,3 +108,14 @@ async def test_messages_waiting_at_a_restart_are_counted_as_needed(bridge):
     await wait_for(lambda: daemon.credits.waiting.needed(account) == 2 * count)
     bridge.cast.release("send")
     await wait_for(lambda: daemon.credits.waiting.needed(account) == 0, timeout=10)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_each_accounts_counters_exist_at_zero_from_the_start(bridge):
+    bridge.cast.hang("balance")  # before the first balance read
+    daemon = await bridge.start({"cast": {"locations": {"loc2": {"api_key": "cast_other"}}}})
+    for location_id in ("loc1", "loc2"):
+        account = daemon.cast.account_for(location_id).name
+        assert await gauge(daemon, "castghld_cast_parts_charged_total", account) == 0
+        assert await gauge(daemon, "castghld_cast_credits_needed", account) == 0
+    bridge.cast.release("balance")
