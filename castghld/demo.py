@@ -2,7 +2,9 @@
 
 Starts the package's strict fake GHL and fake Cast (castghld.fakes) and a daemon wired to them in
 a temporary directory, then: installs a location through the real OAuth callback, sends an SMS as
-GHL's Delivery URL webhook, and replies to it as Cast's inbound callback. Prints each hop (what
+GHL's Delivery URL webhook (reading the Cast account's balance before and after it), and replies
+to it as Cast's inbound callback. The demo key is not a sandbox key (``cast_test_...``): the fake
+Cast's wallet charges it, as Cast would a live key. Prints each hop (what
 GHL sent, what Cast received, what GHL was told). Exits 0 when every hop happened and neither fake
 saw a contract violation; removes the directory in any case.
 """
@@ -25,6 +27,7 @@ from castghld.state import create_private_file, new_key_line
 
 LOCATION = "demo-location"
 INBOUND_SECRET = "demo-inbound-secret"  # noqa: S105 (the fakes' demo value)
+DEMO_CREDITS = 1000  # the fake Cast account's wallet
 
 
 def hop(arrow: str, what: str, detail: Any = None) -> None:
@@ -56,7 +59,7 @@ def demo_config(directory: str, ghl: FakeGHL, cast: FakeCast) -> Config:
         },
         "cast": {
             "api_base": cast.url,
-            "api_key": "cast_test_demo",
+            "api_key": "cast_demo_key",
             "inbound_secret": INBOUND_SECRET,
             "sender_id": "CASTDEMO",
         },
@@ -103,6 +106,13 @@ async def send_sms(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
         hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
 
 
+async def show_balance(daemon: Any, when: str) -> None:
+    """The Cast account's credits as the daemon reads them (castghld_cast_credits)."""
+    account = daemon.cast.account_for(LOCATION)
+    credits = await daemon.credits.balances.read(account)
+    hop("castghld -> Cast", f"GET /api/v1/account/balance {when}: {credits} credits")
+
+
 async def receive_reply(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
     """Cast's inbound callback with a reply, and its post into the GHL conversation."""
     reply = {
@@ -129,7 +139,8 @@ async def round_trip(directory: str) -> int:
     from castghld.app import Daemon
 
     ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
-    cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
+    cast = FakeCast(api_keys={"cast_demo_key": "demo-account"})
+    cast.set_credits("demo-account", DEMO_CREDITS)
     await ghl.start()
     await cast.start()
     daemon = Daemon(demo_config(directory, ghl, cast))
@@ -137,7 +148,9 @@ async def round_trip(directory: str) -> int:
     try:
         print(f"castghld demo: fake GHL {ghl.url}, fake Cast {cast.url}, daemon {daemon.url}")
         await install(daemon.url, ghl)
+        await show_balance(daemon, "before the SMS")
         await send_sms(daemon.url, ghl, cast)
+        await show_balance(daemon, "after it (1 part charged)")
         await receive_reply(daemon.url, ghl, cast)
         violations = ghl.violations + cast.violations
         if violations:

@@ -32,3 +32,19 @@ def test_demo_exits_zero_naming_each_hop(tmp_path):
         assert hop in out
     assert "Traceback" not in result.stderr
     assert glob.glob(str(tmp_path / "castghld-demo-*")) == []
+
+
+def test_demo_shows_the_cast_balance_before_and_after_the_sms(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "castghld", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "castghld -> Cast   GET /api/v1/account/balance before the SMS: 1000 credits" in (
+        result.stdout
+    )
+    assert "GET /api/v1/account/balance after it (1 part charged): 999 credits" in result.stdout
