@@ -21,6 +21,7 @@ Which alerts use them: ``config/alerts.yml``, group ``castghld-cast-credits``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class BalancePoller:
     """Reads every configured account's balance on a schedule (see the module docstring)."""
 
     def __init__(self, config: Config, cast: CastClient, metrics: Metrics):
+        self._reloaded = asyncio.Event()
         self.config = config
         self.cast = cast
         self.metrics = metrics
@@ -62,6 +64,16 @@ class BalancePoller:
         self.billing_types: dict[str, str] = {}
         self._last_problem: dict[str, str] = {}
         self._task: asyncio.Task | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """Set at start and by each reload (`Daemon.config_holders`)."""
+        self._config = config
+        self._reloaded.set()
 
     async def start(self) -> None:
         for where, account in configured_accounts(self.config):
@@ -85,8 +97,13 @@ class BalancePoller:
 
     async def _run(self) -> None:
         while True:
+            last = time.monotonic()
             await self.read_all()
-            await asyncio.sleep(self.config.cast.balance_interval)
+            # A reload (a new `config`) wakes the wait: a shorter interval applies at once.
+            while (left := last + self.config.cast.balance_interval - time.monotonic()) > 0:
+                self._reloaded.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reloaded.wait(), left)
 
     async def read_all(self) -> None:
         """One read of every configured account (one after the other: a few requests)."""

@@ -12,6 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 from castghld.fakes import wait_for
 from castghld.outbound import SENDERS_PER_ACCOUNT
 from castghld.parts import message_parts
+from tests.conftest import merge
 
 
 async def gauge(daemon, name: str, account: str) -> float | None:
@@ -119,3 +120,15 @@ async def test_each_accounts_counters_exist_at_zero_from_the_start(bridge):
         assert await gauge(daemon, "castghld_cast_parts_charged_total", account) == 0
         assert await gauge(daemon, "castghld_cast_credits_needed", account) == 0
     bridge.cast.release("balance")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_reload_applies_a_new_balance_interval_at_once(bridge):
+    bridge.cast.set_credits("acct", 500)
+    daemon = await bridge.start({"cast": {"balance_interval": "1h"}})
+    account = daemon.cast.account_for("loc1").name
+    await wait_for(lambda: account in daemon.credits.balances.balances)
+    bridge.cast.top_up("acct", 1)
+    bridge.config_dir.write(merge(bridge.extra, {"cast": {"balance_interval": "1s"}}))
+    assert daemon.reload()
+    await wait_for(lambda: daemon.credits.balances.balances[account][0] == 501, timeout=5)
