@@ -205,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "install-url":
             return install_url(config)
         if args.command == "usage":
-            return usage(config, args)
+            from castghld.usage_report import run_usage
+
+            return run_usage(config, args)
     except ConfigError as e:
         return fail(e.problems)
     except KeyboardInterrupt:
@@ -583,21 +585,6 @@ def reconcile(config: Config) -> int:
     changes = len(report["minted"]) + len(report["marked"])
     print(f"{changes} change(s)" if changes else "no changes")
     return 1 if report["companies"] else 0
-
-
-def usage(config: Config, args: argparse.Namespace) -> int:
-    from castghld.app import StartupError
-    from castghld.usage import parse_day
-    from castghld.usage_report import usage_command
-
-    try:
-        start = parse_day(args.start) if args.start else None
-        end = parse_day(args.end) if args.end else None
-        return usage_command(config, start, end, args.location, args.format, args.check)
-    except StartupError as e:
-        return fail(e.problems, e.transient)
-    except ValueError as e:
-        return fail([f"usage: {e}"])
 
 
 def install_url(config: Config) -> int:

@@ -128,7 +128,10 @@ class Metrics:
         self.state_write_seconds = Histogram(
             "castghld_state_write_seconds", "Encrypt+fsync+rename of the state file", registry=r
         )
-        # Cast accounts (castghld.credits), labelled by account name (acct-...), never a key.
+        self._cast_account_metrics(r)
+
+    def _cast_account_metrics(self, r: CollectorRegistry) -> None:
+        """Cast accounts (castghld.credits), labelled by account name (acct-...), never a key."""
         self.parts_charged = Counter(
             "castghld_cast_parts_charged",
             "Parts Cast charged for the messages it accepted (parts of each send answer)",

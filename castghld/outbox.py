@@ -113,9 +113,8 @@ class Outbox:
         self._compaction: asyncio.Task | None = None
         self.stopping = False
         self.restarted = False  # the journal had entries: an earlier process ran on this state
-        # Called as (rid, record or None) after a live record was added, replaced or forgotten at
-        # runtime (not by `load`): indexes kept beside the records without a pass over them
-        # (castghld.credits: the parts waiting messages need).
+        # (rid, record or None) after a record is added, replaced or forgotten, except by `load`:
+        # indexes kept beside the records (castghld.credits).
         self.watchers: list[Callable[[str, Record | None], None]] = []
         metrics.before_scrape.append(self.update_metrics)
 

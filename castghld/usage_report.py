@@ -210,3 +210,20 @@ def usage_command(
     if problems:
         return EXIT_TEMPFAIL
     return EXIT_DIFFERS if any(not r["agrees"] for r in table) else 0
+
+
+def run_usage(config: Config, args: Any) -> int:
+    """`castghld usage` from the parsed command line; the exit code (2: a bad date or an
+    unreadable state file, with one line on stderr)."""
+    from castghld.app import StartupError
+    from castghld.cli import fail
+    from castghld.usage import parse_day
+
+    try:
+        start = parse_day(args.start) if args.start else None
+        end = parse_day(args.end) if args.end else None
+        return usage_command(config, start, end, args.location, args.format, args.check)
+    except StartupError as e:
+        return fail(e.problems, e.transient)
+    except ValueError as e:
+        return fail([f"usage: {e}"])
