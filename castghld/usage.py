@@ -19,10 +19,13 @@ Guarantees:
   value the six counts as a list) for `RETENTION_DAYS` days; older rows are deleted once a day.
 - Counting costs no write: increments gather in memory and are put into the state, and committed,
   every `FLUSH_SECONDS` (one small journal frame for all the rows that changed) and at a graceful
-  stop. A commit of the state is an fsync'd append on a thread (~1-3 ms); committing per message
-  would be one per send and per receipt, on the same single writer as the token commits. A crash
-  (kill -9) can lose the last `FLUSH_SECONDS` of counts: ``castghld usage --check`` then shows
-  the gap next to Cast's own usage.
+  stop. Measured with 1,000 installs in the state: a commit of one row is an fsync'd append on a
+  thread, 0.4 ms median, 2.5 ms p99; 10,000 counts take 27 ms, their flush (300 rows) 3 ms. A
+  commit per send and per outcome would be cheap alone, but each appends a frame to the journal
+  that the token commits share, and a compaction rewrites the whole state (~23 MB at 10k
+  installs) each time the journals outgrow it: at 300 messages/s that is every few minutes
+  instead of every few hours. A crash (kill -9) can lose the last `FLUSH_SECONDS` of counts:
+  ``castghld usage --check`` then shows the gap next to Cast's own usage.
 - Reading (`read_rows`) works on a running daemon's ledger (through the admin socket: the
   in-memory counts included) and on a stopped daemon's state file (read-only).
 """
