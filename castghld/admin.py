@@ -10,7 +10,8 @@ full phone number (numbers are masked to their last 4 digits).
 Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, and the total:
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
 `POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /installs/LOCATION/forget`,
-`GET /usage?from=DAY&to=DAY[&location=ID]` (the usage ledger's rows, counts only).
+`GET /accounts` (castghld.account_report), `GET /usage?from=DAY&to=DAY[&location=ID]` (the usage
+ledger's rows, counts only).
 """
 
 from __future__ import annotations
@@ -192,7 +193,15 @@ class UsageHandler(AdminHandler):
         self.reply(200, {"rows": self.daemon.usage.rows(start, end, location_id)})
 
 
+class AccountsHandler(AdminHandler):
+    async def get(self) -> None:
+        from castghld.account_report import account_report
+
+        self.reply(200, await account_report(self.daemon))
+
+
 default_handlers = [
+    (r"/accounts", AccountsHandler),
     (r"/outbox", OutboxListHandler),
     (r"/outbox/([^/]+)", OutboxRecordHandler),
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),

@@ -342,8 +342,9 @@ class Daemon:
         self.outbound, self.inbound = delivery.outbound, delivery.inbound
         load_outbox(self.outbox, self.metrics)
         self.credits = CastCredits(
-            config, self.cast, self.metrics, self.outbox, self.outbound.account_name
+            config, self.cast, self.metrics, self.outbox, self.outbound.lane_name
         )
+        self.credits.other_reads = self.outbound.accounts.balances
         # The ledger stops last: the counts of the last sends are in it before the final commit.
         # The credits follow the outbox before it dispatches anything.
         self.components: list[Component] = [

@@ -27,6 +27,13 @@ Guarantees:
   instead. A message that waited behind a backlog is not texted late, and one first attempted
   before a crash is not resent once Cast may have forgotten its idempotency key.
 - A status poll answered 429 pauses that account's polls for its ``Retry-After``.
+- No send leaves on a paused account (`paused`, kept by castghld.accounts): that is checked at
+  the instant the request would leave, like ``not_after``, and raises `AccountPaused` instead.
+- An account is known by its name (``cast.account``, ``cast.locations.*.account``; unnamed: a
+  hash of its key, `default_account_name`), not by its key: a reload with a new key keeps the
+  account. The key a message was first sent with stays usable for that message while this process
+  runs (`retired_key`): Cast keeps idempotency keys per API key, so a message that may have been
+  sent is retried, and looked up, with the key it was sent with.
 - The API key never appears in an error, a log line or a metric label.
 """
 
@@ -34,8 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import time
@@ -45,7 +50,7 @@ from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from castghld.config import Config
+from castghld.config import Config, default_account_name
 from castghld.inflight import InFlight
 from castghld.log import clip, no_answer_reason, redact_numbers
 from castghld.metrics import Metrics
@@ -108,17 +113,27 @@ class SendWindowClosed(Exception):
     """The send's ``not_after`` passed before the request could leave: nothing was sent."""
 
 
+class AccountPaused(Exception):
+    """The send's account was paused before the request could leave: nothing was sent."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CastAccount:
-    """The Cast API key and sender ID a location sends with."""
+    """A Cast account as one location sends through it: its name (pacing, logs, the outbox),
+    the API key to use and the sender ID."""
 
     api_key: str = dataclasses.field(repr=False)
     sender_id: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", default_account_name(self.api_key))
 
     @property
-    def name(self) -> str:
-        """A stable, non-secret name for pacing and logs."""
-        return _account_name(self.api_key)
+    def key_id(self) -> str:
+        """Which key this is, without the key: the name an unnamed account has with it."""
+        return default_account_name(self.api_key)
 
     @property
     def sandbox(self) -> bool:
@@ -126,14 +141,26 @@ class CastAccount:
         return self.api_key.startswith(SANDBOX_KEY_PREFIX)
 
 
-@functools.lru_cache(maxsize=256)
-def _account_name(api_key: str) -> str:
-    return "acct-" + hashlib.sha256(api_key.encode()).hexdigest()[:10]
+def configured_keys(config: Config) -> dict[str, tuple[str, str]]:
+    """Each configured Cast key's entry (``cast`` or a location id) -> (account name, key)."""
+    cast = config.cast
+    keys = {"cast": (cast.account or default_account_name(cast.api_key.value), cast.api_key.value)}
+    for location_id, o in cast.locations.items():
+        if o.api_key is not None:
+            key = o.api_key.value
+            keys[location_id] = (o.account or default_account_name(key), key)
+    return keys
 
 
 class CastClient:
     def __init__(self, config: Config, metrics: Metrics):
-        self.config = config
+        self._config = config
+        # Keys replaced by a reload: key id -> (account name, key), for the messages sent with
+        # them; and the callbacks told of an account whose key changed (its old and new name).
+        self._retired: dict[str, tuple[str, str]] = {}
+        self.on_key_change: list[Any] = []
+        # Accounts that no send may leave on (castghld.accounts pauses and resumes them).
+        self.paused: set[str] = set()
         self.base = config.cast.api_base.rstrip("/")
         self.metrics = metrics
         self.created = time.monotonic()
@@ -164,33 +191,69 @@ class CastClient:
         """No new send starts from now on (those already sent still get their answer)."""
         self.stopping = True
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, new: Config) -> None:
+        """A reload: a key replaced in an entry is kept (`retired_key`) for the messages sent
+        with it, and `on_key_change` hears of the entry's account."""
+        old_keys, new_keys = configured_keys(self._config), configured_keys(new)
+        self._config = new
+        changed = []
+        for entry, (old_name, old_key) in old_keys.items():
+            name, key = new_keys.get(entry, ("", ""))
+            if key and key != old_key:
+                self._retired[default_account_name(old_key)] = (name, old_key)
+                changed.append((old_name, name))
+        for old_name, name in changed:
+            for callback in self.on_key_change:
+                callback(old_name, name)
+
     def account_for(self, location_id: str) -> CastAccount:
         cast = self.config.cast
         override = cast.locations.get(location_id)
-        api_key = cast.api_key.value
+        api_key, name = cast.api_key.value, cast.account
         sender_id = cast.sender_id
         if override is not None:
             if override.api_key is not None:
-                api_key = override.api_key.value
+                api_key, name = override.api_key.value, override.account
             if override.sender_id is not None:
                 sender_id = override.sender_id
-        return CastAccount(api_key, sender_id)
+        return CastAccount(api_key, sender_id, name)
 
     def stored_account(self, name: str, sender_id: str) -> CastAccount | None:
-        """The configured account called `name` (see `CastAccount.name`) sending as `sender_id`.
+        """The configured account called `name` sending as `sender_id`, with its current key.
 
-        A message keeps the account of its first attempt: Cast's idempotency key is scoped per
-        account, so a retry through another account (after a config change) could send twice.
-        None if no configured key has that name any more.
+        A message keeps the account of its first attempt (its idempotency scope and where its
+        Cast id lives). `name` may be an account's name, the default name of one of its current
+        keys (a message journaled before the account was named) or of a key a reload replaced
+        (the account that key's entry now has). None if no configured account matches.
         """
-        cast = self.config.cast
-        keys = [cast.api_key.value]
-        keys += [o.api_key.value for o in cast.locations.values() if o.api_key is not None]
-        for api_key in keys:
-            account = CastAccount(api_key, sender_id)
-            if account.name == name:
-                return account
+        retired = self._retired.get(name)
+        if retired is not None:
+            name = retired[0]
+        for account_name, api_key in configured_keys(self.config).values():
+            if name in (account_name, default_account_name(api_key)):
+                return CastAccount(api_key, sender_id, account_name)
         return None
+
+    def retired_key(self, key_id: str) -> str | None:
+        """The key with this `CastAccount.key_id` that a reload replaced (None if none)."""
+        retired = self._retired.get(key_id)
+        return retired[1] if retired is not None else None
+
+    def account_names(self) -> dict[str, CastAccount]:
+        """Every configured account by name, with its current key and default sender ID."""
+        accounts = {}
+        for entry, (name, api_key) in configured_keys(self.config).items():
+            override = self.config.cast.locations.get(entry)
+            sender_id = self.config.cast.sender_id
+            if override is not None and override.sender_id is not None:
+                sender_id = override.sender_id
+            accounts.setdefault(name, CastAccount(api_key, sender_id, name))
+        return accounts
 
     # -- one exchange --------------------------------------------------------------------------
 
@@ -284,6 +347,8 @@ class CastClient:
                         await _park()
                     if not_after is not None and time.time() > not_after:
                         raise SendWindowClosed  # slots taken but nothing sent: harmless
+                    if account.name in self.paused:
+                        raise AccountPaused  # slots taken but nothing sent: harmless
                     # No await from the slots' instant until the request is handed over.
                     exchange = self._start(
                         account,
@@ -311,14 +376,14 @@ class CastClient:
             raise CastError(502, "BAD_ANSWER", "Cast accepted the message but gave no message_id")
         return answer
 
-    # -- account API -------------------------------------------------------------------------
+    # -- account -------------------------------------------------------------------------------
 
-    async def account_get(
+    async def account_info(
         self, account: CastAccount, what: str, query: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        """One ``GET /api/v1/account/<what>`` (balance, profile, usage, sender-ids,
-        unsubscribed) of `account`: paced like a status poll (half of the per-IP budget at most,
-        sends keep the rest), one attempt; raises `CastError`."""
+        """``GET /api/v1/account/<what>`` (``balance``, ``profile``, ``usage``, ``sender-ids``,
+        ``unsubscribed``) with the account's key, paced like a status poll (half of the per-IP
+        budget at most, sends keep the rest); one attempt, raises `CastError`."""
         path = "/api/v1/account/" + what + ("?" + urlencode(query) if query else "")
         await acquire_all(self.poll_limiter, self.ip_limiter)
         return await self._start(account, "GET", path)

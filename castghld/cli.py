@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         "installs again.",
     )
     forget.add_argument("location", metavar="LOCATION")
+    accounts = add_command(
+        "accounts",
+        help="the Cast accounts of the running daemon: paused or ok, credits, waiting messages",
+        description="Per Cast account (by name, never the key), through the running daemon's "
+        "admin socket: ok or paused (reason, since), credits (read now) and those the waiting "
+        "messages need, waiting messages, sends in the last hour, its locations, its sender IDs "
+        "and whether Cast lists them as approved.",
+    )
+    accounts.add_argument("--json", action="store_true", help="one JSON document (for scripts)")
     add_command(
         "reconcile",
         help="reconcile agency installs with GHL now",
@@ -200,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return outbox_command(config, args.action, args.id, as_json=args.json, limit=args.limit)
         if args.command == "forget":
             return forget(config, args.location)
+        if args.command == "accounts":
+            from castghld.account_report import accounts_command
+
+            return accounts_command(config, as_json=args.json)
         if args.command == "reconcile":
             return reconcile(config)
         if args.command == "install-url":

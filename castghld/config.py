@@ -18,6 +18,8 @@ how a single value is read and checked (types, ``${ENV}``, secret files) is `con
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +40,8 @@ MAX_SENDER_ID = 11
 DEFAULT_CONFIG_PATH = "/etc/castghld/castghld.yaml"
 CONFIG_ENV = "CASTGHLD_CONFIG"
 NO_SECRET = Secret("")  # the default of a secret not given (frozen: one instance serves all)
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
+DEFAULT_ACCOUNT_NAME = re.compile(r"acct-[0-9a-f]{10}")
 
 
 class ConfigError(Exception):
@@ -72,6 +76,7 @@ class GHLConfig:
 @dataclass(frozen=True)
 class CastLocationConfig:
     api_key: Secret | None = None
+    account: str = ""  # the name of `api_key`'s Cast account ("": the key's hash)
     sender_id: str | None = None
     inbound_numbers: tuple[str, ...] = ()
 
@@ -80,6 +85,7 @@ class CastLocationConfig:
 class CastConfig:
     api_base: str = "https://api.cast.ph"
     api_key: Secret = NO_SECRET
+    account: str = ""  # the name of `api_key`'s Cast account ("": the key's hash)
     sender_id: str = ""
     messages_per_second: int = 10
     requests_per_second: int = 30
@@ -135,6 +141,12 @@ class Config:
         return self.server.public_url.rstrip("/") + "/oauth/callback"
 
 
+@functools.lru_cache(maxsize=256)
+def default_account_name(api_key: str) -> str:
+    """The name of an unnamed Cast account: a hash of its key (not secret, stable per key)."""
+    return "acct-" + hashlib.sha256(api_key.encode()).hexdigest()[:10]
+
+
 def default_config_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
@@ -172,6 +184,7 @@ def build_config(path: str, raw: Any) -> Config:
     server = _server(r, top.get("server"))
     ghl = _ghl(r, top.get("ghl"))
     cast = _cast(r, top.get("cast"))
+    _check_accounts(r, cast)
     state = _state(r, top.get("state"))
     tokens = _tokens(r, top.get("tokens"))
     delivery = _delivery(r, top.get("delivery"))
@@ -230,6 +243,7 @@ def _cast(r: Reader, raw: Any) -> CastConfig:
     return CastConfig(
         api_base=r.url("cast", c, "api_base", CastConfig.api_base),
         api_key=r.secret("cast", c, "api_key", required=True) or Secret(""),
+        account=_account_name(r, "cast", c),
         sender_id=_sender_id(r, "cast", c),
         messages_per_second=r.integer("cast", c, "messages_per_second", 10, 1, 10000),
         requests_per_second=r.integer("cast", c, "requests_per_second", 30, 1, 10000),
@@ -311,6 +325,7 @@ def _cast_locations(r: Reader, raw: Any) -> dict[str, CastLocationConfig]:
         entry = r.section(key, value, allowed)
         result[str(location_id)] = CastLocationConfig(
             api_key=r.secret(key, entry, "api_key", required=False),
+            account=_account_name(r, key, entry),
             sender_id=_sender_id(r, key, entry) if "sender_id" in entry else None,
             inbound_numbers=r.string_list(key, entry, "inbound_numbers"),
         )
@@ -323,6 +338,46 @@ def _cast_locations(r: Reader, raw: Any) -> dict[str, CastLocationConfig]:
                     "a reply to it must go to one location",
                 )
     return result
+
+
+def _account_name(r: Reader, key: str, raw: dict) -> str:
+    """A Cast account's name: what logs, metrics and the outbox call it across key rotations.
+    Given only with the key it names; never shaped like the default name (``acct-`` + hash)."""
+    value = r.string(key, raw, "account")
+    if not value:
+        return ""
+    if not ACCOUNT_NAME.fullmatch(value) or DEFAULT_ACCOUNT_NAME.fullmatch(value):
+        r.problem(
+            f"{key}.account",
+            f"{value!r} must be 1-40 letters, digits, '.', '_' or '-' (not acct- and 10 hex "
+            "digits, the name an unnamed account gets)",
+        )
+    elif "api_key" not in raw and "api_key_file" not in raw:
+        r.problem(f"{key}.account", "names the Cast account of this entry's api_key: set api_key")
+    return value
+
+
+def _check_accounts(r: Reader, cast: CastConfig) -> None:
+    """One name per Cast key and one key per name: two names for one account would pace it
+    twice over, and one name for two keys would mix their idempotency scopes."""
+    entries = [("cast", cast.api_key, cast.account)]
+    entries += [
+        (f"cast.locations.{loc}", o.api_key, o.account)
+        for loc, o in cast.locations.items()
+        if o.api_key is not None
+    ]
+    names: dict[str, tuple[str, str]] = {}
+    keys: dict[str, tuple[str, str]] = {}
+    for where, secret, name in entries:
+        if not secret.value:
+            continue
+        name = name or default_account_name(secret.value)
+        other = names.setdefault(name, (where, secret.value))
+        if other[1] != secret.value:
+            r.problem(f"{where}.account", f"{name!r} is also the account of {other[0]}'s other key")
+        other = keys.setdefault(secret.value, (where, name))
+        if other[1] != name:
+            r.problem(f"{where}.account", f"the same api_key as {other[0]} under another name")
 
 
 def _sender_id(r: Reader, key: str, raw: dict) -> str:

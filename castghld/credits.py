@@ -114,8 +114,8 @@ class BalancePoller:
         """Read `account`'s balance (and billing type); its credits, or None if Cast did not
         give them."""
         try:
-            answer = await self.cast.account_get(account, "balance")
-            profile = await self.cast.account_get(account, "profile")
+            answer = await self.cast.account_info(account, "balance")
+            profile = await self.cast.account_info(account, "profile")
         except CastError as e:
             self._problem(account, f"{e.http_status} {e.code}: {e.message}")
             return None
@@ -138,6 +138,13 @@ class BalancePoller:
                 extra={"outcome": "balance"},
             )
         return credits
+
+    def take_reads(self, reads: dict[str, tuple[float | None, float]]) -> None:
+        """Balances read elsewhere (a paused account's probe, `castghld accounts`: name ->
+        (credits, read at)) that are newer than ours: the gauge shows the latest."""
+        for name, (credits, when) in list(reads.items()):
+            if credits is not None and when > self.balances.get(name, (0, 0.0))[1]:
+                self.record(name, int(credits), when)
 
     def record(self, account: str, credits: int, when: float | None = None) -> None:
         """A balance of `account` (its name) read now or at `when` (a probe's read)."""
@@ -181,6 +188,10 @@ class WaitingParts:
 
     def needed(self, account: str) -> int:
         return self._sums.get(account, 0)
+
+    def waiting(self, account: str) -> int:
+        """How many messages wait for their send on `account`."""
+        return len(self._parts.get(account, ()))
 
     def changed(self, rid: str, record: Record | None) -> None:
         """An outbox watcher: `record` (None: gone) is the record `rid` now is."""
@@ -242,6 +253,9 @@ class CastCredits:
         self.outbox = outbox
         self.balances = BalancePoller(config, cast, metrics)
         self.waiting = WaitingParts(metrics, account_of)
+        # The balances other parts read (castghld.accounts' probes), shown at each scrape.
+        self.other_reads: dict[str, tuple[float | None, float]] = {}
+        metrics.before_scrape.append(lambda: self.balances.take_reads(self.other_reads))
 
     async def start(self) -> None:
         self.waiting.watch(self.outbox)  # before the outbox dispatches anything

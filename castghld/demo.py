@@ -2,11 +2,12 @@
 
 Starts the package's strict fake GHL and fake Cast (castghld.fakes) and a daemon wired to them in
 a temporary directory, then: installs a location through the real OAuth callback, sends an SMS as
-GHL's Delivery URL webhook (reading the Cast account's balance before and after it), and replies
-to it as Cast's inbound callback. The demo key is not a sandbox key (``cast_test_...``): the fake
-Cast's wallet charges it, as Cast would a live key. Prints each hop (what
-GHL sent, what Cast received, what GHL was told). Exits 0 when every hop happened and neither fake
-saw a contract violation; removes the directory in any case.
+GHL's Delivery URL webhook, and replies to it as Cast's inbound callback. Prints each hop (what
+GHL sent, what Cast received, what GHL was told), and the Cast account's balance before and after
+the send (the demo account starts with `DEMO_CREDITS`; the send spends its parts). The demo key is
+not a sandbox key (``cast_test_...``): the fake Cast's wallet charges it, as Cast charges a live
+key. Exits 0 when every hop happened and neither fake saw a contract violation; removes the
+directory in any case.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from castghld.state import create_private_file, new_key_line
 
 LOCATION = "demo-location"
 INBOUND_SECRET = "demo-inbound-secret"  # noqa: S105 (the fakes' demo value)
-DEMO_CREDITS = 1000  # the fake Cast account's wallet
+DEMO_CREDITS = 100  # the fake Cast account's wallet
 
 
 def hop(arrow: str, what: str, detail: Any = None) -> None:
@@ -107,10 +108,13 @@ async def send_sms(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
 
 
 async def show_balance(daemon: Any, when: str) -> None:
-    """The Cast account's credits as the daemon reads them (castghld_cast_credits)."""
+    """The account's balance as the daemon reads it (GET /api/v1/account/balance), exported as
+    castghld_cast_credits."""
     account = daemon.cast.account_for(LOCATION)
-    credits = await daemon.credits.balances.read(account)
-    hop("castghld -> Cast", f"GET /api/v1/account/balance {when}: {credits} credits")
+    answer = await daemon.cast.account_info(account, "balance")
+    daemon.credits.balances.record(account.name, answer["credits"])
+    detail = {k: answer.get(k) for k in ("credits", "currency")}
+    hop("castghld -> Cast", f"GET /api/v1/account/balance ({account.name}) {when}", detail)
 
 
 async def receive_reply(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
@@ -150,7 +154,7 @@ async def round_trip(directory: str) -> int:
         await install(daemon.url, ghl)
         await show_balance(daemon, "before the SMS")
         await send_sms(daemon.url, ghl, cast)
-        await show_balance(daemon, "after it (1 part charged)")
+        await show_balance(daemon, "after the SMS")
         await receive_reply(daemon.url, ghl, cast)
         violations = ghl.violations + cast.violations
         if violations:

@@ -85,6 +85,12 @@ class Metrics:
         self.sends = Counter(
             "castghld_cast_sends", "Cast send attempts by outcome", ["outcome"], registry=r
         )
+        self.account_paused = Gauge(
+            "castghld_cast_account_paused",
+            "1 while a Cast account is paused by an account refusal (reason: its error_code)",
+            ["account", "reason"],
+            registry=r,
+        )
         self.statuses = Counter(
             "castghld_ghl_status_reports", "Statuses reported to GHL", ["status"], registry=r
         )

@@ -243,9 +243,9 @@ async def check_cast_account(
     them)."""
     what = f"Cast account {account.name} ({where})"
     try:
-        balance = await cast.account_get(account, "balance")
-        profile = await cast.account_get(account, "profile")
-        listed = await cast.account_get(account, "sender-ids")
+        balance = await cast.account_info(account, "balance")
+        profile = await cast.account_info(account, "profile")
+        listed = await cast.account_info(account, "sender-ids")
     except CastError as e:
         detail = f"cannot read the account: {e.http_status} {e.code} {e.message}"
         return CheckResult("FAIL", what, detail, e.http_status in RETRYABLE_STATUSES), None

@@ -75,7 +75,7 @@ class OptOuts:
         if cached is not None and time.monotonic() - cached[0] < LIST_TTL:
             return cached[1]
         try:
-            answer = await self.cast.account_get(account, "unsubscribed")
+            answer = await self.cast.account_info(account, "unsubscribed")
         except CastError as e:
             log.warning(
                 "cannot read Cast account %s's opt-out list: %d %s", account.name, e.status, e.code

@@ -64,8 +64,21 @@ class OutboundRecord(_Accepted, total=False):
     # The send step, journaled before the first request may leave: the Cast account (its name
     # and sender ID) is the idempotency key's scope, so every resend goes through it.
     attempted: bool
-    account: str
+    account: str  # the account's name (cast.account; unnamed: its key's default name)
     sender_id: str
+    # The send step, journaled before an attempt that changes them may leave: the key id
+    # (`CastAccount.key_id`, a hash) the message was last attempted with, and the idempotency key
+    # when it is not the message id (a new one after a cached refusal). ``unsent``: journaled
+    # True after a definite account refusal while every attempt so far got one (nothing can have
+    # been sent), False before the next attempt leaves.
+    key_id: str
+    idem_key: str
+    unsent: bool
+    # The send step, memory: the account refusal this message met last and the account's resume
+    # count (`AccountStates.epoch`) then; ``fresh_key``: the next attempt takes a new idem_key.
+    refused_code: str
+    refused_epoch: int
+    fresh_key: bool
     # The send step, journaled with stage ``sent``.
     cast_id: str  # Cast's message id, for the status polls
     sent_at: float

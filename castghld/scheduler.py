@@ -4,7 +4,9 @@
 in exactly one of:
 - a send lane: one FIFO per Cast account (`queue_send`), served by at most ``workers`` send
   workers of that lane, which exist only while it has work: a busy account never holds up
-  another (they share only ``delivery.concurrency`` and the per-IP pace, in `CastClient`);
+  another (they share only ``delivery.concurrency`` and the per-IP pace, in `CastClient`). A
+  paused lane (`pause_lane`, castghld.accounts) keeps its ids in order and is not served until
+  `resume_lane`; the owner may take ids out of it (`take_from_lane`: their deadline passed);
 - a pool: one FIFO per pooled step (`Step.POLL`, `Step.REPORT`, `queue`), served by at most the
   pool's ``workers`` workers;
 - the timer heap (`later`): a ``(due, seq, rid, step)`` tuple; one IOLoop timer moves due entries
@@ -86,6 +88,7 @@ class StepScheduler:
         self._runs: dict[str, StepRun] = {}
         self._limits: dict[str, int] = {}
         self._lanes: dict[str, _Queue] = {}
+        self._paused_lanes: set[str] = set()
         self._pools: dict[str, _Queue] = {}
         self._timers: list[tuple[float, int, str, str]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -139,6 +142,7 @@ class StepScheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._held.clear()
         self._lanes.clear()
+        self._paused_lanes.clear()
         self._timers.clear()
         for pool in self._pools.values():
             pool.ready.clear()
@@ -156,10 +160,36 @@ class StepScheduler:
             lane.ready.appendleft(rid)
         else:
             lane.ready.append(rid)
+        self._serve_lane(lane_name, lane)
+
+    def _serve_lane(self, lane_name: str, lane: _Queue) -> None:
         limit = self._limits[Step.SEND]
+        if lane_name in self._paused_lanes:
+            return
         while not self.stopping and lane.workers < min(len(lane.ready), limit):
             lane.workers += 1
             self.spawn(self._send_worker(lane_name, lane))
+
+    def pause_lane(self, lane_name: str) -> None:
+        """Serve no more of the lane's ids (workers finish the send they are in)."""
+        self._paused_lanes.add(lane_name)
+
+    def resume_lane(self, lane_name: str) -> None:
+        self._paused_lanes.discard(lane_name)
+        lane = self._lanes.get(lane_name)
+        if lane is not None:
+            self._serve_lane(lane_name, lane)
+
+    def lane_ids(self, lane_name: str) -> list[str]:
+        """The ids waiting in the lane, in order."""
+        lane = self._lanes.get(lane_name)
+        return list(lane.ready) if lane is not None else []
+
+    def take_from_lane(self, lane_name: str, rids: set[str]) -> None:
+        """Take `rids` out of the lane (they stay held: the owner goes on with them)."""
+        lane = self._lanes.get(lane_name)
+        if lane is not None and rids:
+            lane.ready = collections.deque(r for r in lane.ready if r not in rids)
 
     def queue(self, step: str, rid: str) -> None:
         """Queue `rid` for a pooled step (`Step.POLL`, `Step.REPORT`)."""
@@ -197,7 +227,7 @@ class StepScheduler:
     async def _send_worker(self, name: str, lane: _Queue) -> None:
         run = self._runs[Step.SEND]
         try:
-            while lane.ready and not self.stopping:
+            while lane.ready and not self.stopping and name not in self._paused_lanes:
                 await self._guarded(run, lane.ready.popleft())
         finally:
             lane.workers -= 1

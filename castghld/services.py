@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from castghld.config import Config
+    from castghld.credits import CastCredits
     from castghld.inflight import InFlight
     from castghld.metrics import Metrics
     from castghld.oauth import CodeExchangeLimits
+    from castghld.outbound import OutboundDelivery
     from castghld.outbox import Outbox
     from castghld.signatures import SignatureVerifier
     from castghld.state import StateStore
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class Services(Protocol):
-    """The admin socket uses `config`, `outbox` and `installations`; the HTTP handlers all of it.
+    """The admin socket uses `config`, `outbox`, `outbound` and `installations`; the HTTP
+    handlers the rest.
     Attributes, not a snapshot: a reload replaces `config` and `verifier` in place."""
 
     config: Config
@@ -35,6 +38,8 @@ class Services(Protocol):
     state: StateStore
     installations: Installations
     outbox: Outbox
+    outbound: OutboundDelivery  # its Cast client and account states (castghld accounts)
+    credits: CastCredits  # balances and the parts waiting messages need, per account
     code_exchanges: CodeExchangeLimits  # admission of OAuth callbacks
     app_webhook_ids: RecentWebhookIds  # the app-webhook dedupe
     usage: UsageLedger  # per location and day: sent, parts, outcomes, replies (castghld usage)

@@ -100,7 +100,7 @@ async def cast_usage(config: Config, start: str, end: str) -> dict[str, Any]:
     answers: dict[str, Any] = {}
     for _where, account in cast_accounts(config):
         try:
-            answers[account.name] = await cast.account_get(
+            answers[account.name] = await cast.account_info(
                 account, "usage", {"from": start, "to": end}
             )
         except CastError as e:

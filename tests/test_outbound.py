@@ -148,7 +148,9 @@ async def test_failed_status_polls_do_not_use_up_the_poll_schedule(bridge):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_insufficient_credits_fails_without_retry(bridge):
+async def test_insufficient_credits_pauses_the_account_instead_of_failing_the_message(bridge):
+    # Issue 17: a 402 is about the account; the message waits and goes out once Cast shows
+    # credits (here the fake's account has no wallet: its balance reads unlimited credits).
     await ready(bridge)
     bridge.cast.fail_next(
         "send",
@@ -156,12 +158,11 @@ async def test_insufficient_credits_fails_without_retry(bridge):
         {"success": False, "error": "Not enough credits", "error_code": "INSUFFICIENT_CREDITS"},
     )
     await bridge.post_message()
-    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["failed"])
-    report = bridge.ghl.statuses["msg-1"][0]
-    assert report["error"]["code"] == "INSUFFICIENT_CREDITS"
-    assert "credits" in report["error"]["message"]
-    assert len(bridge.cast.calls_to("POST", SEND)) == 1
-    assert bridge.cast.sent == []
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1") == ["pending", "delivered"])
+    assert len(bridge.cast.calls_to("POST", SEND)) == 2
+    [sent] = bridge.cast.sent
+    assert sent["idempotency_key"] == "msg-1"
+    assert bridge.cast.calls_to("GET", "/api/v1/account/balance")
 
 
 @pytest.mark.parametrize(

@@ -51,21 +51,21 @@ def cast_error(code: str, text: str) -> dict:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_final_refusal_logs_cast_refused_with_its_code(bridge, caplog):
-    bridge.cast.fail_next("send", 401, cast_error("INVALID_API_KEY", f"Bad key (to {NUMBER})"))
+    bridge.cast.fail_next("send", 400, cast_error("VALIDATION_ERROR", f"Bad number ({NUMBER})"))
     [line] = await failed_message(bridge, caplog)
     assert line.levelno == logging.ERROR
     assert line.getMessage() == (
-        "Cast refused message=msg-1 location=loc1: 401 INVALID_API_KEY Bad key (to [number])"
+        "Cast refused message=msg-1 location=loc1: 400 VALIDATION_ERROR Bad number ([number])"
     )
     fields = json_fields(line)
     assert {k: fields[k] for k in ("message_id", "location_id", "outcome", "status")} == {
         "message_id": "msg-1",
         "location_id": "loc1",
         "outcome": "refused",
-        "status": 401,
+        "status": 400,
     }
-    assert fields["error_code"] == "INVALID_API_KEY"
-    assert fields["reason"] == "Bad key (to [number])"
+    assert fields["error_code"] == "VALIDATION_ERROR"
+    assert fields["reason"] == "Bad number ([number])"
     assert_no_full_number(caplog.records)
 
 

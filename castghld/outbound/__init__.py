@@ -11,6 +11,8 @@ report workers, the timer heap of retries and polls). Where each part lives:
   deadline and the 23 h resend window.
 - receipt.py, `ReceiptStep`: Cast's delivery status, polled on ``delivery.status_polls``.
 - report.py, `ReportStep`: the ``pending`` and final statuses reported to GHL.
+- castghld.accounts, `AccountStates`: Cast accounts paused by an account-level refusal, their
+  probe and resume; here, the lane a paused account's messages wait in and their deadline.
 - here: which step a stage calls for, and finishing a message.
 
 Guarantees:
@@ -31,15 +33,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
+from castghld.accounts import AccountStates, Pause
 from castghld.cast import CastClient
 from castghld.config import Config
 from castghld.ghl import GHLClient
 from castghld.metrics import Metrics
 from castghld.outbound.receipt import ReceiptStep
 from castghld.outbound.report import ReportStep
-from castghld.outbound.send import SendStep
+from castghld.outbound.send import SendStep, account_of
 from castghld.outbox import Outbox
 from castghld.records import (
     KIND,
@@ -102,6 +106,10 @@ class OutboundDelivery:
         self.reports = ReportStep(
             config, ghl, installations, metrics, self.scheduler, next_step, self.finish
         )
+        self.accounts = AccountStates(
+            cast, metrics, self.scheduler, self.waiting_on, self._expire_paused, self.spawn
+        )
+        self.sends.accounts = self.accounts
         self.scheduler.serve(Step.SEND, self.sends.send, SENDERS_PER_ACCOUNT)
         self.scheduler.serve(Step.POLL, self.receipts.poll, POLL_WORKERS)
         self.scheduler.serve(Step.REPORT, self.reports.report, REPORT_WORKERS)
@@ -160,7 +168,7 @@ class OutboundDelivery:
             return
         stage = record["stage"]
         if stage == Stage.NEW:
-            self.scheduler.queue_send(rid, self._lane_name(record), front)
+            self.scheduler.queue_send(rid, self.lane_name(record), front)
         elif stage in (Stage.SENT, Stage.REPORT):
             self.scheduler.queue(Step.REPORT, rid)
         elif stage == Stage.POLLING:
@@ -173,13 +181,11 @@ class OutboundDelivery:
         raised (`Step.RESUME`): both go on from their stage."""
         self._queue_next_step(rid, front=step == Step.SEND)
 
-    def account_name(self, record: OutboundRecord) -> str:
-        """The Cast account a record is (or will be) sent through: its send lane."""
-        return self._lane_name(record)
-
-    def _lane_name(self, record: OutboundRecord) -> str:
+    def lane_name(self, record: OutboundRecord) -> str:
+        """The name of the Cast account the message's next attempt goes through."""
         if record.get("attempted") and "account" in record:
-            return record["account"]
+            account = account_of(self.cast, record)
+            return account.name if account is not None else record["account"]
         return self.cast.account_for(record["location_id"]).name
 
     # -- usage -----------------------------------------------------------------------------
@@ -195,9 +201,64 @@ class OutboundDelivery:
     def _count_outcome(self, record: OutboundRecord, outcome: str) -> None:
         if self.usage is None or outcome not in ("delivered", "failed"):
             return
-        account = record.get("account") or self._lane_name(record)
+        account = record.get("account") or self.lane_name(record)
         sent_at = record.get("sent_at") if record.get("cast_id") else None
         self.usage.count_outcome(record["location_id"], account, outcome, sent_at)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self.scheduler.spawn(coroutine)
+
+    # -- paused accounts -----------------------------------------------------------------------
+
+    def waiting_on(self, name: str) -> int:
+        """How many messages wait for their first send or a retry on the account `name`."""
+        if self.outbox is None:
+            return 0
+        lanes: dict[str, str] = {}  # location id -> lane of its unattempted messages
+        count = 0
+        for record in list(self.outbox.records.values()):
+            if record.get("kind") != "outbound" or record["stage"] != Stage.NEW:
+                continue
+            if record.get("attempted"):
+                lane = self.lane_name(record)
+            else:
+                location = record["location_id"]
+                lane = lanes.get(location) or lanes.setdefault(location, self.lane_name(record))
+            count += lane == name
+        return count
+
+    def _expire_paused(self, name: str, pause: Pause) -> float | None:
+        """Fail the messages of the paused account `name` whose send deadline passed; seconds
+        until the next one's (None: none waits). The lane is in arrival order, retries at its
+        head: the scan stops at the first message not due, and a later one out of order is
+        failed by the next scan (never before its deadline)."""
+        if self.outbox is None:
+            return None
+        now = time.time()
+        due: list[str] = []
+        next_due = None
+        for rid in self.scheduler.lane_ids(name):
+            record = self.outbox.records.get(rid)
+            if record is None:
+                continue
+            left = self.sends.not_after(record) - now
+            if left > 0:
+                next_due = max(left, 1.0)
+                break
+            due.append(rid)
+        if due:
+            self.scheduler.take_from_lane(name, set(due))
+            log.error(
+                "%d message(s) waiting on paused Cast account %s reached their send deadline: "
+                "reported failed (%s)",
+                len(due),
+                name,
+                pause.reason,
+                extra={"account": name, "reason": pause.code, "outcome": "failed"},
+            )
+            for rid in due:
+                self.scheduler.spawn(self.sends.expire(rid, pause))
+        return next_due
 
     # -- the end -------------------------------------------------------------------------------
 

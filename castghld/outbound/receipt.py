@@ -8,6 +8,11 @@ Guarantees:
   after the last point, and a poll answered 429 pauses that account's polls without holding a
   worker. A message still undecided after the last point is logged (warning) and finished as
   ``pending``: GHL keeps showing it so.
+- A poll answered with a refusal about the account (castghld.accounts: a revoked key, no IP
+  whitelist...) is waited out like an outage: it uses up no point of the schedule.
+- After a reload changed the account's key, the lookup uses the new key (Cast answers for any
+  key of the account, SPEC §5); if Cast answers 404 for it, the key the message was sent with,
+  which `CastClient` keeps while the process runs, is asked (a Cast that scopes messages per key).
 - Cast's ``delivered`` becomes ``delivered``; ``undelivered`` and ``failed`` become ``failed``,
   logged ``Cast reported undelivered|failed`` (warning) with Cast's ``dlr_status`` and text,
   numbers redacted. The decided status is kept in memory only: a restart polls again, and Cast
@@ -16,15 +21,17 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
-from castghld.cast import CastClient, CastError
+from castghld.accounts import is_account_refusal
+from castghld.cast import CastAccount, CastClient, CastError
 from castghld.config import Config
 from castghld.log import redact_numbers
 from castghld.outbound.report import Finish
-from castghld.outbound.send import account_of
+from castghld.outbound.send import account_of, sent_key_id
 from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
 from castghld.records import OutboundRecord, Stage, log_context
@@ -97,11 +104,12 @@ class ReceiptStep:
             self.scheduler.later(pause, rid, Step.POLL)
             return
         try:
-            answer = await self.cast.status(account, record["cast_id"])
+            answer = await self._lookup(account, record)
         except CastError as e:
             log.warning("delivery status of %s: Cast %d %s", log_context(record), e.status, e.code)
             give_up = record["sent_at"] + self.config.delivery.status_polls[-1] + POLL_OUTAGE_LIMIT
-            if e.retryable and time.time() < give_up:
+            waited_out = e.retryable or is_account_refusal(e)
+            if waited_out and time.time() < give_up:
                 failures = record.get("poll_failures", 0)
                 self.outbox.note(rid, poll_failures=failures + 1)
                 self.scheduler.later(
@@ -109,6 +117,24 @@ class ReceiptStep:
                 )
                 return
             answer = {}
+        self._decided(rid, record, answer)
+
+    async def _lookup(self, account: CastAccount, record: OutboundRecord) -> dict:
+        """The status lookup with the account's key; on 404, with the key that sent it."""
+        try:
+            return await self.cast.status(account, record["cast_id"])
+        except CastError as e:
+            key_id = sent_key_id(record)
+            old_key = self.cast.retired_key(key_id) if key_id else None
+            if e.code != "NOT_FOUND" or old_key is None or key_id == account.key_id:
+                raise
+        return await self.cast.status(
+            dataclasses.replace(account, api_key=old_key), record["cast_id"]
+        )
+
+    def _decided(self, rid: str, record: OutboundRecord, answer: dict) -> None:
+        """What Cast's answer decides: a final status to report, or the next poll."""
+        assert self.outbox is not None
         status = FINAL_STATUSES.get(str(answer.get("status")))
         if status == "failed":
             code = redact_numbers(str(answer.get("dlr_status") or answer.get("status")))

@@ -27,6 +27,21 @@ Guarantees:
 - A decided failure is journaled once the message was attempted (a crash must not turn it into a
   late resend); a refusal before any attempt (invalid number, expired) is decided again the same
   way after a restart.
+- A refusal about the account (castghld.accounts: 401, 402, 403 with an account error code) is
+  no answer about the message: nothing was sent. The account is paused and the message goes back
+  to the head of its lane with the same idempotency key; it fails only when its send deadline
+  passes while the account is paused (`expire`), with the account's reason. ``unsent`` is
+  journaled while every attempt so far got such a definite refusal (cleared, durably, before the
+  next attempt leaves). When a resumed account answers the same refusal again to a message
+  refused before the resume, Cast may be replaying it from its idempotency cache: the message
+  goes out under a new idempotency key (``idem_key``, journaled before it leaves) only when
+  ``unsent`` says no earlier attempt can have been sent; otherwise it is reported failed.
+- The key a message is sent with is journaled (``key_id``, a hash, never the key). Cast keeps
+  idempotency keys per API key: after a reload changed the account's key, a message that may
+  have been sent is retried with the key it was sent with (kept by `CastClient` while the
+  process runs); one that cannot have been sent (``unsent``) goes out with the new key; one that
+  may have been sent with a key this process no longer has is reported failed
+  (``OUTCOME_UNKNOWN``) rather than risk a second SMS.
 - Logs: ``Cast refused`` (error) only for Cast's final refusals, ``gave up on`` (error) when
   retries ran out or the send deadline passed, each with structured fields; ``not sending``
   (warning) for a message refused before any attempt.
@@ -34,21 +49,24 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from castghld.accounts import AccountStates, Pause, is_account_refusal
 from castghld.cast import (
     MAX_MESSAGE_CHARS,
     PROVIDER_ERROR_RETRIES,
+    AccountPaused,
     CastAccount,
     CastClient,
     CastError,
     SendWindowClosed,
     worth_retrying,
 )
-from castghld.config import Config
+from castghld.config import DEFAULT_ACCOUNT_NAME, Config
 from castghld.metrics import Metrics
 from castghld.optout import OptOuts
 from castghld.outbox import Outbox
@@ -67,13 +85,73 @@ SEND_RETRY = (1.0, 300.0)
 ACCOUNT_GONE = (
     "the Cast account of its first attempt is no longer configured; the SMS may have been sent"
 )
+KEY_GONE = (
+    "it was sent with a Cast API key that castghld no longer has, and Cast keeps idempotency "
+    "keys per API key; the SMS may have been sent"
+)
 
 
 def account_of(cast: CastClient, record: OutboundRecord) -> CastAccount | None:
-    """The account of the first attempt (its idempotency scope, where its Cast id lives)."""
+    """The account of the first attempt (its idempotency scope, where its Cast id lives), with
+    the account's current key."""
     if "account" in record:
         return cast.stored_account(record["account"], record["sender_id"])
     return cast.account_for(record["location_id"])
+
+
+def sent_key_id(record: OutboundRecord) -> str | None:
+    """The `CastAccount.key_id` of the key the message was last attempted with, if known (a
+    record journaled before ``key_id`` names its account by that key's default name)."""
+    if record.get("key_id"):
+        return record["key_id"]
+    account = record.get("account", "")
+    return account if DEFAULT_ACCOUNT_NAME.fullmatch(account) else None
+
+
+def resend_account(cast: CastClient, record: OutboundRecord) -> tuple[CastAccount | None, str]:
+    """The account and key to attempt an attempted message with again, or (None, why not)."""
+    account = account_of(cast, record)
+    if account is None:
+        return None, ACCOUNT_GONE
+    key_id = sent_key_id(record)
+    if key_id is None or key_id == account.key_id or record.get("unsent"):
+        return account, ""
+    old_key = cast.retired_key(key_id)
+    if old_key is None:
+        return None, KEY_GONE
+    return dataclasses.replace(account, api_key=old_key), ""
+
+
+def attempt_fields(record: OutboundRecord, account: CastAccount) -> tuple[str, dict[str, Any]]:
+    """The idempotency key of the next attempt through `account`, and the fields to journal
+    before it may leave: the first attempt's ``attempted`` with the account, sender ID and key
+    id; for a later one, ``unsent`` cleared (this attempt may send), and a new key id or
+    idempotency key, which only a message that cannot have been sent gets."""
+    current = record.get("idem_key") or record["message_id"]
+    idempotency_key = fresh_idempotency_key(record) if record.get("fresh_key") else current
+    if not record.get("attempted"):
+        first = {
+            "attempted": True,
+            "account": account.name,
+            "sender_id": account.sender_id,
+            "key_id": account.key_id,
+        }
+        return idempotency_key, first
+    fields: dict[str, Any] = {"unsent": False} if record.get("unsent") else {}
+    if record.get("key_id") != account.key_id:
+        fields["key_id"] = account.key_id
+    if idempotency_key != current:
+        fields["idem_key"] = idempotency_key
+    return idempotency_key, fields
+
+
+def fresh_idempotency_key(record: OutboundRecord) -> str:
+    """A new idempotency key for a message whose old one Cast answers with a cached refusal."""
+    current = record.get("idem_key") or record["message_id"]
+    base, _, n = current.rpartition("~r")
+    if base and n.isdigit():
+        return f"{base}~r{int(n) + 1}"
+    return f"{record['message_id'][:240]}~r1"
 
 
 class SendStep:
@@ -92,6 +170,7 @@ class SendStep:
         self.cast = cast
         self.scheduler = scheduler
         self.outbox: Outbox | None = None
+        self.accounts: AccountStates | None = None  # set by the owner
         self._next_step = next_step
         regions = config.delivery.allowed_regions
         self.allowed_regions = None if "*" in regions else frozenset(regions)
@@ -112,45 +191,46 @@ class SendStep:
         if isinstance(checked, tuple):
             await self._decide(rid, "failed", *checked, refused=True)
             return
-        tries = record.get("tries", 0)  # attempts in this run
-        resuming = bool(record.get("attempted")) and not tries
-        if resuming:
-            # The first attempt happened before a restart: Cast may have taken it. Resend (same
-            # key, same account) only while Cast still remembers the key.
-            not_after = record["received_at"] + SAFE_RESEND_AGE
-            account = account_of(self.cast, record)
-            # `tries` counts this run's attempts only (the journal does not keep them).
-            self.outbox.note(rid, resumed=True)
-        else:
-            not_after = record["received_at"] + self.config.delivery.send_deadline
-            account = (
-                account_of(self.cast, record)
-                if tries
-                else self.cast.account_for(record["location_id"])
-            )
+        resuming = self.resuming(record)
+        if resuming:  # attempted before a restart, maybe taken: resend while Cast has the key
+            self.outbox.note(rid, resumed=True)  # `tries` counts this run's attempts only
+        not_after = self.not_after(record)
+        account, why = (
+            resend_account(self.cast, record)
+            if record.get("attempted")
+            else (self.cast.account_for(record["location_id"]), "")
+        )
         if account is None:
-            await self._decide(rid, "failed", "OUTCOME_UNKNOWN", ACCOUNT_GONE, refused=True)
+            await self._decide(rid, "failed", "OUTCOME_UNKNOWN", why, refused=True)
             return
         if time.time() > not_after:
             await self._window_closed(rid, resuming)
             return
-        if not record.get("attempted"):
-            # Durable before the first request may leave, with the account it leaves through.
-            await outbox.update(
-                rid, attempted=True, account=account.name, sender_id=account.sender_id
-            )
+        if account.name in self.cast.paused:  # paused while it waited: back to its lane's head
+            self.scheduler.queue_send(rid, account.name, front=True)
+            return
+        clean = not record.get("attempted") or bool(record.get("unsent"))
+        idempotency_key = await self._before_attempt(rid, account)
         try:
             answer = await self.cast.send_once(
-                account, checked, sms_text(record), record["message_id"], not_after
+                account, checked, sms_text(record), idempotency_key, not_after
             )
         except SendWindowClosed:
             await self._window_closed(rid, resuming)
             return
+        except AccountPaused:
+            self.scheduler.queue_send(rid, account.name, front=True)
+            return
         except CastError as e:
-            await self._retry_or_fail(rid, e)
+            if is_account_refusal(e):
+                await self._account_refused(rid, account, e, clean)
+            else:
+                await self._retry_or_fail(rid, e)
             return
         self._sends["sent"].inc()
         self.on_sent(record, account.name, answer)
+        if self.accounts is not None:
+            self.accounts.record_send(account.name)
         # No await between Cast's answer and queueing this entry (see Journal.append).
         await outbox.update(
             rid, stage=Stage.SENT, cast_id=answer["message_id"], sent_at=time.time()
@@ -162,6 +242,91 @@ class SendStep:
             answer.get("parts"),
         )
         self._next_step(rid)
+
+    def resuming(self, record: OutboundRecord) -> bool:
+        """Whether the message was attempted before this process started and may have been
+        sent (an attempt answered by a definite refusal, ``unsent``, sent nothing)."""
+        attempted = bool(record.get("attempted"))
+        return attempted and not record.get("tries") and not record.get("unsent")
+
+    def not_after(self, record: OutboundRecord) -> float:
+        """The wall-clock time after which no attempt of the message may leave."""
+        if self.resuming(record):
+            return record["received_at"] + SAFE_RESEND_AGE
+        return record["received_at"] + self.config.delivery.send_deadline
+
+    async def _before_attempt(self, rid: str, account: CastAccount) -> str:
+        """Journal what this attempt changes (`attempt_fields`) before it may leave; its
+        idempotency key."""
+        assert self.outbox is not None
+        record = self.outbox.records[rid]
+        idempotency_key, fields = attempt_fields(record, account)
+        if record.get("fresh_key"):
+            self.outbox.note(rid, fresh_key=False)
+        if fields:
+            await self.outbox.update(rid, **fields)
+        return idempotency_key
+
+    async def _account_refused(
+        self, rid: str, account: CastAccount, error: CastError, clean: bool
+    ) -> None:
+        """Cast refused the attempt for a reason about the account: nothing was sent. Pause the
+        account and put the message back at the head of its lane, or, when this is the refusal
+        the message met before the account was resumed (Cast may replay it from its idempotency
+        cache), send it under a new idempotency key if no attempt can have been sent."""
+        assert self.outbox is not None and self.accounts is not None
+        record = self.outbox.records[rid]
+        current = self.cast.stored_account(account.name, account.sender_id)
+        if current is not None and current.api_key != account.api_key:
+            # Retried with the key it may have been sent with, which Cast no longer takes: the
+            # account's own key is fine, and only that key could tell whether it was sent.
+            self._sends["failed"].inc()
+            why = (
+                f"Cast refuses ({error.code}) the replaced API key it may have been sent with, "
+                "and keeps idempotency keys per API key; the SMS may have been sent"
+            )
+            await self._decide(rid, "failed", "OUTCOME_UNKNOWN", why)
+            return
+        epoch = self.accounts.epoch(account.name)
+        replayed = record.get("refused_code") == error.code and record["refused_epoch"] < epoch
+        pause = None if replayed else self.accounts.pause(account, error)
+        reason = pause.reason if pause is not None else record.get("last_reason", error.message)
+        self.outbox.note(
+            rid,
+            tries=record.get("tries", 0) + 1,
+            refused_code=error.code,
+            refused_epoch=epoch,
+            last_status=error.status,
+            last_code=error.code,
+            last_reason=reason,
+        )
+        if clean:
+            await self.outbox.update(rid, unsent=True)
+        if replayed and not clean:
+            self._sends["failed"].inc()
+            why = (
+                f"Cast still answers {error.code} to it after the account was fixed, and an "
+                "earlier attempt had no clear answer: not resent under a new idempotency key"
+            )
+            await self._decide(rid, "failed", error.code, why)
+            return
+        if replayed:
+            log.warning(
+                "Cast answered %s %s again after the account was fixed (a refusal replayed from "
+                "its idempotency cache?); no attempt was sent, so it goes out under a new "
+                "idempotency key",
+                error.code,
+                log_context(record),
+            )
+            self.outbox.note(rid, fresh_key=True)
+        self._sends["retry"].inc()
+        self.scheduler.queue_send(rid, account.name, front=True)
+
+    async def expire(self, rid: str, pause: Pause) -> None:
+        """The message's send deadline passed while its account was paused: report it failed
+        with the account's reason (the owner logs one line for all that expire together)."""
+        self._sends["gave_up"].inc()
+        await self._decide(rid, "failed", pause.code, pause.reason + " before its send deadline")
 
     def _check(self, record: OutboundRecord) -> tuple[str, str] | str:
         """The E.164 number to send to, or (error code, reason) why we cannot send."""
@@ -185,7 +350,7 @@ class SendStep:
         if record.get("tries"):
             # Retrying an error in this run: the error is what we know of its outcome.
             self._sends["gave_up"].inc()
-            self._log_gave_up(
+            log_gave_up(
                 record,
                 record["tries"],
                 record.get("last_status", 0),
@@ -232,14 +397,14 @@ class SendStep:
         if not worth_retrying(error, provider_errors):
             self._sends["gave_up"].inc()
             why = f"{PROVIDER_ERROR_RETRIES} retries of PROVIDER_ERROR used up"
-            self._log_gave_up(record, tries, error.status, error.code, reason, why)
+            log_gave_up(record, tries, error.status, error.code, reason, why)
             await self._decide(rid, "failed", error.code, reason)
             return
         delay = retry_delay(tries - 1, error.retry_after, *SEND_RETRY)
         if time.time() + delay > record["received_at"] + self.config.delivery.send_deadline:
             self._sends["gave_up"].inc()
             why = "the next retry would fall after the send deadline"
-            self._log_gave_up(record, tries, error.status, error.code, reason, why)
+            log_gave_up(record, tries, error.status, error.code, reason, why)
             await self._decide(rid, "failed", error.code, reason)
             return
         self._sends["retry"].inc()
@@ -269,27 +434,6 @@ class SendStep:
         if account is None or not isinstance(checked, str):
             return None
         return await self.opt_outs.explain(account, checked, error)
-
-    def _log_gave_up(
-        self, record: OutboundRecord, tries: int, status: int, code: str, reason: str, why: str
-    ) -> None:
-        """The error line of a send retried until it could not be retried any more: not a
-        refusal by Cast, so it says how long we tried and what Cast last answered. After a
-        restart it counts this run's attempts and says so."""
-        attempts = f"{tries} attempt{'' if tries == 1 else 's'}"
-        if record.get("resumed"):
-            attempts += " since castghld restarted"
-        log.error(
-            "gave up on %s after %s over %.1fs: last error %d %s %s (%s)",
-            log_context(record),
-            attempts,
-            time.time() - record["received_at"],
-            status,
-            code,
-            reason,
-            why,
-            extra=_send_fields(record, "gave_up", status, code, reason, tries),
-        )
 
     async def _decide(
         self, rid: str, status: str, code: str = "", reason: str = "", refused: bool = False
@@ -333,3 +477,25 @@ def _send_fields(
         "reason": reason,
         "attempt": attempt,
     }
+
+
+def log_gave_up(
+    record: OutboundRecord, tries: int, status: int, code: str, reason: str, why: str
+) -> None:
+    """The error line of a send retried until it could not be retried any more: not a
+    refusal by Cast, so it says how long we tried and what Cast last answered. After a
+    restart it counts this run's attempts and says so."""
+    attempts = f"{tries} attempt{'' if tries == 1 else 's'}"
+    if record.get("resumed"):
+        attempts += " since castghld restarted"
+    log.error(
+        "gave up on %s after %s over %.1fs: last error %d %s %s (%s)",
+        log_context(record),
+        attempts,
+        time.time() - record["received_at"],
+        status,
+        code,
+        reason,
+        why,
+        extra=_send_fields(record, "gave_up", status, code, reason, tries),
+    )
