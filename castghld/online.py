@@ -123,11 +123,11 @@ def cast_accounts(config: Config) -> list[tuple[str, CastAccount]]:
     """(config key, account) of the default Cast key and of each location's own key, each key
     once (the first config key that names it)."""
     cast = config.cast
-    found = [("cast.api_key", CastAccount(cast.api_key.value, cast.sender_id))]
+    found = [("cast.api_key", CastAccount(cast.api_key.value, cast.sender_id, cast.account))]
     for location_id, override in sorted(cast.locations.items()):
         if override.api_key is not None:
             sender_id = override.sender_id if override.sender_id is not None else cast.sender_id
-            account = CastAccount(override.api_key.value, sender_id)
+            account = CastAccount(override.api_key.value, sender_id, override.account)
             found.append((f"cast.locations.{location_id}.api_key", account))
     seen: set[str] = set()
     unique = []
@@ -224,14 +224,16 @@ def _no_answer(host: str, message: str) -> str:
 def _sender_pairs(config: Config) -> dict[tuple[str, str], list[str]]:
     """(account name, sender ID) -> the config keys that make a location send so."""
     cast = config.cast
-    default = CastAccount(cast.api_key.value, cast.sender_id)
+    default = CastAccount(cast.api_key.value, cast.sender_id, cast.account)
     pairs: dict[tuple[str, str], list[str]] = {(default.name, cast.sender_id): ["cast.sender_id"]}
     for location_id, override in sorted(cast.locations.items()):
-        key = override.api_key.value if override.api_key is not None else cast.api_key.value
+        name = default.name
+        if override.api_key is not None:
+            name = CastAccount(override.api_key.value, "", override.account).name
         sender_id = override.sender_id if override.sender_id is not None else cast.sender_id
         where = f"cast.locations.{location_id}"
         where += ".sender_id" if override.sender_id is not None else ".api_key"
-        pairs.setdefault((CastAccount(key, sender_id).name, sender_id), []).append(where)
+        pairs.setdefault((name, sender_id), []).append(where)
     return pairs
 
 

@@ -388,3 +388,16 @@ async def test_online_check_fails_an_account_that_may_not_send_sms(config_dir, f
     [line] = lines_of(stdout, "FAIL")
     assert line.startswith(f"FAIL Cast account {key_name('cast_test_key')} (cast.api_key): ")
     assert line.endswith("channels otp; sms is not an allowed channel")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_names_an_account_by_its_configured_name(
+    config_dir, fake_ghl, fake_cast
+):
+    fake_cast.set_sender_ids("acct", [{"sender_id": "ACME", "label": "", "channel": "sms"}])
+    extra = wired(fake_ghl, fake_cast, cast={"account": "acme", "sender_id": "ACME"})
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 0, stdout
+    assert "ok Cast key cast.api_key (acme): accepted by " in stdout
+    assert "ok Cast account acme (cast.api_key): 1000000 credits PHP" in stdout
+    assert "ok sender_id 'ACME' (cast.sender_id): approved for sms on acme" in stdout
