@@ -223,19 +223,26 @@ class CastClient:
                 sender_id = override.sender_id
         return CastAccount(api_key, sender_id, name)
 
-    def stored_account(self, name: str, sender_id: str) -> CastAccount | None:
+    def stored_account(
+        self, name: str, sender_id: str, key_id: str | None = None
+    ) -> CastAccount | None:
         """The configured account called `name` sending as `sender_id`, with its current key.
 
         A message keeps the account of its first attempt (its idempotency scope and where its
         Cast id lives). `name` may be an account's name, the default name of one of its current
         keys (a message journaled before the account was named) or of a key a reload replaced
-        (the account that key's entry now has). None if no configured account matches.
+        (the account that key's entry now has). Failing that, the account whose current key
+        has `key_id` (the account was renamed, its key kept). None if no account matches.
         """
         retired = self._retired.get(name)
         if retired is not None:
             name = retired[0]
-        for account_name, api_key in configured_keys(self.config).values():
+        keys = configured_keys(self.config).values()
+        for account_name, api_key in keys:
             if name in (account_name, default_account_name(api_key)):
+                return CastAccount(api_key, sender_id, account_name)
+        for account_name, api_key in keys:
+            if key_id is not None and key_id == default_account_name(api_key):
                 return CastAccount(api_key, sender_id, account_name)
         return None
 

@@ -6,7 +6,7 @@ in exactly one of:
   workers of that lane, which exist only while it has work: a busy account never holds up
   another (they share only ``delivery.concurrency`` and the per-IP pace, in `CastClient`). A
   paused lane (`pause_lane`, castghld.accounts) keeps its ids in order and is not served until
-  `resume_lane`; the owner may take ids out of it (`take_from_lane`: their deadline passed);
+  `resume_lane`; the owner may take ids from its head (`take_head`: their deadline passed);
 - a pool: one FIFO per pooled step (`Step.POLL`, `Step.REPORT`, `queue`), served by at most the
   pool's ``workers`` workers;
 - the timer heap (`later`): a ``(due, seq, rid, step)`` tuple; one IOLoop timer moves due entries
@@ -35,7 +35,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from castghld.outbox import PIPELINE_RETRY
@@ -180,16 +180,18 @@ class StepScheduler:
         if lane is not None:
             self._serve_lane(lane_name, lane)
 
-    def lane_ids(self, lane_name: str) -> list[str]:
-        """The ids waiting in the lane, in order."""
+    def lane_ids(self, lane_name: str) -> Iterator[str]:
+        """The ids waiting in the lane, head first (no await while iterating)."""
         lane = self._lanes.get(lane_name)
-        return list(lane.ready) if lane is not None else []
+        return iter(lane.ready) if lane is not None else iter(())
 
-    def take_from_lane(self, lane_name: str, rids: set[str]) -> None:
-        """Take `rids` out of the lane (they stay held: the owner goes on with them)."""
+    def take_head(self, lane_name: str, count: int) -> list[str]:
+        """Take the first `count` ids out of the lane (they stay held: the owner goes on with
+        them)."""
         lane = self._lanes.get(lane_name)
-        if lane is not None and rids:
-            lane.ready = collections.deque(r for r in lane.ready if r not in rids)
+        if lane is None:
+            return []
+        return [lane.ready.popleft() for _ in range(min(count, len(lane.ready)))]
 
     def queue(self, step: str, rid: str) -> None:
         """Queue `rid` for a pooled step (`Step.POLL`, `Step.REPORT`)."""

@@ -16,8 +16,10 @@ OLD, NEW = "cast_live_old_key", "cast_live_new_key"
 ACCOUNT = "acct"  # the fake's account of both keys
 
 
-def cast_config(key: str, named: bool) -> dict:
-    return {"cast": {"api_key": key, **({"account": "main"} if named else {})}}
+def cast_config(key: str, named: bool | str) -> dict:
+    """`named`: True for the name "main", a str for that name, False for none."""
+    name = "main" if named is True else named
+    return {"cast": {"api_key": key, **({"account": name} if name else {})}}
 
 
 async def start(bridge, named: bool, extra: dict | None = None):
@@ -112,6 +114,7 @@ async def test_a_replaced_key_that_cast_revoked_fails_a_message_that_may_have_be
     [
         ((OLD, True), (NEW, True)),  # a named account's key replaced while castghld was down
         ((OLD, False), (OLD, True)),  # an account named after messages were journaled
+        ((OLD, True), (OLD, "renamed")),  # an account renamed, its key kept
     ],
 )
 @pytest.mark.gen_test(timeout=60)

@@ -230,24 +230,28 @@ class OutboundDelivery:
     def _expire_paused(self, name: str, pause: Pause) -> float | None:
         """Fail the messages of the paused account `name` whose send deadline passed; seconds
         until the next one's (None: none waits). The lane is in arrival order, retries at its
-        head: the scan stops at the first message not due, and a later one out of order is
-        failed by the next scan (never before its deadline)."""
+        head: the scan stops at the first message not due, so it costs what it takes out, and a
+        later one out of order is failed by a later scan (never before its deadline)."""
         if self.outbox is None:
             return None
         now = time.time()
-        due: list[str] = []
+        head = 0
         next_due = None
         for rid in self.scheduler.lane_ids(name):
             record = self.outbox.records.get(rid)
-            if record is None:
-                continue
-            left = self.sends.not_after(record) - now
-            if left > 0:
-                next_due = max(left, 1.0)
-                break
-            due.append(rid)
+            if record is not None:
+                left = self.sends.not_after(record) - now
+                if left > 0:
+                    next_due = max(left, 1.0)
+                    break
+            head += 1
+        due = []
+        for rid in self.scheduler.take_head(name, head):
+            if rid in self.outbox.records:
+                due.append(rid)
+            else:  # finished or dropped meanwhile
+                self.scheduler.release(rid)
         if due:
-            self.scheduler.take_from_lane(name, set(due))
             log.error(
                 "%d message(s) waiting on paused Cast account %s reached their send deadline: "
                 "reported failed (%s)",

@@ -95,7 +95,7 @@ def account_of(cast: CastClient, record: OutboundRecord) -> CastAccount | None:
     """The account of the first attempt (its idempotency scope, where its Cast id lives), with
     the account's current key."""
     if "account" in record:
-        return cast.stored_account(record["account"], record["sender_id"])
+        return cast.stored_account(record["account"], record["sender_id"], sent_key_id(record))
     return cast.account_for(record["location_id"])
 
 
