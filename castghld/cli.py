@@ -23,6 +23,7 @@ from urllib.parse import quote
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
+from castghld.usage_report import add_usage_command
 
 if TYPE_CHECKING:
     from castghld.metrics import Metrics
@@ -163,23 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "them in a temporary directory; install a location, send an SMS, receive a reply, and "
         "print each hop. No account or config needed; exit 0 when every hop happened.",
     )
-    usage = add_command(
-        "usage",
-        help="per location and day: messages sent, parts, outcomes, replies (rebilling)",
-        description="Print the usage ledger (Manila days; counts only): messages Cast accepted, "
-        "parts charged, delivered, undelivered, failed (never sent), replies. Read from the "
-        "running daemon, or from the state file when none runs. --check puts Cast's own daily "
-        "usage per account beside it (exit 1 when a day differs).",
-    )
-    usage.add_argument(
-        "--from", dest="start", metavar="DATE", help="first day (default: 29 days before --to)"
-    )
-    usage.add_argument("--to", dest="end", metavar="DATE", help="last day (default: today)")
-    usage.add_argument("--location", metavar="ID", help="one location only")
-    shape = usage.add_mutually_exclusive_group()
-    shape.add_argument("--csv", action="store_const", const="csv", dest="format", default="table")
-    shape.add_argument("--json", action="store_const", const="json", dest="format")
-    usage.add_argument("--check", action="store_true", help="compare with Cast's daily usage")
+    add_usage_command(add_command)
     add_command(
         "install-url",
         help="print the URL that starts the OAuth install",

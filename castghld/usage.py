@@ -37,9 +37,10 @@ import datetime
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from castghld.state import StateStore
+if TYPE_CHECKING:
+    from castghld.state import StateStore
 
 log = logging.getLogger("castghld.usage")
 

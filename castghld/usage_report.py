@@ -14,10 +14,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,6 +29,36 @@ from castghld.usage import COLUMNS, days_before, read_rows, today, totals
 EXIT_DIFFERS = 1
 EXIT_TEMPFAIL = 75
 DEFAULT_DAYS = 30  # like Cast's usage endpoint: the last 30 days
+
+
+def add_usage_command(add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``usage`` command's arguments, for cli.build_parser."""
+    usage = add_command(
+        "usage",
+        help="per location and day: messages sent, parts, outcomes, replies (rebilling)",
+        description="Print the usage ledger (Manila days; counts only): messages Cast accepted, "
+        "parts charged, delivered, undelivered, failed (never sent), replies. Read from the "
+        "running daemon, or from the state file when none runs. --check puts Cast's own daily "
+        "usage per account beside it (exit 1 when a day differs).",
+    )
+    usage.add_argument(
+        "--from", dest="start", metavar="DATE", help="first day (default: 29 days before --to)"
+    )
+    usage.add_argument("--to", dest="end", metavar="DATE", help="last day (default: today)")
+    usage.add_argument("--location", metavar="ID", help="one location only")
+    shape = usage.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--csv",
+        action="store_const",
+        const="csv",
+        dest="format",
+        default="table",
+        help="one header line, then one line per day, location and account",
+    )
+    shape.add_argument(
+        "--json", action="store_const", const="json", dest="format", help="one JSON document"
+    )
+    usage.add_argument("--check", action="store_true", help="compare with Cast's daily usage")
 
 
 def usage_range(start: str | None, end: str | None) -> tuple[str, str]:
