@@ -132,3 +132,15 @@ async def test_a_reload_applies_a_new_balance_interval_at_once(bridge):
     bridge.config_dir.write(merge(bridge.extra, {"cast": {"balance_interval": "1s"}}))
     assert daemon.reload()
     await wait_for(lambda: daemon.credits.balances.balances[account][0] == 501, timeout=5)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_text_with_a_lone_surrogate_is_acknowledged_and_counted(bridge):
+    daemon = await bridge.start()
+    await bridge.install("loc1")
+    bridge.cast.hang("send")
+    response = await bridge.post_message(messageId="odd", message="bad \ud800 half")
+    assert response.code == 200
+    account = daemon.cast.account_for("loc1").name
+    assert daemon.credits.waiting.needed(account) == 1
+    bridge.cast.release("send")
