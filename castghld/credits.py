@@ -194,7 +194,16 @@ class WaitingParts:
         return len(self._parts.get(account, ()))
 
     def changed(self, rid: str, record: Record | None) -> None:
-        """An outbox watcher: `record` (None: gone) is the record `rid` now is."""
+        """An outbox watcher: `record` (None: gone) is the record `rid` now is. It runs inside
+        the outbox's add (the webhook's ack) and every update: an error here is logged and the
+        record left out of the sums, never raised into them."""
+        try:
+            self._change(rid, record)
+        except Exception:
+            log.exception("credits: cannot count the parts of %s; left out of the sums", rid)
+            self._drop(rid)
+
+    def _change(self, rid: str, record: Record | None) -> None:
         if record is not None and _waits(record):
             account = self.account_of(record)
             held = self._parts.get(account)
