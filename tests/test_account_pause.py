@@ -107,8 +107,8 @@ async def test_a_second_account_drains_at_its_full_rate_while_the_first_is_pause
     ids = await post_many(bridge, 40, "loc2", "b")
     await wait_for(lambda: len(bridge.cast.sent) == 40, timeout=20)
     times = sorted(s["time"] for s in bridge.cast.sent)
-    # 40 sends at 10/s: the first 10 leave at once, the rest one pacing window after another.
-    assert times[-1] - times[0] < 4.5
+    # 40 sends at 10/s: 10 per pacing window, about 4 s (slack for a loaded machine).
+    assert times[-1] - times[0] < 6.0
     assert bridge.cast.max_sends_in_window(1.0, "acctB") >= 9
     await wait_for(lambda: finals(bridge, ids)["delivered"] == 40, timeout=20)
     assert list(bridge.daemon.outbound.accounts.paused) == [
