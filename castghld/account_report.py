@@ -19,11 +19,7 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
-
-from castghld.parts import message_parts
-from castghld.records import Stage, sms_text
 
 if TYPE_CHECKING:
     from castghld.config import Config
@@ -36,23 +32,15 @@ def _iso(when: float | None) -> str | None:
     return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def _waiting(daemon: Services) -> tuple[Counter[str], Counter[str]]:
-    """Messages waiting for a send, and the parts they will cost, by account name."""
-    outbound = daemon.outbound
-    waiting: Counter[str] = Counter()
-    parts: Counter[str] = Counter()
-    lanes: dict[str, str] = {}  # location id -> account of its unattempted messages
-    for record in list(daemon.outbox.records.values()):
-        if record.get("kind") != "outbound" or record["stage"] != Stage.NEW:
-            continue
-        if record.get("attempted"):
-            lane = outbound.lane_name(record)
-        else:
-            location = record["location_id"]
-            lane = lanes.get(location) or lanes.setdefault(location, outbound.lane_name(record))
-        waiting[lane] += 1
-        parts[lane] += message_parts(sms_text(record))
-    return waiting, parts
+def _waiting(daemon: Services) -> tuple[dict[str, int], dict[str, int]]:
+    """Messages waiting for a send, and the parts they will cost, by account name: read from
+    the index castghld.credits keeps beside the outbox (no pass over a 100k backlog)."""
+    index = daemon.credits.waiting
+    names = daemon.outbound.cast.account_names()
+    return (
+        {name: index.waiting(name) for name in names},
+        {name: index.needed(name) for name in names},
+    )
 
 
 async def account_report(daemon: Services) -> dict[str, Any]:

@@ -14,8 +14,9 @@ Routes: `GET /outbox[?limit=N]` (the N oldest unfinished messages, default 100, 
 listing all of a 100k backlog would hold the IOLoop for seconds), `GET /outbox/ID`,
 `POST /outbox/ID/retry`, `POST /outbox/ID/drop`, `POST /retry-waiting[?account=A&location=L]`
 (cut every send backoff short), `POST /installs/LOCATION/forget`, `GET /accounts`
-(castghld.account_report). ID is the record id (`out:<GHL message id>`, `in:<Cast message id>`)
-or the bare message id.
+(castghld.account_report), `GET /usage?from=DAY&to=DAY[&location=ID]` (the usage ledger's rows,
+counts only). ID is the record id (`out:<GHL message id>`, `in:<Cast message id>`) or the bare
+message id.
 """
 
 from __future__ import annotations
@@ -337,6 +338,20 @@ class ForgetHandler(AdminHandler):
         self.reply(200, {"location_id": location_id, "outcome": "forgotten"})
 
 
+class UsageHandler(AdminHandler):
+    def get(self) -> None:
+        from castghld.usage import parse_day
+
+        try:
+            start = parse_day(self.get_argument("from"))
+            end = parse_day(self.get_argument("to"))
+        except (ValueError, tornado.web.MissingArgumentError) as e:
+            self.reply(400, {"error": "bad_date", "message": f"from/to: {e}"})
+            return
+        location_id = self.get_argument("location", None) or None
+        self.reply(200, {"rows": self.daemon.usage.rows(start, end, location_id)})
+
+
 class AccountsHandler(AdminHandler):
     async def get(self) -> None:
         from castghld.account_report import account_report
@@ -351,6 +366,7 @@ default_handlers = [
     (r"/outbox/([^/]+)/(retry|drop)", OutboxActionHandler),
     (r"/retry-waiting", RetryWaitingHandler),
     (r"/installs/([^/]+)/forget", ForgetHandler),
+    (r"/usage", UsageHandler),
 ]
 
 

@@ -37,6 +37,7 @@ from castghld.accept import accept_connections
 from castghld.admin import AdminServer, AdminSocketError
 from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
+from castghld.credits import CastCredits
 from castghld.ghl import GHLClient
 from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
@@ -63,6 +64,7 @@ from castghld.state import (
     remove_leftover_temp_files,
 )
 from castghld.tokens import Installations
+from castghld.usage import UsageLedger
 from castghld.webhook_ids import RecentWebhookIds
 
 log = logging.getLogger("castghld")
@@ -294,12 +296,18 @@ def init_delivery(
     ghl: GHLClient,
     installations: Installations,
     metrics: Metrics,
+    usage: UsageLedger | None = None,
 ) -> DeliveryPipelines:
-    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines."""
+    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines; they
+    count what they send and receive in `usage`."""
     cast = CastClient(config, metrics)
     outbox = init_outbox(config, keyring, metrics)
-    outbound = OutboundDelivery(config, cast, ghl, installations, metrics)
+    outbound = OutboundDelivery(config, cast, ghl, installations, metrics, usage)
     inbound = InboundDelivery(config, ghl, installations, metrics)
+    if usage is not None:
+        inbound.count_reply = lambda location_id: usage.count_reply(
+            location_id, cast.account_for(location_id).name
+        )
     outbox.pipelines["outbound"] = outbound
     outbox.pipelines["inbound"] = inbound
     # Replies kept for want of an installed location go on once one is installed.
@@ -335,11 +343,25 @@ class Daemon:
         self.code_exchanges = CodeExchangeLimits()
         self.app_webhook_ids = RecentWebhookIds()
         self.ghl, self.installations = init_tokens(config, self.state, self.metrics)
-        delivery = init_delivery(config, self.keyring, self.ghl, self.installations, self.metrics)
+        self.usage = UsageLedger(self.state)
+        delivery = init_delivery(
+            config, self.keyring, self.ghl, self.installations, self.metrics, self.usage
+        )
         self.outbox, self.cast = delivery.outbox, delivery.cast
         self.outbound, self.inbound = delivery.outbound, delivery.inbound
         load_outbox(self.outbox, self.metrics, self.state)
-        self.components: list[Component] = [self.installations, delivery]
+        self.credits = CastCredits(
+            config, self.cast, self.metrics, self.outbox, self.outbound.lane_name
+        )
+        self.credits.other_reads = self.outbound.accounts.balances
+        # The ledger stops last: the counts of the last sends are in it before the final commit.
+        # The credits follow the outbox before it dispatches anything.
+        self.components: list[Component] = [
+            self.usage,
+            self.installations,
+            self.credits,
+            delivery,
+        ]
         self.metrics.before_scrape.append(self._update_backlog_age)
 
     def _update_backlog_age(self) -> None:
@@ -509,7 +531,15 @@ class Daemon:
     def config_holders(self) -> list[Any]:
         """The components that keep the config and read it at each use; a reload hands each the
         new one. A component that keeps a reference to the config belongs in this list."""
-        return [self, self.ghl, self.installations, self.cast, self.outbound, self.inbound]
+        return [
+            self,
+            self.ghl,
+            self.installations,
+            self.cast,
+            self.outbound,
+            self.inbound,
+            self.credits.balances,
+        ]
 
     def request_stop(self) -> None:
         self._stop_requested.set()

@@ -78,6 +78,7 @@ IP_WINDOW = WINDOW
 MAX_MESSAGE_CHARS = 10_000
 # Cast's 502 PROVIDER_ERROR: the carrier refused the message; a few retries, not until the deadline.
 PROVIDER_ERROR_RETRIES = 3
+SANDBOX_KEY_PREFIX = "cast_test_"
 
 
 class CastError(Exception):
@@ -163,7 +164,8 @@ class CastAccount:
 
     @property
     def sandbox(self) -> bool:
-        return self.api_key.startswith("cast_test_")
+        """A Cast sandbox key (``cast_test_...``): Cast delivers nothing and charges nothing."""
+        return self.api_key.startswith(SANDBOX_KEY_PREFIX)
 
 
 def configured_keys(config: Config) -> dict[str, tuple[str, str]]:
@@ -417,11 +419,15 @@ class CastClient:
 
     # -- account -------------------------------------------------------------------------------
 
-    async def account_info(self, account: CastAccount, what: str) -> dict[str, Any]:
-        """``GET /api/v1/account/<what>`` (``balance``, ``profile``) with the account's key,
-        paced like a status poll."""
+    async def account_info(
+        self, account: CastAccount, what: str, query: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """``GET /api/v1/account/<what>`` (``balance``, ``profile``, ``usage``, ``sender-ids``,
+        ``unsubscribed``) with the account's key, paced like a status poll (half of the per-IP
+        budget at most, sends keep the rest); one attempt, raises `CastError`."""
+        path = "/api/v1/account/" + what + ("?" + urlencode(query) if query else "")
         await acquire_all(self.poll_limiter, self.ip_limiter)
-        return await self._start(account, "GET", "/api/v1/account/" + what)
+        return await self._start(account, "GET", path)
 
     # -- delivery status -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
+from castghld.usage_report import add_usage_command
 
 if TYPE_CHECKING:
     from castghld.metrics import Metrics
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "them in a temporary directory; install a location, send an SMS, receive a reply, and "
         "print each hop. No account or config needed; exit 0 when every hop happened.",
     )
+    add_usage_command(add_command)
     add_command(
         "install-url",
         help="print the URL that starts the OAuth install",
@@ -204,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reconcile(config)
         if args.command == "install-url":
             return install_url(config)
+        if args.command == "usage":
+            from castghld.usage_report import run_usage
+
+            return run_usage(config, args)
     except ConfigError as e:
         return fail(e.problems)
     except KeyboardInterrupt:

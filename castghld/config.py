@@ -92,6 +92,7 @@ class CastConfig:
     requests_per_second: int = 30
     inbound_secret: Secret = NO_SECRET
     locations: Mapping[str, CastLocationConfig] = field(default_factory=dict)
+    balance_interval: float = 300.0  # how often each account's credits are read (castghld.credits)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,7 @@ def _cast(r: Reader, raw: Any) -> CastConfig:
         requests_per_second=r.integer("cast", c, "requests_per_second", 30, 1, 10000),
         inbound_secret=r.secret("cast", c, "inbound_secret", required=True) or Secret(""),
         locations=_cast_locations(r, c.get("locations")),
+        balance_interval=r.duration("cast", c, "balance_interval", 300.0, minimum=1),
     )
 
 

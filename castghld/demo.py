@@ -3,9 +3,11 @@
 Starts the package's strict fake GHL and fake Cast (castghld.fakes) and a daemon wired to them in
 a temporary directory, then: installs a location through the real OAuth callback, sends an SMS as
 GHL's Delivery URL webhook, and replies to it as Cast's inbound callback. Prints each hop (what
-GHL sent, what Cast received, what GHL was told), and the Cast account's balance after the send
-(the demo account starts with `DEMO_CREDITS`; the send spent its parts). Exits 0 when every hop
-happened and neither fake saw a contract violation; removes the directory in any case.
+GHL sent, what Cast received, what GHL was told), and the Cast account's balance before and after
+the send (the demo account starts with `DEMO_CREDITS`; the send spends its parts). The demo key is
+not a sandbox key (``cast_test_...``): the fake Cast's wallet charges it, as Cast charges a live
+key. Exits 0 when every hop happened and neither fake saw a contract violation; removes the
+directory in any case.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from castghld.state import create_private_file, new_key_line
 
 LOCATION = "demo-location"
 INBOUND_SECRET = "demo-inbound-secret"  # noqa: S105 (the fakes' demo value)
-DEMO_CREDITS = 100
+DEMO_CREDITS = 100  # the fake Cast account's wallet
 
 
 def hop(arrow: str, what: str, detail: Any = None) -> None:
@@ -58,7 +60,7 @@ def demo_config(directory: str, ghl: FakeGHL, cast: FakeCast) -> Config:
         },
         "cast": {
             "api_base": cast.url,
-            "api_key": "cast_test_demo",
+            "api_key": "cast_demo_key",
             "inbound_secret": INBOUND_SECRET,
             "sender_id": "CASTDEMO",
         },
@@ -105,12 +107,14 @@ async def send_sms(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
         hop("castghld -> GHL", "PUT /conversations/messages/demo-msg-1/status", report)
 
 
-async def show_balance(daemon: Any) -> None:
-    """The account's balance as the daemon reads it (GET /api/v1/account/balance)."""
+async def show_balance(daemon: Any, when: str) -> None:
+    """The account's balance as the daemon reads it (GET /api/v1/account/balance), exported as
+    castghld_cast_credits."""
     account = daemon.cast.account_for(LOCATION)
     answer = await daemon.cast.account_info(account, "balance")
+    daemon.credits.balances.record(account.name, answer["credits"])
     detail = {k: answer.get(k) for k in ("credits", "currency")}
-    hop("castghld -> Cast", f"GET /api/v1/account/balance ({account.name})", detail)
+    hop("castghld -> Cast", f"GET /api/v1/account/balance ({account.name}) {when}", detail)
 
 
 async def receive_reply(daemon_url: str, ghl: FakeGHL, cast: FakeCast) -> None:
@@ -139,7 +143,7 @@ async def round_trip(directory: str) -> int:
     from castghld.app import Daemon
 
     ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
-    cast = FakeCast(api_keys={"cast_test_demo": "demo-account"})
+    cast = FakeCast(api_keys={"cast_demo_key": "demo-account"})
     cast.set_credits("demo-account", DEMO_CREDITS)
     await ghl.start()
     await cast.start()
@@ -148,8 +152,9 @@ async def round_trip(directory: str) -> int:
     try:
         print(f"castghld demo: fake GHL {ghl.url}, fake Cast {cast.url}, daemon {daemon.url}")
         await install(daemon.url, ghl)
+        await show_balance(daemon, "before the SMS")
         await send_sms(daemon.url, ghl, cast)
-        await show_balance(daemon)
+        await show_balance(daemon, "after the SMS")
         await receive_reply(daemon.url, ghl, cast)
         violations = ghl.violations + cast.violations
         if violations:

@@ -49,6 +49,7 @@ import collections
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from castghld.config import Config
@@ -145,6 +146,8 @@ class InboundDelivery:
         self.contacts: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self.stopping = False
         self.posts = InFlight()  # GHL inbound posts whose answer is not in yet
+        # Counts each reply delivered to GHL: (location id) -> None (app.init_delivery sets it).
+        self.count_reply: Callable[[str], None] = lambda _location_id: None
 
     def begin_stop(self) -> None:
         """No new POST to GHL starts from now on (the outbox keeps the records)."""
@@ -248,6 +251,7 @@ class InboundDelivery:
             return
         # The duplicate window of the module docstring starts here: no await before the append.
         await outbox.finish(rid)
+        self.count_reply(location_id)
         self.metrics.inbound.labels("delivery", "delivered").inc()
         log.info(
             "%s: delivered to GHL",

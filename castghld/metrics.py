@@ -212,6 +212,7 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self._cast_account_metrics(r)
 
     def reload_done(self, applied: bool) -> None:
         """Count a SIGHUP reload and set the last-reload gauges."""
@@ -219,6 +220,40 @@ class Metrics:
         self.last_reload_successful.set(1 if applied else 0)
         if applied:
             self.last_reload_success_time.set_to_current_time()
+
+    def _cast_account_metrics(self, r: CollectorRegistry) -> None:
+        """Cast accounts (castghld.credits), labelled by account name (acct-...), never a key."""
+        self.parts_charged = Counter(
+            "castghld_cast_parts_charged",
+            "Parts Cast charged for the messages it accepted (parts of each send answer)",
+            ["account"],
+            registry=r,
+        )
+        self.credits = Gauge(
+            "castghld_cast_credits",
+            "Credits (parts) of the Cast account at its last balance read; negative: postpaid "
+            "usage owed",
+            ["account"],
+            registry=r,
+        )
+        self.credits_read = Gauge(
+            "castghld_cast_credits_read_timestamp_seconds",
+            "When the account's balance was last read (epoch seconds)",
+            ["account"],
+            registry=r,
+        )
+        self.credits_needed = Gauge(
+            "castghld_cast_credits_needed",
+            "Parts the waiting (unsent) outbound messages of the account will use",
+            ["account"],
+            registry=r,
+        )
+        self.postpaid = Gauge(
+            "castghld_cast_postpaid",
+            "1 if the Cast account is billed postpaid (its profile's billing_type), else 0",
+            ["account"],
+            registry=r,
+        )
 
     def upstream_answer(self, upstream: str, started: float, response: HTTPResponse | None) -> None:
         """Count one request to `upstream` ("ghl" or "cast") begun at monotonic `started`;

@@ -2,35 +2,39 @@
 
 Guarantees:
 - No side effect upstream: GHL is asked to exchange a made-up authorization code (nothing is
-  issued), Cast is asked the delivery status of a made-up message id (nothing is sent, nothing is
-  charged). No SMS is sent and no token is stored.
+  issued), Cast is asked the delivery status of a made-up message id and reads of its account
+  (nothing is sent, nothing is charged). No SMS is sent and no token is stored.
 - One line per check, ``ok|FAIL|WARN <what>: <detail>``; never a secret, nor a piece of one that
   a cut of an upstream's text left (a Cast key is named by its config key and its account name,
   ``acct-`` + 10 hex digits of its SHA-256, as in the logs).
 - Each request gets one attempt of at most `TIMEOUT` seconds: an upstream that does not answer is
   a FAIL naming its host, not a retry loop.
 
-How each answer is read (GHL does not enumerate the errors of ``POST /oauth/token``; the Cast API
-of SPEC §5 has no account, balance or sender-ID endpoint, and the public copy of Cast's reference
-describes sending only, so a key is proven through a status lookup):
+How each answer is read (GHL does not enumerate the errors of ``POST /oauth/token``; a Cast key is
+proven through a status lookup, which every key may make):
 - GHL: the form carries the real client_id/client_secret and a made-up code. ``invalid_grant`` (or
   another 400/422 JSON error that does not name the client) means GHL authenticated the client and
   refused only the code: the credentials are accepted. ``invalid_client``, any 401, or an answer
   whose text names the client means GHL rejected client_id/client_secret. An answer without a JSON
   error (empty, HTML, a 3xx: redirects are never followed) or a success proves nothing: FAIL.
-- Cast: an error answer of Cast's shape (a JSON object with an ``error_code``) other than 401/403
-  to the status lookup (404 for the unknown id) means the key was accepted; 401
+- Cast key: an error answer of Cast's shape (a JSON object with an ``error_code``) other than
+  401/403 to the status lookup (404 for the unknown id) means the key was accepted; 401
   ``INVALID_API_KEY`` / 403 ``API_KEY_REVOKED`` ... fail with Cast's code. Any other answer (a
   proxy's page, an empty body, another service's JSON, a 2xx without ``success: true``) proves
-  nothing: FAIL, transient only for 429/5xx.
-- sender_id: Cast can only tell whether a sender ID is approved by sending; the check says so
-  (WARN) instead of pretending.
+  nothing: FAIL, transient only for 429/5xx. A sandbox key (``cast_test_...``) is a WARN.
+- Cast account, for each accepted key (``/api/v1/account/balance``, ``profile``,
+  ``sender-ids``): its balance, billing type and allowed channels are printed; FAIL when it is
+  inactive or ``sms`` is not an allowed channel.
+- sender_id, per configured (account, sender ID): FAIL unless the account lists it approved for
+  the ``sms`` channel; not set: ok when the account has exactly one approved (Cast uses it), WARN
+  otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+from typing import Any
 from urllib.parse import urlsplit
 
 from castghld.cast import CastAccount, CastClient, CastError
@@ -63,9 +67,22 @@ async def online_checks(config: Config) -> list[CheckResult]:
     metrics = Metrics()
     results = [await check_ghl_client(config, GHLClient(config, metrics))]
     cast = CastClient(config, metrics)
+    approved: dict[str, list[dict[str, Any]] | None] = {}
     for where, account in cast_accounts(config):
-        results.append(await check_cast_key(config, cast, where, account))
-    results += sender_id_notes(config)
+        key_result = await check_cast_key(config, cast, where, account)
+        results.append(key_result)
+        if account.sandbox:
+            results.append(
+                CheckResult(
+                    "WARN",
+                    key_result.what,
+                    "a sandbox key: Cast delivers nothing and charges nothing",
+                )
+            )
+        if key_result.level != "FAIL":
+            account_result, approved[account.name] = await check_cast_account(cast, where, account)
+            results.append(account_result)
+    results += sender_id_checks(config, approved)
     return [dataclasses.replace(r, detail=_printable(config, r.detail)) for r in results]
 
 
@@ -107,11 +124,11 @@ def cast_accounts(config: Config) -> list[tuple[str, CastAccount]]:
     """(config key, account) of the default Cast key and of each location's own key, each key
     once (the first config key that names it)."""
     cast = config.cast
-    found = [("cast.api_key", CastAccount(cast.api_key.value, cast.sender_id))]
+    found = [("cast.api_key", CastAccount(cast.api_key.value, cast.sender_id, cast.account))]
     for location_id, override in sorted(cast.locations.items()):
         if override.api_key is not None:
             sender_id = override.sender_id if override.sender_id is not None else cast.sender_id
-            account = CastAccount(override.api_key.value, sender_id)
+            account = CastAccount(override.api_key.value, sender_id, override.account)
             found.append((f"cast.locations.{location_id}.api_key", account))
     seen: set[str] = set()
     unique = []
@@ -209,33 +226,93 @@ def _no_answer(host: str, message: str) -> str:
     return f"no answer from {host} (waited at most {TIMEOUT:.0f} s: {reason})"
 
 
-def sender_id_notes(config: Config) -> list[CheckResult]:
-    """A WARN per configured sender ID: approval is only known when Cast takes or refuses a send."""
+def _sender_pairs(config: Config) -> dict[tuple[str, str], list[str]]:
+    """(account name, sender ID) -> the config keys that make a location send so."""
     cast = config.cast
-    where_of: dict[str, list[str]] = {}
-    if cast.sender_id:
-        where_of.setdefault(cast.sender_id, []).append("cast.sender_id")
+    default = CastAccount(cast.api_key.value, cast.sender_id, cast.account)
+    pairs: dict[tuple[str, str], list[str]] = {(default.name, cast.sender_id): ["cast.sender_id"]}
     for location_id, override in sorted(cast.locations.items()):
-        if override.sender_id:
-            where_of.setdefault(override.sender_id, []).append(
-                f"cast.locations.{location_id}.sender_id"
-            )
-    notes = [
-        CheckResult(
-            "WARN",
-            f"sender_id {sender_id!r} ({', '.join(keys)})",
-            "Cast has no documented way to check approval without sending; the first send "
-            "checks it (a refusal is logged as 'Cast refused message=...' with Cast's error_code "
-            "and reported failed to GHL)",
+        name = default.name
+        if override.api_key is not None:
+            name = CastAccount(override.api_key.value, "", override.account).name
+        sender_id = override.sender_id if override.sender_id is not None else cast.sender_id
+        where = f"cast.locations.{location_id}"
+        where += ".sender_id" if override.sender_id is not None else ".api_key"
+        pairs.setdefault((name, sender_id), []).append(where)
+    return pairs
+
+
+async def check_cast_account(
+    cast: CastClient, where: str, account: CastAccount
+) -> tuple[CheckResult, list[dict[str, Any]] | None]:
+    """The account behind an accepted key: balance, billing type, channels (FAIL when it is
+    inactive or may not send SMS); and its approved sender IDs (None if Cast did not list
+    them)."""
+    what = f"Cast account {account.name} ({where})"
+    try:
+        balance = await cast.account_info(account, "balance")
+        profile = await cast.account_info(account, "profile")
+        listed = await cast.account_info(account, "sender-ids")
+    except CastError as e:
+        detail = f"cannot read the account: {e.http_status} {e.code} {e.message}"
+        return CheckResult("FAIL", what, detail, e.http_status in RETRYABLE_STATUSES), None
+    channels = profile.get("allowed_channels")
+    channels = [str(c) for c in channels] if isinstance(channels, list) else []
+    detail = (
+        f"{balance.get('credits', '?')} credits {balance.get('currency') or ''}".rstrip()
+        + f", billing {profile.get('billing_type') or 'unknown'}, channels "
+        + (", ".join(channels) or "none")
+    )
+    sender_ids = listed.get("sender_ids")
+    approved = (
+        [s for s in sender_ids if isinstance(s, dict)] if isinstance(sender_ids, list) else None
+    )
+    if profile.get("is_active") is False:
+        return CheckResult("FAIL", what, detail + "; the account is inactive"), approved
+    if "sms" not in channels:
+        return CheckResult("FAIL", what, detail + "; sms is not an allowed channel"), approved
+    return CheckResult("ok", what, detail), approved
+
+
+def sender_id_checks(
+    config: Config, approved: dict[str, list[dict[str, Any]] | None]
+) -> list[CheckResult]:
+    """Per configured (account, sender ID): FAIL unless Cast lists it approved for ``sms``;
+    unset, ok when the account has exactly one (Cast uses it), else WARN. `approved`: each
+    account whose key was accepted, with its sender IDs (None: not listed)."""
+    results = []
+    for (name, sender_id), keys in _sender_pairs(config).items():
+        if name not in approved:
+            continue  # the key was refused: its line says why
+        listed = approved[name]
+        what = (
+            f"sender_id {sender_id!r} ({', '.join(keys)})"
+            if sender_id
+            else (f"sender_id ({', '.join(keys)})")
         )
-        for sender_id, keys in where_of.items()
-    ]
-    if not cast.sender_id:
-        notes.append(
-            CheckResult(
-                "WARN",
-                "sender_id (cast.sender_id)",
-                "not set: Cast sends with the account's assigned sender ID",
+        if listed is None:
+            results.append(CheckResult("FAIL", what, f"{name}'s sender IDs were not listed"))
+            continue
+        sms = [str(s.get("sender_id")) for s in listed if s.get("channel") == "sms"]
+        if not sender_id:
+            if len(sms) == 1:
+                detail = f"not set: Cast sends with {name}'s only approved sender ID {sms[0]!r}"
+                results.append(CheckResult("ok", what, detail))
+            else:
+                detail = (
+                    f"not set, and {name} has {len(sms)} approved sms sender IDs"
+                    + (f" ({', '.join(sms)})" if sms else "")
+                    + ": Cast picks the account's default or refuses the send"
+                )
+                results.append(CheckResult("WARN", what, detail))
+        elif sender_id in sms:
+            results.append(CheckResult("ok", what, f"approved for sms on {name}"))
+        else:
+            other = [str(s.get("channel")) for s in listed if s.get("sender_id") == sender_id]
+            why = (
+                f"approved on {name} for {', '.join(other)} only, not sms"
+                if other
+                else f"not approved on {name} (approved for sms: {', '.join(sms) or 'none'})"
             )
-        )
-    return notes
+            results.append(CheckResult("FAIL", what, why + "; Cast would refuse its sends"))
+    return results

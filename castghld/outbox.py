@@ -138,6 +138,9 @@ class Outbox:
         self._compaction: asyncio.Task | None = None
         self.stopping = False
         self.restarted = False  # the journal had entries: an earlier process ran on this state
+        # (rid, record or None) after a record is added, replaced or forgotten, except by `load`:
+        # indexes kept beside the records (castghld.credits).
+        self.watchers: list[Callable[[str, Record | None], None]] = []
         metrics.before_scrape.append(self.update_metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -217,11 +220,15 @@ class Outbox:
     def _keep(self, rid: str, record: Record) -> None:
         self.records[rid] = record
         self._index.add(rid, record)
+        for watcher in self.watchers:
+            watcher(rid, record)
 
     def _forget(self, rid: str) -> None:
         record = self.records.pop(rid, None)
         if record is not None:
             self._index.remove(rid, record)
+            for watcher in self.watchers:
+                watcher(rid, None)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -269,7 +276,9 @@ class Outbox:
     def note(self, rid: str, **fields: Any) -> None:
         """Merge `fields` into the record in memory only: progress that a crash may lose because
         the restart redoes that step harmlessly (a status poll, a report)."""
-        self.records[rid] = {**self.records[rid], **atomic(fields)}
+        record = self.records[rid] = {**self.records[rid], **atomic(fields)}
+        for watcher in self.watchers:
+            watcher(rid, record)
 
     async def finish(self, rid: str) -> None:
         """The record is done: forget it, remember its id for `seen_retention`."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from castghld.config import Config
+    from castghld.credits import CastCredits
     from castghld.inflight import InFlight
     from castghld.metrics import Metrics
     from castghld.oauth import CodeExchangeLimits
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from castghld.signatures import SignatureVerifier
     from castghld.state import StateStore
     from castghld.tokens import Installations
+    from castghld.usage import UsageLedger
     from castghld.webhook_ids import RecentWebhookIds
 
 
@@ -37,5 +39,7 @@ class Services(Protocol):
     installations: Installations
     outbox: Outbox
     outbound: OutboundDelivery  # its Cast client and account states (castghld accounts)
+    credits: CastCredits  # balances and the parts waiting messages need, per account
     code_exchanges: CodeExchangeLimits  # admission of OAuth callbacks
     app_webhook_ids: RecentWebhookIds  # the app-webhook dedupe
+    usage: UsageLedger  # per location and day: sent, parts, outcomes, replies (castghld usage)

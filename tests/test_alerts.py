@@ -4,6 +4,7 @@ castghld exports from its start."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 ALERTS = os.path.join(os.path.dirname(__file__), "..", "config", "alerts.yml")
 ALERT_TESTS = os.path.join(os.path.dirname(__file__), "alerts_test.yml")
+# Every promtool unit-test file of the rules (alerts_credits_test.yml: the Cast account group).
+ALERT_TEST_FILES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "alerts*_test.yml")))
 # `metric{label="v", other=~"a|b"}` in a PromQL expression.
 SELECTOR_RE = re.compile(r"\b(castghld_[a-z_]+)(?:\{([^}]*)\})?")
 # Labels Prometheus adds from the scrape config, not the exporter.
@@ -128,9 +131,11 @@ def test_rules_include_target_gone_and_cast_unavailable():
 
 
 def test_every_rule_has_a_promtool_unit_test():
-    with open(ALERT_TESTS) as f:
-        doc = yaml.safe_load(f)
-    cases = [case for group in doc["tests"] for case in group["alert_rule_test"]]
+    cases = []
+    for path in ALERT_TEST_FILES:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        cases += [case for group in doc["tests"] for case in group["alert_rule_test"]]
     firing = {case["alertname"] for case in cases if case["exp_alerts"]}
     silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {rule["alert"] for rule in rules()}
@@ -154,6 +159,9 @@ def test_promtool_accepts_the_rules():
 def test_promtool_unit_tests_of_the_rules_pass():
     """Each rule fires on the sample series that should fire it and stays silent on junk."""
     result = subprocess.run(
-        ["promtool", "test", "rules", ALERT_TESTS], capture_output=True, text=True, timeout=120
+        ["promtool", "test", "rules", *ALERT_TEST_FILES],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr

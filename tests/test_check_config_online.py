@@ -69,6 +69,9 @@ def key_name(api_key: str) -> str:
 @pytest.mark.gen_test(timeout=60)
 async def test_online_check_passes_with_accepted_credentials(config_dir, fake_ghl, fake_cast):
     fake_cast.api_keys["cast_loc2_key"] = "acct2"
+    fake_cast.set_sender_ids("acct", [{"sender_id": "CASTDEMO", "label": "", "channel": "sms"}])
+    fake_cast.set_sender_ids("acct2", [{"sender_id": "LOC2", "label": "", "channel": "sms"}])
+    fake_cast.set_credits("acct2", 1200)
     extra = wired(
         fake_ghl,
         fake_cast,
@@ -80,26 +83,36 @@ async def test_online_check_passes_with_accepted_credentials(config_dir, fake_gh
     code, stdout, _ = await check_config(config_dir, extra, "--online")
     assert code == 0, stdout
     assert stdout.strip().endswith("\nok")
+    acct, acct2 = key_name("cast_test_key"), key_name("cast_loc2_key")
     assert lines_of(stdout, "ok") == [
         "ok GHL client credentials (ghl.client_id test-client): accepted by "
         f"{host(fake_ghl.url)} (a made-up authorization code got 400 invalid_grant: "
         "Invalid grant: authorization code is invalid)",
-        f"ok Cast key cast.api_key ({key_name('cast_test_key')}): accepted by "
+        f"ok Cast key cast.api_key ({acct}): accepted by "
         f"{host(fake_cast.url)} (a made-up message id got 404 NOT_FOUND)",
-        f"ok Cast key cast.locations.loc2.api_key ({key_name('cast_loc2_key')}): accepted by "
+        f"ok Cast account {acct} (cast.api_key): 1000000 credits PHP, billing topup, "
+        "channels sms, otp, bulk",
+        f"ok Cast key cast.locations.loc2.api_key ({acct2}): accepted by "
         f"{host(fake_cast.url)} (a made-up message id got 404 NOT_FOUND)",
+        f"ok Cast account {acct2} (cast.locations.loc2.api_key): 1200 credits PHP, billing "
+        "topup, channels sms, otp, bulk",
+        f"ok sender_id 'CASTDEMO' (cast.sender_id): approved for sms on {acct}",
+        f"ok sender_id 'LOC2' (cast.locations.loc2.sender_id): approved for sms on {acct2}",
     ]
-    warnings = lines_of(stdout, "WARN")
-    assert [w.split(":", 1)[0] for w in warnings] == [
-        "WARN sender_id 'CASTDEMO' (cast.sender_id)",
-        "WARN sender_id 'LOC2' (cast.locations.loc2.sender_id)",
+    # The tests' default key is a sandbox key, and named so; the other is not.
+    assert lines_of(stdout, "WARN") == [
+        f"WARN Cast key cast.api_key ({acct}): a sandbox key: Cast delivers nothing and charges "
+        "nothing"
     ]
-    assert all("no documented way to check approval without sending" in w for w in warnings)
     [token_call] = fake_ghl.calls
     assert (token_call.method, token_call.path) == ("POST", "/oauth/token")
     assert token_call.form["grant_type"] == "authorization_code"
     assert {c.headers["X-API-Key"] for c in fake_cast.calls} == {"cast_test_key", "cast_loc2_key"}
-    assert all(c.method == "GET" and "/api/v1/sms/status/" in c.path for c in fake_cast.calls)
+    assert all(c.method == "GET" for c in fake_cast.calls)
+    assert {c.path.split("/api/v1/", 1)[1].split("/", 1)[0] for c in fake_cast.calls} == {
+        "sms",
+        "account",
+    }
     assert fake_cast.sent == []
     assert fake_ghl.issued_tokens == []
     assert fake_ghl.violations == [] and fake_cast.violations == []
@@ -314,3 +327,77 @@ def test_printed_upstream_text_redacts_a_number_and_a_secret_after_a_line_break(
     config = config_dir.load()
     text = _printable(config, "refused for\n09171234567\nclient_secret=SUPERSECRET")
     assert "9171234567" not in text and "SUPERSECRET" not in text and "\n" not in text
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_a_sender_id_cast_has_not_approved_for_sms(
+    config_dir, fake_ghl, fake_cast
+):
+    fake_cast.set_sender_ids(
+        "acct",
+        [
+            {"sender_id": "SIMONLY", "label": "gateway", "channel": "sim"},
+            {"sender_id": "CASTDEMO", "label": "", "channel": "sms"},
+        ],
+    )
+    extra = wired(
+        fake_ghl,
+        fake_cast,
+        cast={
+            "sender_id": "SIMONLY",
+            "locations": {"loc2": {"sender_id": "NOTLISTED"}, "loc3": {"sender_id": "CASTDEMO"}},
+        },
+    )
+    code, stdout, stderr = await check_config(config_dir, extra, "--online")
+    assert code == 2
+    acct = key_name("cast_test_key")
+    assert lines_of(stdout, "FAIL") == [
+        f"FAIL sender_id 'SIMONLY' (cast.sender_id): approved on {acct} for sim only, not sms; "
+        "Cast would refuse its sends",
+        f"FAIL sender_id 'NOTLISTED' (cast.locations.loc2.sender_id): not approved on {acct} "
+        "(approved for sms: CASTDEMO); Cast would refuse its sends",
+    ]
+    assert "ok sender_id 'CASTDEMO' (cast.locations.loc3.sender_id): approved for sms" in stdout
+    assert "castghld: 2 online check(s) failed" in stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_prints_the_balance_billing_and_channels_of_each_account(
+    config_dir, fake_ghl, fake_cast
+):
+    fake_cast.set_credits("acct", -40, billing_type="postpaid", credit_limit=500)
+    fake_cast.set_sender_ids("acct", [{"sender_id": "ONLY", "label": "", "channel": "sms"}])
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert code == 0, stdout
+    acct = key_name("cast_test_key")
+    assert (
+        f"ok Cast account {acct} (cast.api_key): -40 credits PHP, billing postpaid, channels "
+        "sms, otp, bulk\n" in stdout
+    )
+    assert (
+        f"ok sender_id (cast.sender_id): not set: Cast sends with {acct}'s only approved "
+        "sender ID 'ONLY'" in stdout
+    )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_fails_an_account_that_may_not_send_sms(config_dir, fake_ghl, fake_cast):
+    fake_cast.allow_channels("acct", ["otp"])
+    code, stdout, _ = await check_config(config_dir, wired(fake_ghl, fake_cast), "--online")
+    assert code == 2
+    [line] = lines_of(stdout, "FAIL")
+    assert line.startswith(f"FAIL Cast account {key_name('cast_test_key')} (cast.api_key): ")
+    assert line.endswith("channels otp; sms is not an allowed channel")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_check_names_an_account_by_its_configured_name(
+    config_dir, fake_ghl, fake_cast
+):
+    fake_cast.set_sender_ids("acct", [{"sender_id": "ACME", "label": "", "channel": "sms"}])
+    extra = wired(fake_ghl, fake_cast, cast={"account": "acme", "sender_id": "ACME"})
+    code, stdout, _ = await check_config(config_dir, extra, "--online")
+    assert code == 0, stdout
+    assert "ok Cast key cast.api_key (acme): accepted by " in stdout
+    assert "ok Cast account acme (cast.api_key): 1000000 credits PHP" in stdout
+    assert "ok sender_id 'ACME' (cast.sender_id): approved for sms on acme" in stdout

@@ -47,3 +47,9 @@ def test_demo_shows_the_cast_balance_the_send_spent(tmp_path):
     assert "castghld -> Cast   GET /api/v1/account/balance (acct-" in result.stdout
     assert '{"credits": 99, "currency": "PHP"}' in result.stdout
     assert "cast_test_demo" not in result.stdout
+    before = result.stdout.index('{"credits": 100, "currency": "PHP"}')
+    assert (
+        before
+        < result.stdout.index("POST /api/v1/sms/send")
+        < result.stdout.index('{"credits": 99, "currency": "PHP"}')
+    )

@@ -24,6 +24,9 @@ FAILURE_ONLY = {
     "castghld_outbox_oldest_age_seconds": "test_oldest_waiting_age_grows_while_cast_hangs",
     "castghld_cast_outages": "test_outbound_logs.py (test_cast_outage_logs_one_warning_...)",
     "castghld_outbound_dropped": "test_departed.py (a location leaves with texts queued)",
+    "castghld_cast_credits_needed": "test_credits.py (messages waiting behind a hung send)",
+    # 1 only for a postpaid account; the fake's accounts are topup.
+    "castghld_cast_postpaid": "test_credits.py (a postpaid account)",
 }
 
 

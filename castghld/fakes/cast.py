@@ -199,7 +199,11 @@ class FakeCast(FakeCastAccounts, _FakeServer):
         if refusal is None:
             self._check_send_rate(call, account)
             parts = message_parts(body["message"])
-            refusal = self._channel_refusal(account) or self._charge(account, parts)
+            refusal = (
+                self._channel_refusal(account)
+                or self._opt_out_refusal(account, body)
+                or self._charge(account, parts)
+            )
         if refusal is not None:
             self.refusals[refusal.body["error_code"]] += 1
             if self.cache_refusals:

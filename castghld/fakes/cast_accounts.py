@@ -30,6 +30,12 @@ DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 BILLING_TYPES = ("topup", "postpaid")
 
 
+def _digits(number: str) -> str:
+    """A PH number in any form (+639..., 639..., 09...) as its 10 national digits."""
+    digits = re.sub(r"\D", "", number)
+    return digits[-10:]
+
+
 def cast_error(status: int, error: str, code: str) -> dict[str, Any]:
     return {"success": False, "error": error, "error_code": code}
 
@@ -155,6 +161,21 @@ class FakeCastAccounts:
         elif acct.credits < parts:
             return Answer(402, cast_error(402, "Insufficient credits", "INSUFFICIENT_CREDITS"))
         acct.credits -= parts
+        return None
+
+    # -- opt-outs (a send to a number that opted out of its sender ID) -------------------------
+    # Cast blocks such sends (SPEC §5 Account, unsubscribed) without documenting the error code:
+    # the fake answers the documented message-level one, 400 VALIDATION_ERROR.
+
+    def _opt_out_refusal(self, account: str, body: dict[str, Any]) -> Answer | None:
+        """400 when `body`'s number opted out of its sender ID (any of the account's sender IDs
+        when the send names none: Cast would send with the account's own)."""
+        to = _digits(body["to"])
+        sender_id = body.get("sender_id")
+        for entry in self.account(account).unsubscribed:
+            if _digits(entry["phone"]) == to and sender_id in (None, entry["sender_id"]):
+                text = "Recipient has unsubscribed from this sender ID"
+                return Answer(400, cast_error(400, text, "VALIDATION_ERROR"))
         return None
 
     # -- GET /api/v1/account/* -----------------------------------------------------------------

@@ -71,6 +71,7 @@ from castghld.records import (
 )
 from castghld.scheduler import Step, StepRun, StepScheduler
 from castghld.tokens import Installations
+from castghld.usage import UsageLedger, charged_parts
 
 # The record (fields, stages, how one is made) is defined in castghld.records; its names stay
 # importable from here.
@@ -106,17 +107,21 @@ class OutboundDelivery:
         ghl: GHLClient,
         installations: Installations,
         metrics: Metrics,
+        usage: UsageLedger | None = None,
     ):
         self._config = config
         self.cast = cast
         self.ghl = ghl
         self.installations = installations
+        self.metrics = metrics
+        self.usage = usage
         self.outbox: Outbox | None = None
         self.scheduler = StepScheduler(self._live, self._due, log)
         next_step = self._queue_next_step
         self.sends = SendStep(
             config, cast, metrics, self.scheduler, next_step, self._installed, self.end_departed
         )
+        self.sends.on_sent = self._charged
         self.receipts = ReceiptStep(config, cast, self.scheduler, next_step, self.finish)
         self.sweeps = ReceiptSweep(cast, self.scheduler, self.receipts)
         self.reports = ReportStep(
@@ -225,6 +230,23 @@ class OutboundDelivery:
             account = account_of(self.cast, record)
             return account.name if account is not None else record["account"]
         return self.cast.account_for(record["location_id"]).name
+
+    # -- usage -----------------------------------------------------------------------------
+
+    def _charged(self, record: OutboundRecord, account: str, answer: dict[str, Any]) -> None:
+        """Cast accepted a send: count the parts it charged (its answer's ``parts``; a sandbox
+        answer charges none) in the metrics and the usage ledger."""
+        parts = charged_parts(answer)
+        self.metrics.parts_charged.labels(account).inc(parts)
+        if self.usage is not None:
+            self.usage.count_sent(record["location_id"], account, parts, time.time())
+
+    def _count_outcome(self, record: OutboundRecord, outcome: str) -> None:
+        if self.usage is None or outcome not in ("delivered", "failed"):
+            return
+        account = record.get("account") or self.lane_name(record)
+        sent_at = record.get("sent_at") if record.get("cast_id") else None
+        self.usage.count_outcome(record["location_id"], account, outcome, sent_at)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self.scheduler.spawn(coroutine)
@@ -378,5 +400,6 @@ class OutboundDelivery:
                     "reason": reason,
                 },
             )
+            self._count_outcome(record, outcome)
             await self.outbox.finish(rid)
         self.scheduler.release(rid)

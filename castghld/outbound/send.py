@@ -11,7 +11,8 @@ Guarantees:
   ``PROVIDER_ERROR_RETRIES`` times. A retry waits ``SEND_RETRY`` backoff with full jitter, never
   shorter than Cast's Retry-After, as a `Step.SEND` entry in the scheduler's timer heap, then
   goes to the front of its account's lane. Any other answer is Cast's final refusal: reported
-  ``failed`` with Cast's error code.
+  ``failed`` with Cast's error code; one that an opt-out explains (castghld.optout) with a
+  reason that says so.
 - Both windows are checked at the instant the request would leave, after pacing: a message never
   attempted within ``delivery.send_deadline`` is reported ``failed`` (``EXPIRED``) instead of
   sent late, and one attempted before a restart but still unresolved 23 h after it arrived
@@ -73,6 +74,7 @@ from castghld.cast import (
 )
 from castghld.config import DEFAULT_ACCOUNT_NAME, Config
 from castghld.metrics import Metrics
+from castghld.optout import OptOuts
 from castghld.outage import CastOutages
 from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
@@ -188,6 +190,10 @@ class SendStep:
         # Metric children looked up once, not per message.
         self._sends = {o: metrics.sends.labels(o) for o in ("sent", "retry", "failed", "gave_up")}
         self._sends["rejected"] = metrics.sends.labels("rejected")
+        # Called with (record, account name, Cast's answer) once Cast accepted a send: the parts
+        # it charged go to the usage ledger and the metrics (OutboundDelivery sets it).
+        self.on_sent: Callable[[OutboundRecord, str, dict[str, Any]], None] = _ignore
+        self.opt_outs = OptOuts(cast)
 
     @property
     def allowed_regions(self) -> frozenset[str] | None:
@@ -246,6 +252,7 @@ class SendStep:
             return
         self._sends["sent"].inc()
         self.outages.observe(account.name, None)
+        self.on_sent(record, account.name, answer)
         if self.accounts is not None:
             self.accounts.record_send(account.name)
         # No await between Cast's answer and queueing this entry (see Journal.append).
@@ -400,6 +407,7 @@ class SendStep:
         if error.code == "NO_ANSWER":
             reason = "Cast did not answer before the send deadline; the SMS may have been sent"
         if not error.retryable:
+            reason = await self._explain_refusal(record, error) or reason
             self._sends["failed"].inc()
             log.error(
                 "Cast refused %s: %d %s %s",
@@ -445,6 +453,14 @@ class SendStep:
         )
         self.scheduler.later(delay, rid, Step.SEND)
 
+    async def _explain_refusal(self, record: OutboundRecord, error: CastError) -> str | None:
+        """A reason that says more than Cast's text: the number opted out of the sender ID."""
+        account = account_of(self.cast, record)
+        checked = self._check(record)
+        if account is None or not isinstance(checked, str):
+            return None
+        return await self.opt_outs.explain(account, checked, error)
+
     async def _decide(
         self, rid: str, status: str, code: str = "", reason: str = "", refused: bool = False
     ) -> None:
@@ -468,6 +484,10 @@ class SendStep:
         else:
             self.outbox.note(rid, **fields)
         self._next_step(rid)
+
+
+def _ignore(*_: Any) -> None:
+    pass
 
 
 def _send_fields(
