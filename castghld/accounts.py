@@ -136,6 +136,17 @@ class AccountStates:
         self.balances: dict[str, tuple[float | None, float]] = {}  # name -> (credits, read at)
         self._sends: dict[str, collections.deque[list[int]]] = {}  # name -> [[minute, count]]
         cast.on_key_change.append(self.key_changed)
+        self.export_zeros()
+
+    def export_zeros(self) -> None:
+        """`castghld_cast_account_paused` at 0 for every configured account and account refusal
+        from the start (and after a reload adds an account): an alert sees a series go to 1, not
+        appear at 1."""
+        for name in self.cast.account_names():
+            for code in ACCOUNT_REFUSALS:
+                gauge = self.metrics.account_paused.labels(name, code)
+                if name not in self.paused or self.paused[name].code != code:
+                    gauge.set(0)
 
     def record_send(self, name: str) -> None:
         """One message Cast took on the account (for `sends_last_hour`)."""

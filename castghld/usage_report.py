@@ -72,13 +72,13 @@ def load_rows(
 ) -> tuple[list[dict[str, Any]], str]:
     """(rows, where they came from); StateError/StartupError if neither the daemon nor the state
     file can give them."""
-    from castghld.admin import AdminUnavailable, call
+    from castghld.admin_client import AdminUnavailable, call
 
     query = {"from": start, "to": end}
     if location_id:
         query["location"] = location_id
     try:
-        status, doc = call(config.state.dir, "GET", "/usage?" + urlencode(query))
+        status, doc = call(config, "GET", "/usage?" + urlencode(query))
     except AdminUnavailable:
         return _offline_rows(config, start, end, location_id), "the state file (no daemon running)"
     if status != 200:

@@ -15,6 +15,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
+from castghld.fakes import wait_for
+
 ALERTS = os.path.join(os.path.dirname(__file__), "..", "config", "alerts.yml")
 ALERT_TESTS = os.path.join(os.path.dirname(__file__), "alerts_test.yml")
 # Every promtool unit-test file of the rules (alerts_credits_test.yml: the Cast account group).
@@ -66,6 +68,9 @@ async def exported_samples(bridge) -> dict[str, list[dict[str, str]]]:
     """{sample name: [label sets]} of a daemon's /metrics right after its start, before any
     request or event: what Prometheus sees from the first scrape."""
     daemon = await bridge.start()
+    # The start reads each Cast account's balance: until Cast answers, its credits are unknown,
+    # and no series is more honest than a made-up 0. Every other series is there at once.
+    await wait_for(lambda: daemon.credits.balances.balances, timeout=10)
     response = await AsyncHTTPClient().fetch(daemon.url + "/metrics")
     samples: dict[str, list[dict[str, str]]] = {}
     for family in text_string_to_metric_families(response.body.decode()):

@@ -53,6 +53,9 @@ RELOADED = {
     "cast.locations.*.inbound_numbers": "test_reload_applies_location_overrides",
     "cast.account": "test_reload_applies_account_names",
     "cast.locations.*.account": "test_reload_applies_account_names",
+    "cast.balance_interval": (
+        "test_credits.py::test_a_reload_applies_a_new_balance_interval_at_once"
+    ),
     "tokens.refresh_interval": "test_reload_applies_refresh_interval_to_the_waiting_sweep",
     "tokens.refresh_margin": "test_reload_applies_refresh_margin",
     "tokens.reconcile_interval": "test_reload_applies_reconcile_interval_to_the_waiting_loop",
