@@ -143,6 +143,9 @@ class Lifecycle:
         if tombstone is not None and event_at is not None and event_at < tombstone["at"]:
             return "older than the location's last UNINSTALL; ignored"
         if usable(self.state.get(INSTALLS, location_id)):
+            # GHL installed it again (its UNINSTALL lost or late): a reconciliation whose list
+            # was asked for before now must not mark it uninstalled (`unlisted.py`).
+            self.store.install_heard[location_id] = time.time()
             return "already installed"
         if self.state.get(FORGOTTEN, location_id) is not None:
             # A new INSTALL after `castghld forget`: GHL installs it again (committed with the

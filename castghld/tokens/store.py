@@ -99,6 +99,10 @@ class InstallStore:
         # Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
         # unlisted by a reconciliation): nothing more is sent or reported for it.
         self.on_departed: list[Callable[[str], None]] = []
+        # When GHL's INSTALL webhook last arrived for a location we hold as installed (by
+        # location id): GHL installed it then, so a list asked for before that cannot show it
+        # gone (`installed_since`). In memory: the reconciliation it races runs in this process.
+        self.install_heard: dict[str, float] = {}
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -109,6 +113,11 @@ class InstallStore:
         if record is None or record.get("status") == STATUS_UNINSTALLED:
             return None
         return record
+
+    def installed_since(self, location_id: str, record: dict[str, Any]) -> float:
+        """When GHL last said the location is installed: its ``installed_at``, or a later
+        INSTALL webhook for it (`install_heard`)."""
+        return max(record.get("installed_at", 0.0), self.install_heard.get(location_id, 0.0))
 
     def location_ids(self) -> list[str]:
         return [
