@@ -182,6 +182,19 @@ async def test_uninstall_older_than_a_reinstall_keeps_the_tokens(bridge, config_
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("junk", ["0001-01-01T00:00:00Z", "1970-01-01T00:00:00Z", 0, -5])
+async def test_uninstall_with_a_junk_timestamp_is_dated_by_its_arrival(bridge, config_dir, junk):
+    """A timestamp no real event has (year 1, the epoch, negative) is unreadable, as ISO text
+    as well as a number: the UNINSTALL is not taken as older than the install."""
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1", timestamp=junk)
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    assert stored_on_disk(config_dir, "installs", "loc1") is None
+
+
+@pytest.mark.gen_test
 async def test_uninstall_without_timestamp_or_webhook_id_is_dated_by_its_arrival(
     bridge, config_dir
 ):
