@@ -443,3 +443,27 @@ async def test_forgotten_location_is_installed_again_through_the_oauth_callback(
     await reconciled(bridge)
     await status_update_succeeds(bridge, "locB", "msg-b")
     assert usable(bridge, "locB")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_location_forgotten_while_a_reconciliation_confirms_it_stays_forgotten(
+    bridge, config_dir
+):
+    """Ten locations missing from GHL's list are confirmed by mints, eight at a time: one
+    forgotten while it waits for its turn is not minted again when its turn comes."""
+    hidden = [f"loc{n}" for n in range(10)]
+    await agency_installed(bridge, ["locA", *hidden])
+    bridge.ghl.hidden_from_list.update(hidden)  # installed, but GHL's list lags
+    before = len(bridge.ghl.calls_to("POST", "/oauth/locationToken"))
+    bridge.ghl.hang("location_token")
+    reconciliation = asyncio.ensure_future(bridge.daemon.installations.reconcile())
+    await wait_for(lambda: bridge.ghl.hung("location_token") == 8)
+    calls = bridge.ghl.calls_to("POST", "/oauth/locationToken")[before:]
+    asked = {c.form["locationId"] for c in calls}
+    waiting = sorted(set(hidden) - asked)[0]
+    assert await forget(config_dir, waiting) == 0
+    bridge.ghl.release("location_token")
+    await reconciliation
+    assert bridge.daemon.installations.get(waiting) is None
+    assert stored_on_disk(config_dir, "installs", waiting) is None
+    assert stored_on_disk(config_dir, "forgotten", waiting) is not None
