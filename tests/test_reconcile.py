@@ -172,3 +172,26 @@ async def test_install_webhook_during_a_refused_confirmation_keeps_the_location(
     report = await reconciliation
     assert report["marked"] == []
     assert stored_status(bridge, "locB") == "ok"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_install_webhook_after_a_first_absence_restarts_its_confirmation(bridge):
+    """locB is missing from one complete list (GHL's mint says nothing: "not active"), then
+    GHL's INSTALL webhook for it arrives: the next complete list, after a restart, is a first
+    absence again, not the second that marks it."""
+    await agency_installed(bridge, ["locA", "locB"])
+    bridge.ghl.hidden_from_list.add("locB")
+    bridge.ghl.deactivate("locB")
+    assert (await bridge.daemon.installations.reconcile())["unconfirmed"] == ["locB"]
+    first = bridge.daemon.state.get("unlisted", "locB")
+    response = await post_app_webhook(bridge, app_event("INSTALL", "locB", AGENCY))
+    assert response.code == 200
+    await bridge.stop()
+    await bridge.start()  # its reconciliation at startup reads the list again
+
+    def noted_or_marked() -> bool:
+        noted = bridge.daemon.state.get("unlisted", "locB")
+        return (noted is not None and noted != first) or stored_status(bridge, "locB") != "ok"
+
+    await wait_for(noted_or_marked)
+    assert stored_status(bridge, "locB") == "ok"

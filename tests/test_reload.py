@@ -232,9 +232,7 @@ def test_reload_says_a_systemd_credential_copy_is_not_known_to_be_current(config
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_sighup_during_start_does_not_tell_systemd_ready_early(
-    bridge, tmp_path, monkeypatch
-):
+async def test_sighup_during_start_does_not_tell_systemd_ready_early(bridge, tmp_path, monkeypatch):
     """A SIGHUP while the daemon starts (re-encrypting the state under a new key may take a
     while) must not send READY=1 before it serves: systemd would take the start as done. The
     reload runs once it serves, inside the reload protocol."""

@@ -42,6 +42,7 @@ from castghld.tokens.store import (
     SOURCE_DIRECT,
     UNDATED_UNINSTALLS,
     UNINSTALLS,
+    UNLISTED,
     InstallStore,
     log,
     pair_from_answer,
@@ -144,8 +145,12 @@ class Lifecycle:
             return "older than the location's last UNINSTALL; ignored"
         if usable(self.state.get(INSTALLS, location_id)):
             # GHL installed it again (its UNINSTALL lost or late): a reconciliation whose list
-            # was asked for before now must not mark it uninstalled (`unlisted.py`).
+            # was asked for before now must not mark it uninstalled, and an absence from a list
+            # before now does not count towards its confirmation, after a restart too
+            # (`unlisted.py`).
             self.store.install_heard[location_id] = time.time()
+            if self.state.delete(UNLISTED, location_id):
+                await self.state.commit()
             return "already installed"
         if self.state.get(FORGOTTEN, location_id) is not None:
             # A new INSTALL after `castghld forget`: GHL installs it again (committed with the

@@ -9,7 +9,8 @@ mark loses messages until the next reconciliation. Guarantees:
   and only once confirmed: GHL refuses to mint its token (``POST /oauth/locationToken`` answered
   400/404 other than "Location is not active", which says nothing about the install), or the
   previous complete list lacked it too (section ``unlisted``, by location id: ``at``, the first
-  such list; kept across restarts, cleared by any list that names the location).
+  such list; kept across restarts, cleared by any list that names the location and by GHL's
+  INSTALL webhook for it).
 - A mint that succeeds is GHL saying the location is installed: its new pair is stored and
   nothing is marked. A mint that fails otherwise (5xx, timeouts, the company token) confirms
   nothing.
