@@ -467,3 +467,25 @@ async def test_location_forgotten_while_a_reconciliation_confirms_it_stays_forgo
     assert bridge.daemon.installations.get(waiting) is None
     assert stored_on_disk(config_dir, "installs", waiting) is None
     assert stored_on_disk(config_dir, "forgotten", waiting) is not None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_uninstall_older_than_an_install_webhook_heard_since_keeps_the_location(
+    bridge, config_dir
+):
+    """GHL's UNINSTALL (dated 30 s ago) is delivered late, after the INSTALL webhook of the
+    reinstall that followed it (dated now, answered "already installed"): across a restart, the
+    location stays installed, as it would had the INSTALL come second."""
+    await agency_installed(bridge, ["locA", "locB"])
+    state = bridge.daemon.state
+    record = state.get("installs", "locB")
+    state.put("installs", "locB", {**record, "installed_at": record["installed_at"] - 60})
+    await state.commit()  # installed a minute ago
+    reinstall = app_event("INSTALL", "locB", AGENCY)
+    assert (await post_app_webhook(bridge, reinstall)).code == 200
+    await bridge.stop()
+    await bridge.start()
+    late = app_event("UNINSTALL", "locB", AGENCY, timestamp=iso_timestamp(seconds_ago=30))
+    assert (await post_app_webhook(bridge, late)).code == 200
+    assert stored_on_disk(config_dir, "installs", "locB") is not None
+    assert bridge.daemon.installations.get("locB") is not None
