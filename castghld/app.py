@@ -506,12 +506,8 @@ class Daemon:
         Before the start has said READY=1 the reload waits for it (a READY=1 from it would tell
         systemd the start is done while it may still fail); during a stop it is not done."""
         if self.phase != "serving":
-            log.info(
-                "SIGHUP while %s: %s",
-                self.phase,
-                "reload after the start" if self.phase == "starting" else "ignored",
-            )
             self._reload_requested = self.phase == "starting"
+            log.info("SIGHUP while %s: reloaded once serving, if ever", self.phase)
             return
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
