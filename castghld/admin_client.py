@@ -27,6 +27,9 @@ from castghld.config import Config
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75
+# A message or location id longer than this is not one (GHL's and Cast's are tens of characters);
+# sent, it could pass the daemon's request limit (castghld.admin.MAX_REQUEST_HEADERS).
+MAX_ID_CHARS = 1000
 # systemd's RuntimeDirectory=castghld, where the unit's daemon puts its socket.
 RUNTIME_DIR_DEFAULT = "/run/castghld"
 # `castghld outbox show`, text mode: these first, in this order, then the rest.
@@ -84,6 +87,12 @@ def call(config: Config, method: str, path: str, timeout: float = 30.0) -> tuple
         raise AdminUnavailable(
             f"{sock_path}: permission denied (run as root or the service user)"
         ) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # Closed without an answer (a daemon stopping, a request over its limits), a timeout,
+        # an answer that is not JSON: said in one line, not a traceback.
+        raise AdminUnavailable(
+            f"{sock_path}: no answer from castghld ({e or type(e).__name__})"
+        ) from None
     finally:
         connection.close()
 
@@ -126,6 +135,8 @@ def outbox_command(
         return fail(["--account and --location narrow retry --all"])
     if action != "list" and not rid and not every:
         return fail([f"outbox {action} needs a message ID (see castghld outbox list)"])
+    if len(rid or "") > MAX_ID_CHARS:
+        return fail([f"outbox {action}: a message ID is at most {MAX_ID_CHARS} characters"])
     if every:
         query = urlencode({k: v for k, v in (("account", account), ("location", location)) if v})
         code, doc = _admin(config, "POST", "/retry-waiting" + (f"?{query}" if query else ""))
@@ -176,6 +187,10 @@ def print_record(doc: dict[str, Any]) -> None:
 
 
 def forget(config: Config, location_id: str) -> int:
+    from castghld.cli import fail
+
+    if len(location_id) > MAX_ID_CHARS:
+        return fail([f"forget: a location ID is at most {MAX_ID_CHARS} characters"])
     code, _ = _admin(config, "POST", f"/installs/{quote(location_id, safe='')}/forget")
     if code:
         return code

@@ -325,6 +325,7 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.phase = "starting"
+        self._reload_requested = False  # a SIGHUP during the start: reloaded once serving
         self.requests = InFlight()  # HTTP requests being answered
         self.exit_code = 0
         self._lock_fd: int | None = None
@@ -427,6 +428,9 @@ class Daemon:
             self._start_lag_probe()
         log.info("castghld %s listening on %s:%d", __version__, self.config.server.host, self.port)
         sdnotify.notify("READY=1")
+        if self._reload_requested:
+            self._reload_requested = False
+            self.reload_from_signal()
 
     def _bind(self) -> list[socket.socket]:
         server = self.config.server
@@ -519,7 +523,14 @@ class Daemon:
     def reload_from_signal(self) -> None:
         """SIGHUP: `reload` inside systemd's reload protocol (RELOADING=1 with the monotonic
         time, then READY=1) with a STATUS= that `systemctl status` shows: a rejected reload is
-        visible there and in `castghld_config_last_reload_successful`, not only in the log."""
+        visible there and in `castghld_config_last_reload_successful`, not only in the log.
+
+        Before the start has said READY=1 the reload waits for it (a READY=1 from it would tell
+        systemd the start is done while it may still fail); during a stop it is not done."""
+        if self.phase != "serving":
+            self._reload_requested = self.phase == "starting"
+            log.info("SIGHUP while %s: reloaded once serving, if ever", self.phase)
+            return
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
         if self.reload():

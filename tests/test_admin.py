@@ -109,3 +109,56 @@ def test_installs_json_without_installations(config_dir, capsys):
     path = config_dir.write()
     code, out, _ = run(capsys, "--config", path, "installs", "--json")
     assert code == 0 and json.loads(out) == {"installations": []}
+
+
+def test_odd_ids_get_a_clear_answer_and_no_traceback(config_dir, capsys):
+    """An id far over the daemon's request limit, `../`, unicode, `?` and `%`: each is refused or
+    not found with one line on stderr, never a traceback."""
+    path = config_dir.write()
+    proc = start_serve(path)
+    try:
+        wait_for_port(proc)
+        for given in ("x" * 20_000, "../../accounts", "ñ日本/..", "a?limit=1", "%2e%2e"):
+            expected = 2 if len(given) > 1000 else 1  # a usage error, or not found
+            for action in ("show", "retry", "drop"):
+                code, _, err = run(capsys, "--config", path, "outbox", action, given)
+                assert code == expected, (given[:20], action, err)
+                assert "Traceback" not in err and len(err.splitlines()) == 1
+            code, _, err = run(capsys, "--config", path, "forget", given)
+            assert code == expected and len(err.splitlines()) == 1, (given[:20], err)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        proc.stderr.close()
+
+
+def test_a_socket_that_closes_without_an_answer_is_one_line_not_a_traceback(
+    config_dir, capsys, tmp_path
+):
+    """Something listens at the admin socket but hangs up without answering (a daemon stopping):
+    the command says so in one line and exits 75 (try again later)."""
+    import socket
+    import threading
+
+    sock_path = str(tmp_path / "admin.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(4)
+
+    def hang_up() -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    path = config_dir.write({"server": {"admin_socket": sock_path}})
+    try:
+        for argv in (["outbox", "list"], ["forget", "loc1"]):
+            code, _, err = run(capsys, "--config", path, *argv)
+            assert code == 75 and "no answer from castghld" in err
+            assert "Traceback" not in err and len(err.splitlines()) == 1
+    finally:
+        thread.join(timeout=5)
+        listener.close()

@@ -182,6 +182,19 @@ async def test_uninstall_older_than_a_reinstall_keeps_the_tokens(bridge, config_
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("junk", ["0001-01-01T00:00:00Z", "1970-01-01T00:00:00Z", 0, -5])
+async def test_uninstall_with_a_junk_timestamp_is_dated_by_its_arrival(bridge, config_dir, junk):
+    """A timestamp no real event has (year 1, the epoch, negative) is unreadable, as ISO text
+    as well as a number: the UNINSTALL is not taken as older than the install."""
+    await bridge.start()
+    await bridge.install("loc1")
+    event = app_event("UNINSTALL", "loc1", timestamp=junk)
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("loc1") is None
+    assert stored_on_disk(config_dir, "installs", "loc1") is None
+
+
+@pytest.mark.gen_test
 async def test_uninstall_without_timestamp_or_webhook_id_is_dated_by_its_arrival(
     bridge, config_dir
 ):
@@ -430,3 +443,49 @@ async def test_forgotten_location_is_installed_again_through_the_oauth_callback(
     await reconciled(bridge)
     await status_update_succeeds(bridge, "locB", "msg-b")
     assert usable(bridge, "locB")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_location_forgotten_while_a_reconciliation_confirms_it_stays_forgotten(
+    bridge, config_dir
+):
+    """Ten locations missing from GHL's list are confirmed by mints, eight at a time: one
+    forgotten while it waits for its turn is not minted again when its turn comes."""
+    hidden = [f"loc{n}" for n in range(10)]
+    await agency_installed(bridge, ["locA", *hidden])
+    bridge.ghl.hidden_from_list.update(hidden)  # installed, but GHL's list lags
+    before = len(bridge.ghl.calls_to("POST", "/oauth/locationToken"))
+    bridge.ghl.hang("location_token")
+    reconciliation = asyncio.ensure_future(bridge.daemon.installations.reconcile())
+    await wait_for(lambda: bridge.ghl.hung("location_token") == 8)
+    calls = bridge.ghl.calls_to("POST", "/oauth/locationToken")[before:]
+    asked = {c.form["locationId"] for c in calls}
+    waiting = sorted(set(hidden) - asked)[0]
+    assert await forget(config_dir, waiting) == 0
+    bridge.ghl.release("location_token")
+    await reconciliation
+    assert bridge.daemon.installations.get(waiting) is None
+    assert stored_on_disk(config_dir, "installs", waiting) is None
+    assert stored_on_disk(config_dir, "forgotten", waiting) is not None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_uninstall_older_than_an_install_webhook_heard_since_keeps_the_location(
+    bridge, config_dir
+):
+    """GHL's UNINSTALL (dated 30 s ago) is delivered late, after the INSTALL webhook of the
+    reinstall that followed it (dated now, answered "already installed"): across a restart, the
+    location stays installed, as it would had the INSTALL come second."""
+    await agency_installed(bridge, ["locA", "locB"])
+    state = bridge.daemon.state
+    record = state.get("installs", "locB")
+    state.put("installs", "locB", {**record, "installed_at": record["installed_at"] - 60})
+    await state.commit()  # installed a minute ago
+    reinstall = app_event("INSTALL", "locB", AGENCY)
+    assert (await post_app_webhook(bridge, reinstall)).code == 200
+    await bridge.stop()
+    await bridge.start()
+    late = app_event("UNINSTALL", "locB", AGENCY, timestamp=iso_timestamp(seconds_ago=30))
+    assert (await post_app_webhook(bridge, late)).code == 200
+    assert stored_on_disk(config_dir, "installs", "locB") is not None
+    assert bridge.daemon.installations.get("locB") is not None

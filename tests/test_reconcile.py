@@ -10,7 +10,7 @@ import json
 
 import pytest
 from test_agency import AGENCY, agency_installed, reconciled, stored_status, usable
-from test_oauth import stored_on_disk
+from test_oauth import app_event, post_app_webhook, stored_on_disk
 
 from castghld.cli import main
 from castghld.fakes import wait_for
@@ -154,3 +154,44 @@ async def test_reconcile_command_prints_a_location_missing_but_not_confirmed(
     assert "unconfirmed  locB" in out and "no changes" in out
     assert stored_on_disk(config_dir, "installs", "locB")["status"] == "ok"
     assert stored_on_disk(config_dir, "unlisted", "locB") is not None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_install_webhook_during_a_refused_confirmation_keeps_the_location(bridge):
+    """locB leaves GHL's list and GHL refuses its mint, but GHL's INSTALL webhook for it arrives
+    while that mint is in flight (a reinstall after the list was asked for): it is not marked."""
+    await agency_installed(bridge, ["locA", "locB"])
+    bridge.ghl.uninstall_app("locB")  # its UNINSTALL webhook went nowhere
+    bridge.ghl.hang("location_token")
+    reconciliation = asyncio.ensure_future(bridge.daemon.installations.reconcile())
+    await wait_for(lambda: bridge.ghl.hung("location_token") == 1)
+    event = app_event("INSTALL", "locB", AGENCY)
+    response = await post_app_webhook(bridge, event)
+    assert response.code == 200
+    bridge.ghl.release("location_token")
+    report = await reconciliation
+    assert report["marked"] == []
+    assert stored_status(bridge, "locB") == "ok"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_install_webhook_after_a_first_absence_restarts_its_confirmation(bridge):
+    """locB is missing from one complete list (GHL's mint says nothing: "not active"), then
+    GHL's INSTALL webhook for it arrives: the next complete list, after a restart, is a first
+    absence again, not the second that marks it."""
+    await agency_installed(bridge, ["locA", "locB"])
+    bridge.ghl.hidden_from_list.add("locB")
+    bridge.ghl.deactivate("locB")
+    assert (await bridge.daemon.installations.reconcile())["unconfirmed"] == ["locB"]
+    first = bridge.daemon.state.get("unlisted", "locB")
+    response = await post_app_webhook(bridge, app_event("INSTALL", "locB", AGENCY))
+    assert response.code == 200
+    await bridge.stop()
+    await bridge.start()  # its reconciliation at startup reads the list again
+
+    def noted_or_marked() -> bool:
+        noted = bridge.daemon.state.get("unlisted", "locB")
+        return (noted is not None and noted != first) or stored_status(bridge, "locB") != "ok"
+
+    await wait_for(noted_or_marked)
+    assert stored_status(bridge, "locB") == "ok"

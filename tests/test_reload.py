@@ -229,3 +229,35 @@ def test_reload_says_a_systemd_credential_copy_is_not_known_to_be_current(config
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_sighup_during_start_does_not_tell_systemd_ready_early(bridge, tmp_path, monkeypatch):
+    """A SIGHUP while the daemon starts (re-encrypting the state under a new key may take a
+    while) must not send READY=1 before it serves: systemd would take the start as done. The
+    reload runs once it serves, inside the reload protocol."""
+    import tornado.testing
+
+    from castghld.app import Daemon
+
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_path)
+    daemon = Daemon(bridge.config_dir.load(bridge.extra))
+    bridge.runner.running.append(daemon)
+    sock, _ = tornado.testing.bind_unused_port()
+    daemon.reload_from_signal()  # the signal handler is installed before the start
+    await daemon.start([sock])
+    received = []
+    try:
+        while True:
+            received.append(notify.recv(4096).decode())
+    except BlockingIOError:
+        pass
+    finally:
+        notify.close()
+    assert received[0] == "READY=1", received
+    assert [m.split("\n")[0] for m in received[1:]] == ["RELOADING=1", "READY=1"]
+    assert received[2] == "READY=1\nSTATUS=config reloaded"

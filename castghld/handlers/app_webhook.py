@@ -29,19 +29,21 @@ log = logging.getLogger("castghld.webhook.app")
 
 def webhook_time(timestamp: object) -> float | None:
     """Epoch seconds of an ISO 8601 `timestamp` (or epoch milliseconds), or None when it is
-    absent or unreadable."""
+    absent, unreadable or outside (0, 1e11) s, whichever form it has (a date no event has must
+    not make an UNINSTALL older than every install)."""
     if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
         seconds = timestamp / 1000.0 if timestamp > 1e11 else float(timestamp)
-        return seconds if 0 < seconds < 1e11 else None
-    if not isinstance(timestamp, str) or not timestamp:
+    elif not isinstance(timestamp, str) or not timestamp:
         return None
-    try:
-        when = datetime.datetime.fromisoformat(timestamp.strip().replace("Z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        return when.timestamp()
-    except (ValueError, OverflowError):
-        return None
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(timestamp.strip().replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = when.timestamp()
+        except (ValueError, OverflowError):
+            return None
+    return seconds if 0 < seconds < 1e11 else None
 
 
 def _id_field(event: dict[str, Any], name: str) -> str:

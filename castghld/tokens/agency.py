@@ -10,6 +10,9 @@ Guarantees:
   reconciliation (`reconcile.py`), so an agency install never leaves a location uninstalled.
 - A mint answered after an UNINSTALL of the location or of its company was stored installs
   nothing (`Uninstalled`): GHL's answer predates the UNINSTALL.
+- A reconciliation's mint of a location ``castghld forget`` deleted is not made, nor stored if the
+  forget came while it was queued or in flight (`Uninstalled`): only a new INSTALL webhook or an
+  OAuth install ends a forget (`lifecycle.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from castghld.tokens.flight import SingleFlight, same_generation
 from castghld.tokens.refresh import Refresher
 from castghld.tokens.store import (
     COMPANIES,
+    FORGOTTEN,
     INSTALLS,
+    SOURCE_RECONCILED,
     UNINSTALLS,
     InstallStore,
     log,
@@ -113,6 +118,9 @@ class Minter:
     ) -> str:
         """Mint and store the pair if the location's record is still `base` (the caller holds
         the location's single flight: `mint_location`, or a refresh re-minting)."""
+        forgotten = source == SOURCE_RECONCILED and self.state.get(FORGOTTEN, location_id)
+        if forgotten:  # `castghld forget` while this mint was queued: not GHL's new INSTALL
+            raise Uninstalled(location_id, "forgotten by the operator")
         tombstone = self.state.get(UNINSTALLS, location_id)
         answer = await self._mint_request(company_id, location_id)
         now = time.time()

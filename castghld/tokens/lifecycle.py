@@ -12,8 +12,10 @@ Guarantees:
   mint failed) is kept in the state file (section ``pending_installs``) before the webhook is
   answered, until a mint or a code exchange completes it, so agency installs never leave a
   location uninstalled.
-- Ordering: an UNINSTALL dated before the location's ``installed_at`` is ignored, so a late or
-  retried UNINSTALL never deletes the pair of a reinstall. An INSTALL dated before the
+- Ordering: an UNINSTALL dated before the location's install is ignored, so a late or retried
+  UNINSTALL never deletes the pair of a reinstall. The install is dated by ``installed_at``, or
+  by a later INSTALL webhook for a location we hold installed (section ``install_events``: a
+  reinstall whose UNINSTALL is late; answered "already installed"). An INSTALL dated before the
   location's last UNINSTALL is ignored. An UNINSTALL without a date but with a ``webhookId`` is
   dated by its first delivery (section ``undated_uninstalls``); one with neither (the body GHL's
   app-uninstall doc shows) by its arrival.
@@ -36,12 +38,14 @@ from castghld.tokens.reconcile import Reconciler
 from castghld.tokens.store import (
     COMPANIES,
     FORGOTTEN,
+    INSTALL_EVENTS,
     INSTALLS,
     PENDING,
     SOURCE_AGENCY,
     SOURCE_DIRECT,
     UNDATED_UNINSTALLS,
     UNINSTALLS,
+    UNLISTED,
     InstallStore,
     log,
     pair_from_answer,
@@ -143,6 +147,18 @@ class Lifecycle:
         if tombstone is not None and event_at is not None and event_at < tombstone["at"]:
             return "older than the location's last UNINSTALL; ignored"
         if usable(self.state.get(INSTALLS, location_id)):
+            # GHL installed it again (its UNINSTALL lost or late): a reconciliation whose list
+            # was asked for before now must not mark it uninstalled, and an absence from a list
+            # before now does not count towards its confirmation, after a restart too
+            # (`unlisted.py`).
+            now = time.time()
+            at = min(event_at, now) if event_at is not None else now
+            if at > self.store.install_date(location_id, self.state.get(INSTALLS, location_id)):
+                self.state.put(INSTALL_EVENTS, location_id, {"at": at})
+            self.store.install_heard[location_id] = now
+            self.state.delete(UNLISTED, location_id)
+            if self.state.dirty:
+                await self.state.commit()
             return "already installed"
         if self.state.get(FORGOTTEN, location_id) is not None:
             # A new INSTALL after `castghld forget`: GHL installs it again (committed with the
@@ -258,7 +274,7 @@ class Lifecycle:
         """Apply the UNINSTALL to one location (not committed yet): drop its pending INSTALL if
         older, raise its tombstone, delete its pair. Whether a pair was deleted."""
         record = self.state.get(INSTALLS, location_id)
-        if record is not None and not _older(record, event_at):
+        if record is not None and self.store.install_date(location_id, record) > event_at:
             log.info(
                 "UNINSTALL location=%s is older than its install; tokens kept",
                 location_id,
@@ -278,4 +294,5 @@ class Lifecycle:
         if record is None:
             return False
         self.state.delete(INSTALLS, location_id)
+        self.state.delete(INSTALL_EVENTS, location_id)
         return True

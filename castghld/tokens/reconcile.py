@@ -17,7 +17,7 @@ Guarantees:
   nor on an empty list while we hold usable locations of the company (more likely a wrong
   ``ghl.app_id``), nor for a location installed after the list was asked for.
 - A pending INSTALL never listed for `PENDING_MAX_AGE` is logged at error and dropped; UNINSTALL
-  tombstones are kept `TOMBSTONE_AGE`.
+  tombstones and the dates of INSTALL webhooks for installed locations are kept `TOMBSTONE_AGE`.
 - One reconciliation runs at a time; one requested while another runs follows it.
 """
 
@@ -34,6 +34,7 @@ from castghld.tokens.refresh import Refresher
 from castghld.tokens.store import (
     COMPANIES,
     FORGOTTEN,
+    INSTALL_EVENTS,
     INSTALLS,
     PENDING,
     SOURCE_RECONCILED,
@@ -237,7 +238,7 @@ class Reconciler:
             if self.store.get(location_id) is None:  # uninstalled or marked since
                 self.state.delete(UNLISTED, location_id)
         horizon = time.time() - TOMBSTONE_AGE
-        for section in (UNINSTALLS, UNDATED_UNINSTALLS):
+        for section in (UNINSTALLS, UNDATED_UNINSTALLS, INSTALL_EVENTS):
             for key, tombstone in self.state.items(section):
                 if tombstone["at"] < horizon:
                     self.state.delete(section, key)

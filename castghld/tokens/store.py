@@ -48,6 +48,9 @@ UNINSTALLS = "uninstalls"
 UNDATED_UNINSTALLS = "undated_uninstalls"  # webhookId -> first delivery of a dateless UNINSTALL
 FORGOTTEN = "forgotten"  # location id -> when `castghld forget` deleted it
 UNLISTED = "unlisted"  # location id -> first complete read of GHL's list that lacked it
+# location id -> the date of GHL's last INSTALL webhook for it while we held it installed (a
+# reinstall whose UNINSTALL is late or lost): an UNINSTALL or a list older than it does not count.
+INSTALL_EVENTS = "install_events"
 STATUS_OK = "ok"
 STATUS_NEEDS_REAUTH = "needs_reauth"
 STATUS_INACTIVE = "inactive"
@@ -99,6 +102,10 @@ class InstallStore:
         # Called with a location id once its departure is durable (UNINSTALL, forget, confirmed
         # unlisted by a reconciliation): nothing more is sent or reported for it.
         self.on_departed: list[Callable[[str], None]] = []
+        # When GHL's INSTALL webhook last arrived for a location we hold as installed (by
+        # location id): GHL installed it then, so a list asked for before that cannot show it
+        # gone (`installed_since`). In memory: the reconciliation it races runs in this process.
+        self.install_heard: dict[str, float] = {}
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -109,6 +116,18 @@ class InstallStore:
         if record is None or record.get("status") == STATUS_UNINSTALLED:
             return None
         return record
+
+    def install_date(self, location_id: str, record: dict[str, Any]) -> float:
+        """The date of the location's install, what an UNINSTALL is ordered against: its
+        ``installed_at``, or the date of a later INSTALL webhook for it (`INSTALL_EVENTS`)."""
+        event = self.state.get(INSTALL_EVENTS, location_id) or {}
+        return max(record.get("installed_at", 0.0), event.get("at", 0.0))
+
+    def installed_since(self, location_id: str, record: dict[str, Any]) -> float:
+        """When GHL last said the location is installed, what a list of installed locations is
+        ordered against: `install_date`, or the arrival of a later INSTALL webhook for it
+        (`install_heard`)."""
+        return max(self.install_date(location_id, record), self.install_heard.get(location_id, 0.0))
 
     def location_ids(self) -> list[str]:
         return [

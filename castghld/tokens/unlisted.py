@@ -9,18 +9,19 @@ mark loses messages until the next reconciliation. Guarantees:
   and only once confirmed: GHL refuses to mint its token (``POST /oauth/locationToken`` answered
   400/404 other than "Location is not active", which says nothing about the install), or the
   previous complete list lacked it too (section ``unlisted``, by location id: ``at``, the first
-  such list; kept across restarts, cleared by any list that names the location).
+  such list; kept across restarts, cleared by any list that names the location and by GHL's
+  INSTALL webhook for it).
 - A mint that succeeds is GHL saying the location is installed: its new pair is stored and
   nothing is marked. A mint that fails otherwise (5xx, timeouts, the company token) confirms
   nothing.
-- A location installed (or reinstalled) after the list was asked for is never marked from it; a
-  mark is committed before `InstallStore.on_departed` is told.
+- A location installed (or reinstalled) after the list was asked for, or whose INSTALL webhook
+  arrived since, is never marked from it; a mark is committed before `InstallStore.on_departed`
+  is told.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from castghld.ghl import GHLError, TokenUnavailable
 from castghld.tokens.agency import MINT_CONCURRENCY, Minter, Uninstalled
@@ -42,15 +43,6 @@ def refused(error: GHLError) -> bool:
     return error.status in REFUSED_STATUSES and "not active" not in error.message.lower()
 
 
-def _marked_from(record: dict[str, Any] | None, asked_at: float) -> bool:
-    """Whether `record` may be marked from a list asked for at `asked_at`."""
-    return (
-        record is not None
-        and record.get("status") != STATUS_UNINSTALLED
-        and record.get("installed_at", 0.0) < asked_at
-    )
-
-
 class UnlistedLocations:
     """Confirms and marks the locations a complete list lacks (see the module docstring)."""
 
@@ -58,6 +50,16 @@ class UnlistedLocations:
         self.store = store
         self.state = store.state
         self.minter = minter
+
+    def _marked_from(self, location_id: str, asked_at: float) -> bool:
+        """Whether the location may be marked from a list asked for at `asked_at`: installed,
+        and GHL has not said so since (`InstallStore.installed_since`)."""
+        record = self.state.get(INSTALLS, location_id)
+        return (
+            record is not None
+            and record.get("status") != STATUS_UNINSTALLED
+            and self.store.installed_since(location_id, record) < asked_at
+        )
 
     async def run(
         self, company_id: str, listed: set[str], asked_at: float
@@ -69,7 +71,7 @@ class UnlistedLocations:
             for lid, record in self.state.items(INSTALLS)
             if record.get("company_id") == company_id
             and lid not in listed
-            and _marked_from(record, asked_at)
+            and self._marked_from(lid, asked_at)
         ]
         confirmed: dict[str, str] = {}
         unconfirmed: list[str] = []
@@ -80,7 +82,7 @@ class UnlistedLocations:
                 reason = await self._confirm(company_id, location_id, asked_at)
                 if reason:
                     confirmed[location_id] = reason
-                elif _marked_from(self.state.get(INSTALLS, location_id), asked_at):
+                elif self._marked_from(location_id, asked_at):
                     unconfirmed.append(location_id)
 
         await asyncio.gather(*(worker() for _ in range(min(MINT_CONCURRENCY, len(missing)))))
@@ -109,7 +111,7 @@ class UnlistedLocations:
             return ""
         record = self.state.get(INSTALLS, location_id) or {}
         first = self.state.get(UNLISTED, location_id)
-        if first is not None and first["at"] > record.get("installed_at", 0.0):
+        if first is not None and first["at"] > self.store.installed_since(location_id, record):
             return "missing from two consecutive complete lists"
         self.state.put(UNLISTED, location_id, {"at": asked_at})
         log.warning(
@@ -127,7 +129,7 @@ class UnlistedLocations:
         marked = []
         for location_id in sorted(confirmed):
             record = self.state.get(INSTALLS, location_id)
-            if _marked_from(record, asked_at):
+            if self._marked_from(location_id, asked_at):
                 self.state.put(INSTALLS, location_id, {**record, "status": STATUS_UNINSTALLED})
                 self.state.delete(UNLISTED, location_id)
                 marked.append(location_id)
