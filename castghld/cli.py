@@ -295,7 +295,7 @@ def serve(config: Config) -> int:
 
 def _open_state(config: Config, metrics: Metrics) -> StateStore:
     """The loaded state file (`installs`, `reconcile`); StartupError if it cannot be read."""
-    from castghld.app import StartupProblems, init_state
+    from castghld.startup import StartupProblems, init_state
 
     problems = StartupProblems()
     _keyring, state = init_state(config, metrics, problems)
@@ -306,14 +306,14 @@ def _open_state(config: Config, metrics: Metrics) -> StateStore:
 def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier, Outbox]:
     """What `serve` loads before it listens (check-config): key ring, state file, webhook keys
     and the outbox journal; StartupError naming every problem, as `serve` would."""
-    from castghld.app import (
+    from castghld.metrics import Metrics
+    from castghld.startup import (
         StartupProblems,
         init_outbox,
         init_state,
         init_webhook_keys,
         load_outbox,
     )
-    from castghld.metrics import Metrics
 
     metrics = Metrics()
     problems = StartupProblems()
@@ -326,7 +326,7 @@ def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier,
 
 
 def check_config(config: Config, online: bool = False) -> int:
-    from castghld.app import StartupError
+    from castghld.startup import StartupError
 
     # Asked for --online but stopped before it: say so, or no FAIL line reads as "all accepted".
     not_run = ["online checks not run (--online): fix the problem(s) above first"] if online else []
@@ -464,8 +464,8 @@ def _config_warnings(config: Config) -> list[str]:
 
 
 def installs(config: Config, as_json: bool = False) -> int:
-    from castghld.app import StartupError
     from castghld.metrics import Metrics
+    from castghld.startup import StartupError
 
     try:
         state = _open_state(config, Metrics())
