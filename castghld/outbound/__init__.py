@@ -9,6 +9,8 @@ report workers, the timer heap of retries and polls). Where each part lives:
 - send.py, `SendStep`: one Cast attempt; exactly one SMS (the idempotency key); which Cast
   answers are retried (429, 500, 502, 503, 504, no answer) and with what backoff; the send
   deadline and the 23 h resend window.
+- refusals.py, `AccountRefusals` (`SendStep`'s base): a refusal about the Cast account pauses it;
+  the message waits, or fails with the account's reason when its send deadline passes.
 - sweep.py, `ReceiptSweep`: receipts by the page, from Cast's logs per account, while a
   message waits for its receipt (from ``sent`` on, so a fast receipt saves the ``pending`` PUT).
 - receipt.py, `ReceiptStep`: Cast's delivery status of one message, polled on
