@@ -205,7 +205,8 @@ class SendStep(AccountRefusals):
         return self._regions[1]
 
     async def send(self, rid: str) -> None:
-        """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap."""
+        """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap.
+        Kept whole: it reads as the attempt's order, each early exit one decision on the way."""
         assert self.outbox is not None
         outbox = self.outbox
         record = outbox.records[rid]
