@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
+from castghld.exits import EXIT_TEMPFAIL, EXIT_USAGE, error, fail
 from castghld.usage_report import add_usage_command
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from castghld.signatures import SignatureVerifier
     from castghld.state import KeyRing, StateStore
 
-EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
-EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
 # Commands that need only the config's paths, not its secrets (`operator_command`).
 OPERATOR_COMMANDS = ("installs", "outbox", "forget", "accounts")
 
@@ -220,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def operator_command(args: argparse.Namespace, config: Config) -> int:
     """`installs`, `outbox`, `forget`, `accounts`: config loaded without its secrets (they need
     only its paths), so an operator runs them outside the unit's credentials."""
-    from castghld.account_report import accounts_command
-    from castghld.admin_client import forget, outbox_command
+    from castghld.admin_client import accounts_command, forget, outbox_command
 
     if args.command == "installs":
         config.require("state.key_file")
@@ -241,22 +239,6 @@ def operator_command(args: argparse.Namespace, config: Config) -> int:
         account=args.account,
         location=args.location,
     )
-
-
-def fail(problems: Sequence[str], transient: bool = False) -> int:
-    """Print each problem on stderr and return the exit code. Under journald each line carries
-    the `<3>` (err) priority prefix, as the daemon's error log lines do: `journalctl -u castghld
-    -p err` shows why a start failed."""
-    for line in problems:
-        error(line)
-    return EXIT_TEMPFAIL if transient else EXIT_USAGE
-
-
-def error(line: str) -> None:
-    """`castghld: line` on stderr, at journald priority err when stderr is the journal."""
-    from castghld.log import stderr_is_journal
-
-    print(f"{'<3>' if stderr_is_journal() else ''}castghld: {line}", file=sys.stderr)
 
 
 def gen_key(path: str, *, if_missing: bool = False) -> int:

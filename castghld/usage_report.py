@@ -247,7 +247,7 @@ def usage_command(
 def run_usage(config: Config, args: Any) -> int:
     """`castghld usage` from the parsed command line; the exit code (2: a bad date or an
     unreadable state file, with one line on stderr)."""
-    from castghld.cli import fail
+    from castghld.exits import fail
     from castghld.startup import StartupError
     from castghld.usage import parse_day
 
