@@ -1,9 +1,9 @@
 """`castghld accounts`: each Cast account as the running daemon sees it.
 
 `account_report` builds the document on the daemon's side (the admin socket's ``GET /accounts``);
-`accounts_command` asks the daemon for it and prints it. An account is named as in logs and
-metrics (``cast.account``, or ``acct-`` and a hash of its key), never by its key; the document
-carries no key, number or message text.
+`admin_client.accounts_command` asks the daemon for it and prints it. An account is named as in
+logs and metrics (``cast.account``, or ``acct-`` and a hash of its key), never by its key; the
+document carries no key, number or message text.
 
 Per account: ``state`` (``ok`` or ``paused`` with ``reason`` and ``paused_since``), ``credits``
 and ``credits_read_at`` (read from Cast when the command runs; on a read error, the last value a
@@ -16,13 +16,10 @@ or configured locations that send through it) and ``sender_ids`` (each sender ID
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from castghld.config import Config
     from castghld.services import Services
 
 READ_TIMEOUT = 10.0
@@ -93,33 +90,3 @@ async def account_report(daemon: Services) -> dict[str, Any]:
             }
         )
     return {"accounts": rows}
-
-
-def accounts_command(config: Config, as_json: bool = False) -> int:
-    """`castghld accounts [--json]` through the running daemon's admin socket."""
-    from castghld.admin_client import _admin
-
-    code, doc = _admin(config, "GET", "/accounts")
-    if code:
-        return code
-    if as_json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    for row in doc["accounts"]:
-        state = "ok"
-        if row["state"] == "paused":
-            state = f"paused: {row['reason']} since {row['paused_since']}"
-        credits = "unknown" if row["credits"] is None else f"{row['credits']:g}"
-        if row["credits_read_at"]:
-            credits += f" (read {row['credits_read_at']})"
-        sandbox = " (sandbox key)" if row["sandbox"] else ""
-        print(f"{row['account']}{sandbox}: {state}")
-        print(f"  credits {credits}; needed by waiting messages {row['credits_needed']}")
-        print(f"  waiting {row['waiting']}; sent in the last hour {row['sends_last_hour']}")
-        print(f"  locations: {', '.join(row['locations']) or '-'}")
-        for sender in row["sender_ids"]:
-            approved = {True: "approved", False: "NOT approved", None: "-"}[sender["approved"]]
-            print(f"  sender ID {sender['sender_id'] or '(Cast default)'}: {approved}")
-        if "error" in row:
-            print(f"  Cast answered {row['error']}", file=sys.stderr)
-    return 0

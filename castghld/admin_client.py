@@ -1,4 +1,5 @@
-"""The command side of the admin socket (castghld.admin): `castghld outbox ...` and `forget`.
+"""The command side of the admin socket (castghld.admin): `castghld outbox ...`, `forget` and
+`accounts` (its document is built by castghld.account_report).
 
 Guarantees:
 - The commands need only the config's paths (`state.dir`, `server.admin_socket`): the CLI loads
@@ -18,6 +19,7 @@ import http.client
 import json
 import os
 import socket
+import sys
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -99,7 +101,7 @@ def call(config: Config, method: str, path: str, timeout: float = 30.0) -> tuple
 
 def _admin(config: Config, method: str, path: str) -> tuple[int, Any]:
     """(0, the daemon's JSON answer), or (exit code, None) after saying why on stderr."""
-    from castghld.cli import error
+    from castghld.exits import error
 
     try:
         status, doc = call(config, method, path)
@@ -125,7 +127,7 @@ def outbox_command(
 ) -> int:
     """`castghld outbox [list|show ID|retry ID|retry --all|drop ID]` through the running daemon.
     ID is the record id (`out:...`, `in:...`) or the bare message id."""
-    from castghld.cli import fail
+    from castghld.exits import fail
 
     if every and action != "retry":
         return fail(["--all goes with retry only (castghld outbox retry --all)"])
@@ -195,4 +197,32 @@ def forget(config: Config, location_id: str) -> int:
     if code:
         return code
     print(f"{location_id}: forgotten")
+    return 0
+
+
+def accounts_command(config: Config, as_json: bool = False) -> int:
+    """`castghld accounts [--json]` through the running daemon's admin socket."""
+    code, doc = _admin(config, "GET", "/accounts")
+    if code:
+        return code
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for row in doc["accounts"]:
+        state = "ok"
+        if row["state"] == "paused":
+            state = f"paused: {row['reason']} since {row['paused_since']}"
+        credits = "unknown" if row["credits"] is None else f"{row['credits']:g}"
+        if row["credits_read_at"]:
+            credits += f" (read {row['credits_read_at']})"
+        sandbox = " (sandbox key)" if row["sandbox"] else ""
+        print(f"{row['account']}{sandbox}: {state}")
+        print(f"  credits {credits}; needed by waiting messages {row['credits_needed']}")
+        print(f"  waiting {row['waiting']}; sent in the last hour {row['sends_last_hour']}")
+        print(f"  locations: {', '.join(row['locations']) or '-'}")
+        for sender in row["sender_ids"]:
+            approved = {True: "approved", False: "NOT approved", None: "-"}[sender["approved"]]
+            print(f"  sender ID {sender['sender_id'] or '(Cast default)'}: {approved}")
+        if "error" in row:
+            print(f"  Cast answered {row['error']}", file=sys.stderr)
     return 0

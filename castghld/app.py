@@ -1,6 +1,6 @@
-"""Wires castghld together: the startup steps (`init_state`, `init_webhook_keys`, `init_tokens`,
-`init_delivery`), `Daemon` (the components, started and stopped in order), `make_app()` (the
-routes), `run()` (`castghld serve`).
+"""Wires castghld together: `Daemon` (the components built by the startup steps of
+`castghld.startup`, started and stopped in order), `make_app()` (the routes), `run()`
+(`castghld serve`).
 
 Guarantees:
 - Startup validates everything that can be validated before listening (config, key file, webhook
@@ -35,19 +35,15 @@ import tornado.web
 from castghld import __version__, sdnotify
 from castghld.accept import accept_connections
 from castghld.admin import AdminServer, AdminSocketError
-from castghld.cast import CastClient
 from castghld.config import Config, ConfigError, load_config
 from castghld.credits import CastCredits
-from castghld.ghl import GHLClient
 from castghld.handlers import app_webhook, health, inbound, messages, oauth
 from castghld.handlers.base import NotFoundHandler, log_request
-from castghld.inbound import InboundDelivery, inbound_routes
+from castghld.inbound import inbound_routes
 from castghld.inflight import InFlight
 from castghld.log import setup_logging
 from castghld.metrics import Metrics
 from castghld.oauth import CodeExchangeLimits
-from castghld.outbound import OutboundDelivery
-from castghld.outbox import Outbox
 from castghld.reload import (
     config_changes,
     effective_config,
@@ -55,15 +51,22 @@ from castghld.reload import (
     unrefreshed_credentials,
 )
 from castghld.signatures import KeyFileError, SignatureVerifier, load_public_keys
+from castghld.startup import (
+    SEND_DRAIN_SECONDS,
+    StartupError,
+    StartupProblems,
+    init_delivery,
+    init_state,
+    init_tokens,
+    init_webhook_keys,
+    load_outbox,
+)
 from castghld.state import (
-    KeyRing,
     StateError,
-    StateStore,
     is_transient,
     lock_directory,
     remove_leftover_temp_files,
 )
-from castghld.tokens import Installations
 from castghld.usage import UsageLedger
 from castghld.webhook_ids import RecentWebhookIds
 
@@ -77,7 +80,6 @@ MAX_CLIENTS = 256  # well above delivery.concurrency: a request must not queue i
 # TimeoutStopSec): requests get what the later phases leave, then Cast sends and GHL inbound posts
 # in flight get SEND_DRAIN_SECONDS, and the final flushes FLUSH_SECONDS. Token refreshes in flight
 # get tokens.REFRESH_STOP_WAIT from the start of the stop, overlapping those phases.
-SEND_DRAIN_SECONDS = 5.0
 FLUSH_SECONDS = 2.0
 RESERVED_FOR_LATER_PHASES = SEND_DRAIN_SECONDS + FLUSH_SECONDS
 _http_client_configured = False
@@ -95,17 +97,6 @@ async def probe_loop_lag(histogram: Any) -> None:
         started = loop.time()
         await asyncio.sleep(LAG_PROBE_INTERVAL)
         histogram.observe(max(0.0, loop.time() - started - LAG_PROBE_INTERVAL))
-
-
-class StartupError(Exception):
-    """The daemon cannot start; each line of `problems` says why and names the file.
-    `transient`: nothing to fix in the config, a later start may work (address in use, an I/O
-    error, the state directory locked by a process that is exiting): the CLI exits 75."""
-
-    def __init__(self, problems: list[str], transient: bool = False):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-        self.transient = transient
 
 
 class Component(Protocol):
@@ -151,48 +142,6 @@ def configure_http_client(request_timeout: float = REQUEST_TIMEOUT) -> str:
     return "curl" if impl else "simple"
 
 
-class DeliveryPipelines:
-    """The outbox and the two pipelines it dispatches to (Cast sends and GHL inbound posts), as
-    one component.
-
-    Stop: no new Cast send or GHL inbound post starts; those in flight get SEND_DRAIN_SECONDS to
-    finish and record their outcome; then every pipeline stops where it is (on disk).
-    """
-
-    def __init__(
-        self,
-        outbox: Outbox,
-        cast: CastClient,
-        outbound: OutboundDelivery,
-        inbound: InboundDelivery,
-    ):
-        self.outbox = outbox
-        self.cast = cast
-        self.outbound = outbound
-        self.inbound = inbound
-
-    async def start(self) -> None:
-        await self.outbox.start()
-
-    async def stop(self) -> None:
-        self.cast.begin_stop()
-        self.inbound.begin_stop()
-        deadline = time.monotonic() + SEND_DRAIN_SECONDS
-        if not await self.cast.sends.wait_idle(SEND_DRAIN_SECONDS):
-            log.warning(
-                "%d Cast send(s) still in flight after %.0fs; they resume (same idempotency key) "
-                "at the next start",
-                self.cast.sends.count,
-                SEND_DRAIN_SECONDS,
-            )
-        if not await self.inbound.posts.wait_idle(deadline - time.monotonic()):
-            log.warning(
-                "%d GHL inbound post(s) still in flight; they are posted again at the next start",
-                self.inbound.posts.count,
-            )
-        await self.outbox.stop()
-
-
 class HTTPServer(tornado.httpserver.HTTPServer):
     """Tornado's server with an accept loop that survives running out of descriptors
     (`castghld.accept`)."""
@@ -209,119 +158,11 @@ class HTTPServer(tornado.httpserver.HTTPServer):
             )
 
 
-# -- Startup steps ---------------------------------------------------------------------------
-# Each builds one part of a daemon from the config. `Daemon` runs them all; an offline command
-# runs only those whose parts it reads (cli.py): `installs` the state, `reconcile` the state and
-# the token side, `check-config` the files `serve` would load. None of them locks, binds or
-# writes: `Daemon.start` does.
-
-
-class StartupProblems:
-    """Problems of the steps after which the next step can still run, so that one start (or
-    check-config) names all of them; `raise_any` raises them as one StartupError."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self._transient: list[bool] = []
-
-    def add(self, problem: str, transient: bool = False) -> None:
-        self.problems.append(problem)
-        self._transient.append(transient)
-
-    def raise_any(self) -> None:
-        if self.problems:
-            raise StartupError(self.problems, all(self._transient))
-
-
-def init_state(
-    config: Config, metrics: Metrics, problems: StartupProblems
-) -> tuple[KeyRing, StateStore]:
-    """The key ring and the state file, loaded. Without a readable key ring nothing else can be
-    read: StartupError at once; a state file that does not load is one of `problems`."""
-    try:
-        keyring = KeyRing.load(config.state.key_file)
-    except StateError as e:
-        raise StartupError([f"{config.path}: {e}"], e.transient) from None
-    state = StateStore(config.state.dir, keyring)
-    state.on_write = metrics.state_write_seconds.observe
-    try:
-        state.load()
-    except StateError as e:
-        problems.add(str(e), e.transient)
-    return keyring, state
-
-
-def init_webhook_keys(
-    config: Config, metrics: Metrics, problems: StartupProblems
-) -> SignatureVerifier:
-    """The verifier of GHL webhook signatures: the built-in keys and `ghl.webhook_public_keys`
-    (a file that does not load is one of `problems`)."""
-    try:
-        extra_keys = load_public_keys(config.ghl.webhook_public_keys)
-    except KeyFileError as e:
-        problems.add(f"{config.path}: ghl.webhook_public_keys: {e}")
-        extra_keys = []
-    return SignatureVerifier(
-        extra_keys, accept_legacy=config.ghl.accept_legacy_rsa, metrics=metrics
-    )
-
-
-def init_tokens(
-    config: Config, state: StateStore, metrics: Metrics
-) -> tuple[GHLClient, Installations]:
-    """The GHL client and the install records with their tokens (nothing runs until started)."""
-    ghl = GHLClient(config, metrics)
-    return ghl, Installations(config, state, ghl, metrics)
-
-
-def init_outbox(config: Config, keyring: KeyRing, metrics: Metrics) -> Outbox:
-    """The outbox, empty until `load_outbox`."""
-    return Outbox(config.state.dir, keyring, metrics, config.delivery.seen_retention)
-
-
-def load_outbox(outbox: Outbox, metrics: Metrics, state: StateStore) -> None:
-    """Replay the outbox journal (read-only); StartupError if it cannot be read, or if a line
-    is under a key that an earlier start used (`state`'s key history) and the ring lacks."""
-    outbox.journal.retired_key_ids = frozenset(state.key_history())
-    try:
-        outbox.load()
-    except (StateError, OSError) as e:
-        raise StartupError([str(e)], is_transient(e)) from None
-    metrics.outbox_quarantined.set(len(outbox.journal.unreadable))
-
-
-def init_delivery(
-    config: Config,
-    keyring: KeyRing,
-    ghl: GHLClient,
-    installations: Installations,
-    metrics: Metrics,
-    usage: UsageLedger | None = None,
-) -> DeliveryPipelines:
-    """The Cast client, the outbox (not loaded) and its outbound and inbound pipelines; they
-    count what they send and receive in `usage`."""
-    cast = CastClient(config, metrics)
-    outbox = init_outbox(config, keyring, metrics)
-    outbound = OutboundDelivery(config, cast, ghl, installations, metrics, usage)
-    inbound = InboundDelivery(config, ghl, installations, metrics)
-    if usage is not None:
-        inbound.count_reply = lambda location_id: usage.count_reply(
-            location_id, cast.account_for(location_id).name
-        )
-    outbox.pipelines["outbound"] = outbound
-    outbox.pipelines["inbound"] = inbound
-    # Replies kept for want of an installed location go on once one is installed.
-    installations.on_usable.append(lambda _location_id: outbox.redispatch("inbound"))
-    # Texts of a location that left are not sent or reported any more.
-    installations.on_departed.append(outbound.location_departed)
-    return DeliveryPipelines(outbox, cast, outbound, inbound)
-
-
 class Daemon:
     """Everything one castghld process holds; tests run it in-process on loopback."""
 
     def __init__(self, config: Config):
-        """Build every part (the startup steps above); StartupError names what is wrong."""
+        """Build every part (castghld.startup's steps); StartupError names what is wrong."""
         self.config = config
         self.metrics = Metrics()
         self.phase = "starting"

@@ -363,7 +363,9 @@ class CastClient:
         may_leave: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """One send attempt; raises `SendWindowClosed` rather than leave after `not_after`, and
-        `SendWithdrawn` if `may_leave()` is false at the instant the request would leave."""
+        `SendWithdrawn` if `may_leave()` is false at the instant the request would leave.
+        One piece: the checks after pacing and the hand-over share one lock, with no await
+        between them."""
         body: dict[str, Any] = {"to": to, "message": message}
         if account.sender_id:
             body["sender_id"] = account.sender_id

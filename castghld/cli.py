@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from castghld import __version__
 from castghld.admin import LIST_DEFAULT, LIST_MAX
 from castghld.config import Config, ConfigError, default_config_path, load_config
+from castghld.exits import EXIT_TEMPFAIL, EXIT_USAGE, error, fail
 from castghld.usage_report import add_usage_command
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from castghld.signatures import SignatureVerifier
     from castghld.state import KeyRing, StateStore
 
-EXIT_USAGE = 2  # fix the config: systemd does not restart (RestartPreventExitStatus=2)
-EXIT_TEMPFAIL = 75  # retry later: systemd restarts (Restart=on-failure)
 # Commands that need only the config's paths, not its secrets (`operator_command`).
 OPERATOR_COMMANDS = ("installs", "outbox", "forget", "accounts")
 
@@ -220,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def operator_command(args: argparse.Namespace, config: Config) -> int:
     """`installs`, `outbox`, `forget`, `accounts`: config loaded without its secrets (they need
     only its paths), so an operator runs them outside the unit's credentials."""
-    from castghld.account_report import accounts_command
-    from castghld.admin_client import forget, outbox_command
+    from castghld.admin_client import accounts_command, forget, outbox_command
 
     if args.command == "installs":
         config.require("state.key_file")
@@ -241,22 +239,6 @@ def operator_command(args: argparse.Namespace, config: Config) -> int:
         account=args.account,
         location=args.location,
     )
-
-
-def fail(problems: Sequence[str], transient: bool = False) -> int:
-    """Print each problem on stderr and return the exit code. Under journald each line carries
-    the `<3>` (err) priority prefix, as the daemon's error log lines do: `journalctl -u castghld
-    -p err` shows why a start failed."""
-    for line in problems:
-        error(line)
-    return EXIT_TEMPFAIL if transient else EXIT_USAGE
-
-
-def error(line: str) -> None:
-    """`castghld: line` on stderr, at journald priority err when stderr is the journal."""
-    from castghld.log import stderr_is_journal
-
-    print(f"{'<3>' if stderr_is_journal() else ''}castghld: {line}", file=sys.stderr)
 
 
 def gen_key(path: str, *, if_missing: bool = False) -> int:
@@ -295,7 +277,7 @@ def serve(config: Config) -> int:
 
 def _open_state(config: Config, metrics: Metrics) -> StateStore:
     """The loaded state file (`installs`, `reconcile`); StartupError if it cannot be read."""
-    from castghld.app import StartupProblems, init_state
+    from castghld.startup import StartupProblems, init_state
 
     problems = StartupProblems()
     _keyring, state = init_state(config, metrics, problems)
@@ -306,14 +288,14 @@ def _open_state(config: Config, metrics: Metrics) -> StateStore:
 def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier, Outbox]:
     """What `serve` loads before it listens (check-config): key ring, state file, webhook keys
     and the outbox journal; StartupError naming every problem, as `serve` would."""
-    from castghld.app import (
+    from castghld.metrics import Metrics
+    from castghld.startup import (
         StartupProblems,
         init_outbox,
         init_state,
         init_webhook_keys,
         load_outbox,
     )
-    from castghld.metrics import Metrics
 
     metrics = Metrics()
     problems = StartupProblems()
@@ -326,7 +308,7 @@ def _load_files(config: Config) -> tuple[KeyRing, StateStore, SignatureVerifier,
 
 
 def check_config(config: Config, online: bool = False) -> int:
-    from castghld.app import StartupError
+    from castghld.startup import StartupError
 
     # Asked for --online but stopped before it: say so, or no FAIL line reads as "all accepted".
     not_run = ["online checks not run (--online): fix the problem(s) above first"] if online else []
@@ -464,8 +446,8 @@ def _config_warnings(config: Config) -> list[str]:
 
 
 def installs(config: Config, as_json: bool = False) -> int:
-    from castghld.app import StartupError
     from castghld.metrics import Metrics
+    from castghld.startup import StartupError
 
     try:
         state = _open_state(config, Metrics())

@@ -188,6 +188,8 @@ class InboundDelivery:
         await outbox.finish(rid)
 
     async def __call__(self, outbox: Outbox, rid: str) -> None:
+        """Deliver one reply to GHL (the outbox's `Pipeline` for inbound records). Kept whole: it
+        reads as the reply's outcomes in order, each with its metric and log line."""
         record = outbox.records[rid]
         location_id = self.route(record)
         # The operator's own number is a phone number like any other: never in full in a log.

@@ -93,6 +93,18 @@ class Metrics:
         self.before_scrape: list[Callable[[], None]] = []
         self._upstream_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         r = self.registry
+        self._http_token_and_outbox_metrics(r)
+        self._message_metrics(r)
+        self._upstream_and_backlog_metrics(r)
+        self._declare_process_and_config(r)
+        for name, labelsets in KNOWN_LABELS.items():
+            metric = getattr(self, name)
+            for labels in labelsets:
+                metric.labels(*labels)
+
+    def _http_token_and_outbox_metrics(self, r: CollectorRegistry) -> None:
+        """HTTP requests answered, installs and their tokens, GHL webhooks, the outbox, the
+        accept loop."""
         self.http_requests = Counter(
             "castghld_http_requests", "HTTP requests answered", ["route", "status"], registry=r
         )
@@ -118,6 +130,10 @@ class Metrics:
             "Times accepting connections paused: out of file descriptors (EMFILE) or memory",
             registry=r,
         )
+
+    def _message_metrics(self, r: CollectorRegistry) -> None:
+        """What happened to messages: Cast sends, dropped ones, paused accounts, statuses
+        reported to GHL, inbound messages."""
         self.sends = Counter(
             "castghld_cast_sends", "Cast send attempts by outcome", ["outcome"], registry=r
         )
@@ -151,6 +167,9 @@ class Metrics:
             ["stage", "outcome"],
             registry=r,
         )
+
+    def _upstream_and_backlog_metrics(self, r: CollectorRegistry) -> None:
+        """Requests to GHL and Cast, and the age of the oldest waiting message."""
         self.upstream_seconds = Histogram(
             "castghld_upstream_request_seconds",
             "Latency of requests to GHL and Cast by status class (2xx..5xx, no_answer)",
@@ -169,11 +188,6 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self._declare_process_and_config(r)
-        for name, labelsets in KNOWN_LABELS.items():
-            metric = getattr(self, name)
-            for labels in labelsets:
-                metric.labels(*labels)
 
     def _declare_process_and_config(self, r: CollectorRegistry) -> None:
         """The metrics of the process itself: build, resources, config loads, state writes, and

@@ -26,18 +26,18 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from castghld.files import StateError, is_transient
 from castghld.journal import Journal
 from castghld.keyring import KeyRing
 from castghld.metrics import Metrics
+from castghld.outbox_compaction import OutboxCompaction
 from castghld.seen import SeenIds
 
 log = logging.getLogger("castghld.outbox")
 
-COMPACT_MIN_ENTRIES = 2000
 # Back-off while the journal cannot be written (a pipeline step that must persist its progress).
 PERSIST_RETRY = (1.0, 30.0)
 # Back-off of a pipeline that failed unexpectedly (a bug, or an upstream answer we did not foresee).
@@ -134,8 +134,7 @@ class Outbox:
         self.pipelines: dict[str, Pipeline | Scheduler] = {}
         self._adding: dict[str, asyncio.Future[None]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
-        self._entries_since_compaction = 0
-        self._compaction: asyncio.Task | None = None
+        self.compaction = OutboxCompaction(self.journal, self.records, self.seen, self._adding)
         self.stopping = False
         self.restarted = False  # the journal had entries: an earlier process ran on this state
         # (rid, record or None) after a record is added, replaced or forgotten, except by `load`:
@@ -149,7 +148,7 @@ class Outbox:
         """Replay the journal (synchronous, read-only: at startup, before serving)."""
         # The window first: the merges that the replay runs drop expired ids and cap hours from
         # a clock that ran years ahead (see SeenIds._ceiling), instead of raising ids to them.
-        self._prune_seen()
+        self.compaction.prune_seen()
         count = 0
         for count, entry in enumerate(self.journal.entries(), 1):  # noqa: B007
             op, rid = entry.get("op"), entry.get("id")
@@ -163,8 +162,8 @@ class Outbox:
             elif op in ("seen_run", "seen", "seen_hashes"):
                 self.seen.load_entry(entry)
         self.restarted = count > 0
-        self._entries_since_compaction = count
-        self._prune_seen()
+        self.compaction.entries_since = count
+        self.compaction.prune_seen()
 
     async def start(self) -> None:
         try:
@@ -175,7 +174,7 @@ class Outbox:
                 transient=is_transient(e),
             ) from None
         if self.journal.stale_key:
-            await self._reencrypt()
+            await self.compaction.reencrypt()
         for scheduler in self._schedulers():
             scheduler.start(self)
         for rid in list(self.records):
@@ -183,7 +182,7 @@ class Outbox:
         if self.records:
             log.info("outbox: resuming %d unfinished message(s)", len(self.records))
         # Cut a long replayed journal down, in the background: the loop serves meanwhile.
-        self._maybe_compact()
+        self.compaction.maybe_compact()
 
     async def stop(self) -> None:
         """Stop every pipeline where it is (its progress is on disk) and close the journal.
@@ -199,8 +198,8 @@ class Outbox:
         await asyncio.gather(*tasks, return_exceptions=True)
         for scheduler in self._schedulers():
             await scheduler.stop()
-        if self._compaction is not None:
-            await self._compaction  # bounded by one pass over the live records; never raises
+        if self.compaction.task is not None:
+            await self.compaction.task  # bounded by one pass over the live records; never raises
         await self.journal.close()
 
     def update_metrics(self) -> None:
@@ -264,7 +263,7 @@ class Outbox:
         if future.cancelled() or future.exception() is not None:
             self._forget(rid)
             return
-        self._entries_since_compaction += 1
+        self.compaction.entries_since += 1
         if rid in self.records:  # else dropped meanwhile (castghld outbox drop)
             self._dispatch(rid)
 
@@ -288,7 +287,7 @@ class Outbox:
         self._forget(rid)
         self.seen.add(rid, now)
         await self._persist({"op": "done", "id": rid, "at": now})
-        self._maybe_compact()
+        self.compaction.maybe_compact()
 
     async def finish_many(self, rids: list[str]) -> None:
         """`finish` each of `rids`, their ``done`` entries written together (one group commit
@@ -298,14 +297,14 @@ class Outbox:
             self._forget(rid)
             self.seen.add(rid, now)
         await asyncio.gather(*(self._persist({"op": "done", "id": r, "at": now}) for r in rids))
-        self._maybe_compact()
+        self.compaction.maybe_compact()
 
     async def _persist(self, entry: Record) -> None:
         delay = PERSIST_RETRY[0]
         while True:
             try:
                 await asyncio.shield(self.journal.append(entry))
-                self._entries_since_compaction += 1
+                self.compaction.entries_since += 1
                 return
             except OSError as e:
                 log.error(
@@ -378,65 +377,9 @@ class Outbox:
             for scheduler in self._schedulers():
                 await scheduler.wait_idle()
 
-    # -- compaction ----------------------------------------------------------------------------
-
-    def _prune_seen(self) -> None:
-        self.seen.prune(time.time())
-
-    def _maybe_compact(self) -> None:
-        # A compaction writes every live record and every seen id (a few dozen bytes each): run
-        # it when the journal has grown by several times what it would write.
-        threshold = max(COMPACT_MIN_ENTRIES, 4 * len(self.records), len(self.seen) // 4)
-        if self._entries_since_compaction >= threshold:
-            self._start_compaction()
-
-    def _start_compaction(self) -> None:
-        if self._compaction is None or self._compaction.done():
-            self._compaction = asyncio.ensure_future(self.compact())
-
-    def _snapshot(self) -> Iterator[Record]:
-        """Called on the loop: copies references only; the entries are built on the compaction
-        thread from those (records are immutable, see `note`)."""
-        self._prune_seen()
-        seen = self.seen.entries()
-        # A record whose `put` is still queued is not durable yet: its entry lands after the
-        # snapshot (in the copied tail) if it is written, and nowhere if the write fails.
-        # Only the (few) unwritten ids are picked out here; the loop over every record runs on
-        # the compaction thread. A dict copy is one C-level copy that allocates nothing
-        # per record; a list of (id, record) tuples would allocate one GC-tracked tuple per
-        # waiting record on the loop and set off GC passes that grow with the backlog.
-        unwritten = {
-            rid
-            for rid, future in self._adding.items()
-            if not (future.done() and future.exception() is None)
-        }
-        records = self.records.copy()
-
-        def entries() -> Iterator[Record]:
-            yield from seen
-            for rid, record in records.items():
-                if rid not in unwritten:
-                    yield {"op": "put", "id": rid, "record": record}
-
-        return entries()
-
-    async def _reencrypt(self) -> None:
-        """A start under a new first key: rewrite the journal with it before any dispatch (a
-        compaction; a failure leaves the old journal, complete, and the older key needed)."""
-        await self.compact()
-        path, key = self.journal.path, self.journal.keyring.key_ids[0]
-        if self.journal.stale_key:
-            log.error("outbox: %s still holds entries under an older key than %s", path, key)
-        else:
-            log.info("outbox: re-encrypted %s with the newest key %s", path, key)
-
     async def compact(self) -> None:
-        try:
-            written = await self.journal.rewrite(self._snapshot)
-        except OSError as e:
-            log.error("outbox: compaction failed (%s); the journal keeps growing", e.strerror)
-            return
-        self._entries_since_compaction = written
+        """Rewrite the journal as the live records and seen ids (`OutboxCompaction.compact`)."""
+        await self.compaction.compact()
 
     # -- operator actions (castghld outbox retry/drop, through the admin socket) ---------------
 

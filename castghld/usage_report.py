@@ -89,8 +89,8 @@ def load_rows(
 def _offline_rows(
     config: Config, start: str, end: str, location_id: str | None
 ) -> list[dict[str, Any]]:
-    from castghld.app import StartupProblems, init_state
     from castghld.metrics import Metrics
+    from castghld.startup import StartupProblems, init_state
     from castghld.usage import SECTION
 
     problems = StartupProblems()
@@ -247,8 +247,8 @@ def usage_command(
 def run_usage(config: Config, args: Any) -> int:
     """`castghld usage` from the parsed command line; the exit code (2: a bad date or an
     unreadable state file, with one line on stderr)."""
-    from castghld.app import StartupError
-    from castghld.cli import fail
+    from castghld.exits import fail
+    from castghld.startup import StartupError
     from castghld.usage import parse_day
 
     try:

@@ -220,7 +220,7 @@ async def test_failed_write_is_refused_and_leaves_no_partial_entry(tmp_path):
 
 @pytest.mark.gen_test(timeout=20)
 async def test_compaction_keeps_live_records_and_seen_ids(tmp_path, monkeypatch):
-    import castghld.outbox as module
+    import castghld.outbox_compaction as module
 
     monkeypatch.setattr(module, "COMPACT_MIN_ENTRIES", 50)
     keys = keyring()

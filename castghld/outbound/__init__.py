@@ -9,6 +9,8 @@ report workers, the timer heap of retries and polls). Where each part lives:
 - send.py, `SendStep`: one Cast attempt; exactly one SMS (the idempotency key); which Cast
   answers are retried (429, 500, 502, 503, 504, no answer) and with what backoff; the send
   deadline and the 23 h resend window.
+- refusals.py, `AccountRefusals` (`SendStep`'s base): a refusal about the Cast account pauses it;
+  the message waits, or fails with the account's reason when its send deadline passes.
 - sweep.py, `ReceiptSweep`: receipts by the page, from Cast's logs per account, while a
   message waits for its receipt (from ``sent`` on, so a fast receipt saves the ``pending`` PUT).
 - receipt.py, `ReceiptStep`: Cast's delivery status of one message, polled on
@@ -16,6 +18,8 @@ report workers, the timer heap of retries and polls). Where each part lives:
 - report.py, `ReportStep`: the ``pending`` and final statuses reported to GHL.
 - castghld.accounts, `AccountStates`: Cast accounts paused by an account-level refusal, their
   probe and resume; here, the lane a paused account's messages wait in and their deadline.
+- departed.py, `DepartedLocations` (`OutboundDelivery`'s base): ending the messages of a
+  location that left.
 - here: which step a stage calls for, and finishing a message.
 
 Guarantees:
@@ -55,6 +59,7 @@ from castghld.cast import CastClient
 from castghld.config import Config
 from castghld.ghl import GHLClient
 from castghld.metrics import Metrics
+from castghld.outbound.departed import DEPARTED, DepartedLocations
 from castghld.outbound.receipt import ReceiptStep
 from castghld.outbound.report import ReportStep
 from castghld.outbound.send import SendStep, account_of
@@ -69,7 +74,7 @@ from castghld.records import (
     record_id,
     sms_text,
 )
-from castghld.scheduler import Step, StepRun, StepScheduler
+from castghld.scheduler import Step, StepScheduler
 from castghld.tokens import Installations
 from castghld.usage import UsageLedger, charged_parts
 
@@ -88,16 +93,13 @@ __all__ = [
 
 log = logging.getLogger("castghld.outbound")
 
-# Why the messages of a location that left end unsent or unreported (metric and log reason).
-DEPARTED = "location_uninstalled"
-
 # Workers: sends per Cast account (10 msg/s at up to ~0.8 s per answer), polls, GHL reports.
 SENDERS_PER_ACCOUNT = 8
 POLL_WORKERS = 8
 REPORT_WORKERS = 16
 
 
-class OutboundDelivery:
+class OutboundDelivery(DepartedLocations):
     """The outbox's scheduler of outbound records (see the module docstring)."""
 
     def __init__(
@@ -308,78 +310,6 @@ class OutboundDelivery:
         return next_due
 
     # -- the end -------------------------------------------------------------------------------
-
-    def _installed(self, location_id: str) -> bool:
-        return self.installations.get(location_id) is not None
-
-    def _unless_departed(self, run: StepRun) -> StepRun:
-        """`run`, unless the record's location left: then the message ends (`end_departed`)."""
-
-        async def step(rid: str) -> None:
-            assert self.outbox is not None
-            if not self._installed(self.outbox.records[rid]["location_id"]):
-                await self.end_departed(rid)
-                return
-            await run(rid)
-
-        return step
-
-    async def end_departed(self, rid: str) -> None:
-        """End a message whose location left: unsent, it is dropped; sent, it is finished
-        without its GHL report (there is no token to make it with)."""
-        assert self.outbox is not None
-        record = self.outbox.records.get(rid)
-        if record is None:
-            self.scheduler.release(rid)
-            return
-        unsent = record["stage"] == Stage.NEW
-        self._dropped["unsent" if unsent else "sent"].inc()
-        await self.finish(rid, "dropped" if unsent else "unreported", DEPARTED)
-
-    def location_departed(self, location_id: str) -> None:
-        """`Installations.on_departed`: end the location's messages (`_drop_location`)."""
-        if self.outbox is not None and not self.scheduler.stopping:
-            self.scheduler.spawn(self._drop_location(location_id))
-
-    async def _drop_location(self, location_id: str) -> None:
-        """End every message of a location that left, in one journal write: those waiting to
-        be sent are dropped, those sent are finished without their GHL report; one log line.
-        A message whose step runs right now is left to it: the send asks at the instant its
-        request would leave (``may_leave``), and the step after it ends the message."""
-        assert self.outbox is not None
-        if self._installed(location_id):  # installed again meanwhile
-            return
-        unsent, sent, busy = [], [], 0
-        for rid in self.outbox.ids_of_location(location_id):
-            record = self.outbox.records[rid]
-            if record.get("kind") != KIND:
-                continue
-            if self.scheduler.running(rid):
-                busy += 1
-            else:
-                (unsent if record["stage"] == Stage.NEW else sent).append(rid)
-        if not (unsent or sent or busy):
-            return
-        log.warning(
-            "location=%s left (%s): %d unsent message(s) dropped, %d sent one(s) finished "
-            "without their GHL report, %d in progress end with their current step",
-            location_id,
-            DEPARTED,
-            len(unsent),
-            len(sent),
-            busy,
-            extra={
-                "location_id": location_id,
-                "outcome": "dropped",
-                "reason": DEPARTED,
-                "count": len(unsent) + len(sent),
-            },
-        )
-        self._dropped["unsent"].inc(len(unsent))
-        self._dropped["sent"].inc(len(sent))
-        await self.outbox.finish_many(unsent + sent)
-        for rid in unsent + sent:
-            self.scheduler.release(rid)
 
     async def finish(self, rid: str, outcome: str, reason: str) -> None:
         """Forget the message (its id stays seen) and log its outcome: one line per message."""

@@ -59,7 +59,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from castghld.accounts import AccountStates, Pause, is_account_refusal
+from castghld.accounts import AccountStates, is_account_refusal
 from castghld.cast import (
     MAX_MESSAGE_CHARS,
     PROVIDER_ERROR_RETRIES,
@@ -76,6 +76,7 @@ from castghld.config import DEFAULT_ACCOUNT_NAME, Config
 from castghld.metrics import Metrics
 from castghld.optout import OptOuts
 from castghld.outage import CastOutages
+from castghld.outbound.refusals import AccountRefusals
 from castghld.outbox import Outbox
 from castghld.pacing import retry_delay
 from castghld.phone import InvalidNumber, normalize_mobile
@@ -161,7 +162,7 @@ def fresh_idempotency_key(record: OutboundRecord) -> str:
     return f"{record['message_id'][:240]}~r1"
 
 
-class SendStep:
+class SendStep(AccountRefusals):
     """Sends a message (`send`), retries it or decides its failure (see the module docstring).
     `next_step(rid)` queues the record for the step its new stage calls for."""
 
@@ -204,7 +205,8 @@ class SendStep:
         return self._regions[1]
 
     async def send(self, rid: str) -> None:
-        """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap."""
+        """One attempt of the message (`Step.SEND`); a retry goes back to the timer heap.
+        Kept whole: it reads as the attempt's order, each early exit one decision on the way."""
         assert self.outbox is not None
         outbox = self.outbox
         record = outbox.records[rid]
@@ -290,67 +292,6 @@ class SendStep:
         if fields:
             await self.outbox.update(rid, **fields)
         return idempotency_key
-
-    async def _account_refused(
-        self, rid: str, account: CastAccount, error: CastError, clean: bool
-    ) -> None:
-        """Cast refused the attempt for a reason about the account: nothing was sent. Pause the
-        account and put the message back at the head of its lane, or, when this is the refusal
-        the message met before the account was resumed (Cast may replay it from its idempotency
-        cache), send it under a new idempotency key if no attempt can have been sent."""
-        assert self.outbox is not None and self.accounts is not None
-        record = self.outbox.records[rid]
-        current = self.cast.stored_account(account.name, account.sender_id)
-        if current is not None and current.api_key != account.api_key:
-            # Retried with the key it may have been sent with, which Cast no longer takes: the
-            # account's own key is fine, and only that key could tell whether it was sent.
-            self._sends["failed"].inc()
-            why = (
-                f"Cast refuses ({error.code}) the replaced API key it may have been sent with, "
-                "and keeps idempotency keys per API key; the SMS may have been sent"
-            )
-            await self._decide(rid, "failed", "OUTCOME_UNKNOWN", why)
-            return
-        epoch = self.accounts.epoch(account.name)
-        replayed = record.get("refused_code") == error.code and record["refused_epoch"] < epoch
-        pause = None if replayed else self.accounts.pause(account, error)
-        reason = pause.reason if pause is not None else record.get("last_reason", error.message)
-        self.outbox.note(
-            rid,
-            tries=record.get("tries", 0) + 1,
-            refused_code=error.code,
-            refused_epoch=epoch,
-            last_status=error.status,
-            last_code=error.code,
-            last_reason=reason,
-        )
-        if clean:
-            await self.outbox.update(rid, unsent=True)
-        if replayed and not clean:
-            self._sends["failed"].inc()
-            why = (
-                f"Cast still answers {error.code} to it after the account was fixed, and an "
-                "earlier attempt had no clear answer: not resent under a new idempotency key"
-            )
-            await self._decide(rid, "failed", error.code, why)
-            return
-        if replayed:
-            log.warning(
-                "Cast answered %s %s again after the account was fixed (a refusal replayed from "
-                "its idempotency cache?); no attempt was sent, so it goes out under a new "
-                "idempotency key",
-                error.code,
-                log_context(record),
-            )
-            self.outbox.note(rid, fresh_key=True)
-        self._sends["retry"].inc()
-        self.scheduler.queue_send(rid, account.name, front=True)
-
-    async def expire(self, rid: str, pause: Pause) -> None:
-        """The message's send deadline passed while its account was paused: report it failed
-        with the account's reason (the owner logs one line for all that expire together)."""
-        self._sends["gave_up"].inc()
-        await self._decide(rid, "failed", pause.code, pause.reason + " before its send deadline")
 
     def _check(self, record: OutboundRecord) -> tuple[str, str] | str:
         """The E.164 number to send to, or (error code, reason) why we cannot send."""
