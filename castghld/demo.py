@@ -145,6 +145,7 @@ async def round_trip(directory: str) -> int:
     ghl = FakeGHL(client_id="demo-client", client_secret="demo-secret")  # noqa: S106
     cast = FakeCast(api_keys={"cast_demo_key": "demo-account"})
     cast.set_credits("demo-account", DEMO_CREDITS)
+    cast.logs_enabled = True  # as Cast's v1 API: receipts are read from its logs by the page
     await ghl.start()
     await cast.start()
     daemon = Daemon(demo_config(directory, ghl, cast))

@@ -31,6 +31,8 @@ def test_demo_exits_zero_naming_each_hop(tmp_path):
     ):
         assert hop in out
     assert "Traceback" not in result.stderr
+    # A clean run warns of nothing: a warning line would read as a failure to a new user.
+    assert "WARNING" not in result.stderr and "ERROR" not in result.stderr, result.stderr
     assert glob.glob(str(tmp_path / "castghld-demo-*")) == []
 
 
