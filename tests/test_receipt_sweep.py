@@ -240,3 +240,16 @@ async def test_fake_cast_models_casts_per_ip_burst_of_50():
         assert 429 in codes
     finally:
         await fake.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_message_sweeps_cannot_read_for_too_long_falls_back_to_a_lookup(
+    bridge, fast_sweeps, monkeypatch
+):
+    # The logs answer 500 to every sweep: past SWEEP_PATIENCE the message is looked up.
+    monkeypatch.setattr(sweep, "SWEEP_PATIENCE", 1.0)
+    await ready(bridge)
+    bridge.cast.fail_next("sms_logs", 500, times=100000)
+    [message_id] = await post(bridge, 1)
+    await wait_for(lambda: statuses(bridge.ghl, message_id) == ["pending", "delivered"])
+    assert sum(bridge.cast.status_polls.values()) >= 1
