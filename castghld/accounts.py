@@ -284,7 +284,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         return float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # an integer too large for a float is no balance
         return None
 
 

@@ -184,3 +184,21 @@ async def test_each_account_refusal_pauses_until_the_probe_shows_it_fixed(
     fix(bridge.cast)
     await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=20)
     assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.parametrize(
+    "credits", [10**400, "1e999x", [], None], ids=["huge", "str", "list", "null"]
+)
+@pytest.mark.gen_test(timeout=60)
+async def test_a_balance_answer_that_is_no_number_does_not_end_the_probes(bridge, credits):
+    # A hostile balance (an integer too large for a float, a string, a list) is no answer:
+    # the probe goes on, and the top-up that follows resumes the account.
+    bridge.cast.set_credits(DEFAULT_ACCOUNT, 0)
+    await bridge.start()
+    await bridge.install("loc1")
+    bridge.cast.fail_next("balance", 200, body={"success": True, "credits": credits}, times=2)
+    ids = await post_many(bridge, 3)
+    await wait_for(lambda: len(bridge.cast.calls_to("GET", "/api/v1/account/balance")) >= 2)
+    bridge.cast.top_up(DEFAULT_ACCOUNT, 10)
+    await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=30)
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
