@@ -202,3 +202,32 @@ async def test_a_balance_answer_that_is_no_number_does_not_end_the_probes(bridge
     bridge.cast.top_up(DEFAULT_ACCOUNT, 10)
     await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=30)
     assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_send_held_back_by_a_pause_keeps_its_unsent_mark(bridge):
+    # A send held back at the instant of a pause (nothing left) still cannot have been sent:
+    # after a 402 on its next attempt and a top-up, Cast's replayed refusal gives it a new
+    # idempotency key instead of failing it.
+    bridge.cast.cache_refusals = True
+    bridge.cast.set_credits(DEFAULT_ACCOUNT, 0)
+    # One send a second: the second message waits for its slot when the first's 402 pauses.
+    await bridge.start({"cast": {"messages_per_second": 1}})
+    await bridge.install("loc1")
+    bridge.cast.latency = 1.0  # both messages are queued before the first 402 arrives
+    ids = await post_many(bridge, 3)
+    sends = "/api/v1/sms/send"
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused, timeout=10)
+    bridge.cast.latency = 0.0
+    records = bridge.daemon.outbox.records
+    await wait_for(lambda: sum(bool(r.get("attempted")) for r in records.values()) >= 2)
+    await wait_for(lambda: len(bridge.cast.calls_to("GET", "/api/v1/account/balance")) >= 2)
+    assert len(bridge.cast.calls_to("POST", sends)) == 1  # the second was held back
+    # A probe reads credits that another sender spends before the account's next send.
+    bridge.cast.fail_next("balance", 200, body={"success": True, "credits": 5})
+    await wait_for(lambda: len(bridge.cast.calls_to("POST", sends)) >= 2, timeout=20)
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused, timeout=10)
+    bridge.cast.top_up(DEFAULT_ACCOUNT, 10)
+    await wait_for(lambda: sum(finals(bridge, ids).values()) == 3, timeout=40)
+    assert finals(bridge, ids) == {"delivered": 3}
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
