@@ -99,7 +99,8 @@ class ReceiptSweep:
             state = self._accounts[account.name] = _Account(account)
         if state.logs_off_until > time.monotonic():
             return False
-        state.waiting[record["cast_id"]] = rid
+        if state.waiting.setdefault(record["cast_id"], rid) != rid:
+            return False  # Cast gave this id to another waiting message too: looked up alone
         if not state.running and not self.scheduler.stopping:
             state.running = True
             self.scheduler.spawn(self._run(state))
