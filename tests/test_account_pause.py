@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import pytest
+from daemon_process import ServeProcess
 from tornado.httpclient import AsyncHTTPClient
 
 import castghld.accounts
@@ -231,3 +232,41 @@ async def test_a_send_held_back_by_a_pause_keeps_its_unsent_mark(bridge):
     await wait_for(lambda: sum(finals(bridge, ids).values()) == 3, timeout=40)
     assert finals(bridge, ids) == {"delivered": 3}
     assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_kill9_while_a_new_idempotency_key_is_sent_sends_one_sms(
+    config_dir, fake_ghl, fake_cast
+):
+    # Cast replays the 402 cached for the message's key after the top-up: it goes out under
+    # ``~r1``; castghld dies while Cast takes that request. The restart resends ``~r1`` (Cast
+    # replays its answer): one SMS, never under a third key.
+    fake_cast.cache_refusals = True
+    fake_cast.set_credits(DEFAULT_ACCOUNT, 0)
+    serve = ServeProcess(config_dir, fake_ghl, fake_cast)
+    try:
+        await serve.start()
+        await serve.install("loc1")
+        assert (await serve.post_message("m-fresh")).code == 200
+        await wait_for(lambda: fake_cast.refusals["INSUFFICIENT_CREDITS"] == 1, timeout=10)
+        fake_cast.hang("send")
+        fake_cast.top_up(DEFAULT_ACCOUNT, 5)
+        await wait_for(lambda: fake_cast.hung("send") == 1, timeout=30)  # the same key again
+        fake_cast.latency = 2.0  # the next request is at Cast, not answered yet, when we kill
+        fake_cast.release("send")
+        key = "X-Idempotency-Key"
+        await wait_for(lambda: any(c.headers.get(key) == "m-fresh~r1" for c in fake_cast.calls))
+        serve.kill9()
+        await wait_for(lambda: fake_cast.sent, timeout=10)  # Cast took it; the answer is lost
+        fake_cast.latency = 0.0
+        await serve.start()
+        await wait_for(lambda: "delivered" in statuses(fake_ghl, "m-fresh"), timeout=30)
+        assert [s["idempotency_key"] for s in fake_cast.sent] == ["m-fresh~r1"]
+        keys = {
+            c.headers["X-Idempotency-Key"] for c in fake_cast.calls_to("POST", "/api/v1/sms/send")
+        }
+        assert keys == {"m-fresh", "m-fresh~r1"}
+        assert await serve.terminate() == 0
+    finally:
+        serve.close()
+    assert fake_cast.violations == []
