@@ -173,3 +173,27 @@ async def test_receipt_sweeps_running_when_the_key_rotates_use_the_new_key(bridg
     rotate(bridge, named=True)
     bridge.cast.revoke_key(OLD)
     await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] == ["delivered"], timeout=20)
+
+
+@pytest.mark.parametrize("cache_refusals", [False, True])
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.gen_test(timeout=60)
+async def test_a_first_attempt_refused_for_the_replaced_key_goes_out_with_the_new_key(
+    bridge, named, cache_refusals
+):
+    # The first attempt is at Cast with the old key when the reload replaces it and Cast
+    # revokes it: Cast's 403 says nothing was sent, so the message goes out with the new key
+    # (under a new idempotency key if the new key sees the old one's cached refusal).
+    bridge.cast.cache_refusals = cache_refusals
+    bridge.cast.idempotency_scope = "account"
+    await start(bridge, named)
+    bridge.cast.hang("send")
+    await bridge.post_message()
+    await wait_for(lambda: bridge.cast.hung("send") == 1)
+    rotate(bridge, named)
+    bridge.cast.revoke_key(OLD)
+    bridge.cast.release("send")
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] in (["delivered"], ["failed"]))
+    assert statuses(bridge.ghl, "msg-1") == ["pending", "delivered"]
+    assert [s["api_key"] for s in bridge.cast.sent] == [NEW]
+    assert sends_per_message(bridge) == {"msg-1": 1}

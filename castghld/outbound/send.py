@@ -297,6 +297,15 @@ class SendStep:
         assert self.outbox is not None and self.accounts is not None
         record = self.outbox.records[rid]
         current = self.cast.stored_account(account.name, account.sender_id)
+        if current is not None and current.api_key != account.api_key and clean:
+            # A reload replaced the key while this attempt was under way, and no attempt can
+            # have been sent: the account's current key sends it. A later refusal of the same
+            # code counts as replayed from Cast's cache (new idempotency key: none was sent).
+            self.outbox.note(rid, refused_code=error.code, refused_epoch=-1)
+            await self.outbox.update(rid, unsent=True)
+            self._sends["retry"].inc()
+            self.scheduler.queue_send(rid, account.name, front=True)
+            return
         if current is not None and current.api_key != account.api_key:
             # Retried with the key it may have been sent with, which Cast no longer takes: the
             # account's own key is fine, and only that key could tell whether it was sent.
