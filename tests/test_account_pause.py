@@ -270,3 +270,19 @@ async def test_kill9_while_a_new_idempotency_key_is_sent_sends_one_sms(
     finally:
         serve.close()
     assert fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_profile_without_allowed_channels_lets_the_next_send_tell(bridge):
+    # A profile that does not list the channels cannot show the fix: the account resumes and
+    # its next send tells, as for a profile without ``is_active``.
+    bridge.cast.allow_channels(DEFAULT_ACCOUNT, ["otp"])
+    await bridge.start()
+    await bridge.install("loc1")
+    profile = {"success": True, "name": "acct", "credits": 100, "billing_type": "topup"}
+    bridge.cast.fail_next("profile", 200, body=profile, times=100000)
+    ids = await post_many(bridge, 3)
+    await wait_for(lambda: bridge.cast.refusals["CHANNEL_NOT_ALLOWED"] >= 1, timeout=10)
+    bridge.cast.allow_channels(DEFAULT_ACCOUNT, ["sms"])
+    await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=20)
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
