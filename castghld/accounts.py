@@ -17,8 +17,9 @@ Guarantees:
   (``INSUFFICIENT_CREDITS``), credits above the postpaid limit or higher than at the pause
   (``CREDIT_LIMIT_REACHED``), ``sms`` among the allowed channels
   (``CHANNEL_NOT_ALLOWED``), an active user (``USER_INACTIVE``), the key and IP accepted (the
-  rest). A reload that changes the account's key resumes it at once (`key_changed`): the next
-  send tells whether the new key works.
+  rest). A profile without ``allowed_channels`` or ``is_active`` cannot tell: it resumes the
+  account and the next send tells. A reload that changes the account's key resumes it at once
+  (`key_changed`): the next send tells whether the new key works.
 - Between probes the owner's `expire` callback fails the waiting messages whose send deadline
   passed, with `Pause.reason` ("Cast account acct-… has no credits since 14:02 UTC ...");
   the probe loop wakes for the earliest such deadline. Nothing else fails because of a pause.
@@ -295,7 +296,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         return float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # an integer too large for a float is no balance
         return None
 
 
@@ -313,8 +314,9 @@ def _fixed(pause: Pause, credits: float | None, profile: dict[str, Any]) -> str:
         return ""
     if pause.code == "CHANNEL_NOT_ALLOWED":
         channels = profile.get("allowed_channels")
-        ok = isinstance(channels, list) and "sms" in channels
-        return "the sms channel is allowed" if ok else ""
+        if not isinstance(channels, list):  # the profile cannot tell: the next send will
+            return "the profile does not list the allowed channels"
+        return "the sms channel is allowed" if "sms" in channels else ""
     if pause.code == "USER_INACTIVE":
         return "the account is active" if profile.get("is_active") is not False else ""
     return "Cast accepts its key from this address"

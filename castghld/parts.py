@@ -32,7 +32,7 @@ def message_parts(text: str) -> int:
         units = sum(2 if c in GSM7_EXTENSION else 1 for c in text)
         single, split = GSM7_SINGLE, GSM7_SPLIT
     else:
-        # "surrogatepass": a lone surrogate (JSON allows "\ud800") is one code unit, not an error.
+        # A lone surrogate (JSON allows "\ud800") is one code unit: counted, never raised on.
         units = len(text.encode("utf-16-le", "surrogatepass")) // 2
         single, split = UCS2_SINGLE, UCS2_SPLIT
     if units <= single:

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import pytest
+from daemon_process import ServeProcess
 from tornado.httpclient import AsyncHTTPClient
 
 import castghld.accounts
@@ -182,5 +183,106 @@ async def test_each_account_refusal_pauses_until_the_probe_shows_it_fixed(
     await wait_for(lambda: len(bridge.cast.calls_to("GET", "/api/v1/account/")) > probes + 1)
     assert bridge.cast.sent == [] and finals(bridge, ids) == {}
     fix(bridge.cast)
+    await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=20)
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.parametrize(
+    "credits", [10**400, "1e999x", [], None], ids=["huge", "str", "list", "null"]
+)
+@pytest.mark.gen_test(timeout=60)
+async def test_a_balance_answer_that_is_no_number_does_not_end_the_probes(bridge, credits):
+    # A hostile balance (an integer too large for a float, a string, a list) is no answer:
+    # the probe goes on, and the top-up that follows resumes the account.
+    bridge.cast.set_credits(DEFAULT_ACCOUNT, 0)
+    await bridge.start()
+    await bridge.install("loc1")
+    bridge.cast.fail_next("balance", 200, body={"success": True, "credits": credits}, times=2)
+    ids = await post_many(bridge, 3)
+    await wait_for(lambda: len(bridge.cast.calls_to("GET", "/api/v1/account/balance")) >= 2)
+    bridge.cast.top_up(DEFAULT_ACCOUNT, 10)
+    await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=30)
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_send_held_back_by_a_pause_keeps_its_unsent_mark(bridge):
+    # A send held back at the instant of a pause (nothing left) still cannot have been sent:
+    # after a 402 on its next attempt and a top-up, Cast's replayed refusal gives it a new
+    # idempotency key instead of failing it.
+    bridge.cast.cache_refusals = True
+    bridge.cast.set_credits(DEFAULT_ACCOUNT, 0)
+    # One send a second: the second message waits for its slot when the first's 402 pauses.
+    await bridge.start({"cast": {"messages_per_second": 1}})
+    await bridge.install("loc1")
+    bridge.cast.latency = 1.0  # both messages are queued before the first 402 arrives
+    ids = await post_many(bridge, 3)
+    sends = "/api/v1/sms/send"
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused, timeout=10)
+    bridge.cast.latency = 0.0
+    records = bridge.daemon.outbox.records
+    await wait_for(lambda: sum(bool(r.get("attempted")) for r in records.values()) >= 2)
+    await wait_for(lambda: len(bridge.cast.calls_to("GET", "/api/v1/account/balance")) >= 2)
+    assert len(bridge.cast.calls_to("POST", sends)) == 1  # the second was held back
+    # A probe reads credits that another sender spends before the account's next send.
+    bridge.cast.fail_next("balance", 200, body={"success": True, "credits": 5})
+    await wait_for(lambda: len(bridge.cast.calls_to("POST", sends)) >= 2, timeout=20)
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused, timeout=10)
+    bridge.cast.top_up(DEFAULT_ACCOUNT, 10)
+    await wait_for(lambda: sum(finals(bridge, ids).values()) == 3, timeout=40)
+    assert finals(bridge, ids) == {"delivered": 3}
+    assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_kill9_while_a_new_idempotency_key_is_sent_sends_one_sms(
+    config_dir, fake_ghl, fake_cast
+):
+    # Cast replays the 402 cached for the message's key after the top-up: it goes out under
+    # ``~r1``; castghld dies while Cast takes that request. The restart resends ``~r1`` (Cast
+    # replays its answer): one SMS, never under a third key.
+    fake_cast.cache_refusals = True
+    fake_cast.set_credits(DEFAULT_ACCOUNT, 0)
+    serve = ServeProcess(config_dir, fake_ghl, fake_cast)
+    try:
+        await serve.start()
+        await serve.install("loc1")
+        assert (await serve.post_message("m-fresh")).code == 200
+        await wait_for(lambda: fake_cast.refusals["INSUFFICIENT_CREDITS"] == 1, timeout=10)
+        fake_cast.hang("send")
+        fake_cast.top_up(DEFAULT_ACCOUNT, 5)
+        await wait_for(lambda: fake_cast.hung("send") == 1, timeout=30)  # the same key again
+        fake_cast.latency = 2.0  # the next request is at Cast, not answered yet, when we kill
+        fake_cast.release("send")
+        key = "X-Idempotency-Key"
+        await wait_for(lambda: any(c.headers.get(key) == "m-fresh~r1" for c in fake_cast.calls))
+        serve.kill9()
+        await wait_for(lambda: fake_cast.sent, timeout=10)  # Cast took it; the answer is lost
+        fake_cast.latency = 0.0
+        await serve.start()
+        await wait_for(lambda: "delivered" in statuses(fake_ghl, "m-fresh"), timeout=30)
+        assert [s["idempotency_key"] for s in fake_cast.sent] == ["m-fresh~r1"]
+        keys = {
+            c.headers["X-Idempotency-Key"] for c in fake_cast.calls_to("POST", "/api/v1/sms/send")
+        }
+        assert keys == {"m-fresh", "m-fresh~r1"}
+        assert await serve.terminate() == 0
+    finally:
+        serve.close()
+    assert fake_cast.violations == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_profile_without_allowed_channels_lets_the_next_send_tell(bridge):
+    # A profile that does not list the channels cannot show the fix: the account resumes and
+    # its next send tells, as for a profile without ``is_active``.
+    bridge.cast.allow_channels(DEFAULT_ACCOUNT, ["otp"])
+    await bridge.start()
+    await bridge.install("loc1")
+    profile = {"success": True, "name": "acct", "credits": 100, "billing_type": "topup"}
+    bridge.cast.fail_next("profile", 200, body=profile, times=100000)
+    ids = await post_many(bridge, 3)
+    await wait_for(lambda: bridge.cast.refusals["CHANNEL_NOT_ALLOWED"] >= 1, timeout=10)
+    bridge.cast.allow_channels(DEFAULT_ACCOUNT, ["sms"])
     await wait_for(lambda: finals(bridge, ids)["delivered"] == 3, timeout=20)
     assert sends_per_message(bridge) == {message_id: 1 for message_id in ids}

@@ -66,3 +66,20 @@ async def test_accounts_shows_each_account_paused_or_ok_with_credits_and_waiting
 def test_accounts_without_a_daemon_says_so(config_dir, capsys):
     assert cli.main(["--config", config_dir.write(), "accounts"]) == cli.EXIT_TEMPFAIL
     assert "no running castghld answers" in capsys.readouterr().err
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_accounts_counts_a_waiting_text_with_a_lone_surrogate(bridge, capsys):
+    # GHL's JSON may carry "\ud800" (a lone surrogate): the parts count must not raise, or
+    # `castghld accounts` fails for every account while that message waits.
+    bridge.cast.set_credits("acct", 0)
+    await bridge.start()
+    await bridge.install("loc1")
+    await bridge.post_message(messageId="odd", message="\ud800 hello")
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused, timeout=10)
+    code, out = await run_cli(
+        capsys, "--config", bridge.config_dir.config_path, "accounts", "--json"
+    )
+    assert code == 0
+    [row] = json.loads(out)["accounts"]
+    assert (row["credits_needed"], row["waiting"]) == (1, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import castghld.accounts
+import castghld.outbound.sweep
 from castghld.config import ConfigError
 from castghld.fakes import wait_for
 from tests.conftest import merge
@@ -157,3 +158,42 @@ def test_account_names_are_checked(config_dir, cast, problem):
     with pytest.raises(ConfigError) as e:
         config_dir.load({"cast": cast})
     assert any(problem in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_receipt_sweeps_running_when_the_key_rotates_use_the_new_key(bridge, monkeypatch):
+    # A campaign keeps its account's sweep running through the rotation; Cast then revokes
+    # the old key. The sweep must read the logs with the key the account has now.
+    monkeypatch.setattr(castghld.outbound.sweep, "CADENCE", ((120.0, 0.1), (900.0, 0.1)))
+    bridge.cast.delivery_delay = 4.0
+    bridge.cast.logs_enabled = True
+    await start(bridge, named=True)
+    await bridge.post_message()
+    await wait_for(lambda: bridge.cast.calls_to("GET", "/api/v1/sms/logs"), timeout=10)
+    rotate(bridge, named=True)
+    bridge.cast.revoke_key(OLD)
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] == ["delivered"], timeout=20)
+
+
+@pytest.mark.parametrize("cache_refusals", [False, True])
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.gen_test(timeout=60)
+async def test_a_first_attempt_refused_for_the_replaced_key_goes_out_with_the_new_key(
+    bridge, named, cache_refusals
+):
+    # The first attempt is at Cast with the old key when the reload replaces it and Cast
+    # revokes it: Cast's 403 says nothing was sent, so the message goes out with the new key
+    # (under a new idempotency key if the new key sees the old one's cached refusal).
+    bridge.cast.cache_refusals = cache_refusals
+    bridge.cast.idempotency_scope = "account"
+    await start(bridge, named)
+    bridge.cast.hang("send")
+    await bridge.post_message()
+    await wait_for(lambda: bridge.cast.hung("send") == 1)
+    rotate(bridge, named)
+    bridge.cast.revoke_key(OLD)
+    bridge.cast.release("send")
+    await wait_for(lambda: statuses(bridge.ghl, "msg-1")[-1:] in (["delivered"], ["failed"]))
+    assert statuses(bridge.ghl, "msg-1") == ["pending", "delivered"]
+    assert [s["api_key"] for s in bridge.cast.sent] == [NEW]
+    assert sends_per_message(bridge) == {"msg-1": 1}

@@ -204,3 +204,19 @@ async def test_reply_of_a_location_that_left_expires_after_inbound_max_age(bridg
         "castghld_inbound_messages_total", {"stage": "delivery", "outcome": "expired"}
     )
     assert expired == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_texts_waiting_on_a_paused_account_are_dropped_at_the_uninstall(bridge):
+    bridge.cast.set_credits("acct", 0)
+    await bridge.start()
+    await bridge.install("loc1")
+    for n in range(4):
+        assert (await bridge.post_message(messageId=f"m{n}")).code == 200
+    await wait_for(lambda: bridge.daemon.outbound.accounts.paused)
+    await uninstall(bridge, "loc1")
+    await wait_for(lambda: not bridge.daemon.outbox.records)
+    bridge.cast.top_up("acct", 10)  # the account resumes: nothing of the location leaves
+    await wait_for(lambda: not bridge.daemon.outbound.accounts.paused, timeout=10)
+    assert bridge.cast.sent == []
+    assert dropped(bridge) == 4

@@ -240,3 +240,27 @@ async def test_fake_cast_models_casts_per_ip_burst_of_50():
         assert 429 in codes
     finally:
         await fake.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_message_sweeps_cannot_read_for_too_long_falls_back_to_a_lookup(
+    bridge, fast_sweeps, monkeypatch
+):
+    # The logs answer 500 to every sweep: past SWEEP_PATIENCE the message is looked up.
+    monkeypatch.setattr(sweep, "SWEEP_PATIENCE", 1.0)
+    await ready(bridge)
+    bridge.cast.fail_next("sms_logs", 500, times=100000)
+    [message_id] = await post(bridge, 1)
+    await wait_for(lambda: statuses(bridge.ghl, message_id) == ["pending", "delivered"])
+    assert sum(bridge.cast.status_polls.values()) >= 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_messages_cast_gave_the_same_id_both_finish(bridge, fast_sweeps):
+    # A Cast that answers two sends with one message_id must not strand either message.
+    await ready(bridge)
+    taken = {"success": True, "message_id": "CAST-SAME-ID", "parts": 1}
+    bridge.cast.fail_next("send", 200, body=taken, times=2)
+    await post(bridge, 2)
+    await wait_for(lambda: len(bridge.cast.calls_to("POST", "/api/v1/sms/send")) == 2)
+    await wait_for(lambda: not bridge.daemon.outbox.records, timeout=20)

@@ -42,14 +42,7 @@ class AccountRefusals:
         record = self.outbox.records[rid]
         current = self.cast.stored_account(account.name, account.sender_id)
         if current is not None and current.api_key != account.api_key:
-            # Retried with the key it may have been sent with, which Cast no longer takes: the
-            # account's own key is fine, and only that key could tell whether it was sent.
-            self._sends["failed"].inc()
-            why = (
-                f"Cast refuses ({error.code}) the replaced API key it may have been sent with, "
-                "and keeps idempotency keys per API key; the SMS may have been sent"
-            )
-            await self._decide(rid, "failed", "OUTCOME_UNKNOWN", why)
+            await self._replaced_key_refused(rid, account, error, clean)
             return
         epoch = self.accounts.epoch(account.name)
         replayed = record.get("refused_code") == error.code and record["refused_epoch"] < epoch
@@ -85,6 +78,27 @@ class AccountRefusals:
             self.outbox.note(rid, fresh_key=True)
         self._sends["retry"].inc()
         self.scheduler.queue_send(rid, account.name, front=True)
+
+    async def _replaced_key_refused(
+        self, rid: str, account: CastAccount, error: CastError, clean: bool
+    ) -> None:
+        """Cast refused, for a reason about the account, a key that a reload has replaced.
+        `clean` (no attempt can have been sent): the account's current key sends it, and a later
+        refusal of the same code counts as replayed from Cast's cache (a new idempotency key).
+        Otherwise only that key could tell whether it was sent: reported failed."""
+        assert self.outbox is not None
+        if clean:
+            self.outbox.note(rid, refused_code=error.code, refused_epoch=-1)
+            await self.outbox.update(rid, unsent=True)
+            self._sends["retry"].inc()
+            self.scheduler.queue_send(rid, account.name, front=True)
+            return
+        self._sends["failed"].inc()
+        why = (
+            f"Cast refuses ({error.code}) the replaced API key it may have been sent with, "
+            "and keeps idempotency keys per API key; the SMS may have been sent"
+        )
+        await self._decide(rid, "failed", "OUTCOME_UNKNOWN", why)
 
     async def expire(self, rid: str, pause: Pause) -> None:
         """The message's send deadline passed while its account was paused: report it failed

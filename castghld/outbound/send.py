@@ -34,11 +34,12 @@ Guarantees:
   no answer about the message: nothing was sent. The account is paused and the message goes back
   to the head of its lane with the same idempotency key; it fails only when its send deadline
   passes while the account is paused (`expire`), with the account's reason. ``unsent`` is
-  journaled while every attempt so far got such a definite refusal (cleared, durably, before the
-  next attempt leaves). When a resumed account answers the same refusal again to a message
-  refused before the resume, Cast may be replaying it from its idempotency cache: the message
-  goes out under a new idempotency key (``idem_key``, journaled before it leaves) only when
-  ``unsent`` says no earlier attempt can have been sent; otherwise it is reported failed.
+  journaled while every attempt so far got such a definite refusal or was held back by a pause
+  before its request left (cleared, durably, before the next attempt leaves). When a resumed
+  account answers the same refusal again to a message refused before the resume, Cast may be
+  replaying it from its idempotency cache: the message goes out under a new idempotency key
+  (``idem_key``, journaled before it leaves) only when ``unsent`` says no earlier attempt can
+  have been sent; otherwise it is reported failed.
 - The key a message is sent with is journaled (``key_id``, a hash, never the key). Cast keeps
   idempotency keys per API key: after a reload changed the account's key, a message that may
   have been sent is retried with the key it was sent with (kept by `CastClient` while the
@@ -243,7 +244,9 @@ class SendStep(AccountRefusals):
             return await self._window_closed(rid, resuming)
         except SendWithdrawn:
             return await self.withdrawn(rid)
-        except AccountPaused:
+        except AccountPaused:  # held back: this attempt sent nothing, nor did those before it
+            if clean:
+                await outbox.update(rid, unsent=True)
             self.scheduler.queue_send(rid, account.name, front=True)
             return
         except CastError as e:

@@ -20,7 +20,8 @@ Guarantees:
   still unresolved ``SWEEP_PATIENCE`` after its send; and every message of an account whose logs
   endpoint answers 400/404/405/422 or something that is not Cast's shape (for ``LOGS_RECHECK``,
   then the logs are tried again). Other errors (429, 5xx, no answer, 401/402/403) only wait for
-  the next sweep.
+  the next sweep, and ``SWEEP_PATIENCE`` still applies. Each sweep reads with the account's
+  current key (a reload may have replaced the one it had when its messages were sent).
 - The logs carry message text and numbers: only ``smpp_message_id``, ``status`` and
   ``dlr_status`` are read, the rest is dropped with the page; nothing of a page is logged,
   journaled or kept.
@@ -98,7 +99,8 @@ class ReceiptSweep:
             state = self._accounts[account.name] = _Account(account)
         if state.logs_off_until > time.monotonic():
             return False
-        state.waiting[record["cast_id"]] = rid
+        if state.waiting.setdefault(record["cast_id"], rid) != rid:
+            return False  # Cast gave this id to another waiting message too: looked up alone
         if not state.running and not self.scheduler.stopping:
             state.running = True
             self.scheduler.spawn(self._run(state))
@@ -162,6 +164,10 @@ class ReceiptSweep:
         first_day, last_day = _days(records[asked[oldest_id]]["sent_at"] - 60.0, started)
         found: set[str] = set()
         complete = False
+        # The account's key now: a reload may have replaced (and Cast revoked) the one it had.
+        current = self.cast.stored_account(state.account.name, state.account.sender_id)
+        if current is not None:
+            state.account = current
         for page in range(MAX_PAGES):
             try:
                 answer = await self.cast.logs(state.account, first_day, last_day, PAGE, page * PAGE)
@@ -175,6 +181,7 @@ class ReceiptSweep:
                         e.status,
                         e.code,
                     )
+                    self._give_up_on_missed(state, asked, found, False, started)
                 return
             entries = _entries(answer)
             del answer
