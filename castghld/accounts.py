@@ -172,7 +172,7 @@ class AccountStates:
             self.balances[account.name] = (_number(balance.get("credits")), time.time())
             sender_ids = await self.cast.account_info(account, "sender-ids")
         except CastError as e:
-            return {"error": f"{e.status} {e.code}"}
+            return {"error": e.summary}
         listed = sender_ids.get("sender_ids")
         approved = [
             str(s.get("sender_id"))

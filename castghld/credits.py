@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from castghld.cast import CastAccount, CastClient, CastError
+from castghld.cast import CastAccount, CastClient, CastError, answer_summary
 from castghld.config import Config
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
@@ -117,7 +117,7 @@ class BalancePoller:
             answer = await self.cast.account_info(account, "balance")
             profile = await self.cast.account_info(account, "profile")
         except CastError as e:
-            self._problem(account, f"{e.http_status} {e.code}: {e.message}")
+            self._problem(account, f"{answer_summary(e.http_status, e.code)}: {e.message}")
             return None
         credits = answer.get("credits")
         if type(credits) is not int:

@@ -144,3 +144,20 @@ async def test_a_text_with_a_lone_surrogate_is_acknowledged_and_counted(bridge):
     account = daemon.cast.account_for("loc1").name
     assert daemon.credits.waiting.needed(account) == 1
     bridge.cast.release("send")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_balance_cast_did_not_answer_is_logged_as_no_answer_not_599(bridge, caplog):
+    """599 is the HTTP client's code for no answer, never Cast's: the line says what happened."""
+    caplog.set_level(logging.INFO, "castghld.credits")
+    bridge.cast.fail_next("balance", 599)  # the connection drops without an answer
+    daemon = await bridge.start()
+    account = daemon.cast.account_for("loc1").name
+
+    def problem() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "castghld.credits"]
+        return [line for line in lines if "cannot read the balance" in line]
+
+    [line] = await wait_for(problem)
+    assert f"Cast account {account}" in line and ": no answer: " in line
+    assert "599" not in line

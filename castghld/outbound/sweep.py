@@ -39,7 +39,7 @@ import logging
 import time
 from typing import Any
 
-from castghld.cast import CastAccount, CastClient, CastError
+from castghld.cast import CastAccount, CastClient, CastError, answer_summary
 from castghld.outbound.receipt import ReceiptStep
 from castghld.outbound.send import account_of
 from castghld.outbox import Outbox
@@ -173,7 +173,9 @@ class ReceiptSweep:
                 answer = await self.cast.logs(state.account, first_day, last_day, PAGE, page * PAGE)
             except CastError as e:
                 if e.http_status in NO_LOGS or (e.code == "BAD_ANSWER" and e.http_status < 500):
-                    self._logs_unusable(state, f"Cast answered {e.http_status} {e.code}")
+                    self._logs_unusable(
+                        state, f"Cast answered {answer_summary(e.http_status, e.code)}"
+                    )
                 else:
                     log.warning(
                         "receipt sweep of %s: Cast %d %s; next sweep on its cadence",
