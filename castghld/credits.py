@@ -21,7 +21,6 @@ Which alerts use them: ``config/alerts.yml``, group ``castghld-cast-credits``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from castghld.config import Config
 from castghld.metrics import Metrics
 from castghld.outbox import Outbox, Record
 from castghld.parts import message_parts
+from castghld.periodic import PeriodicWaits
 from castghld.records import KIND, Stage, sms_text
 
 log = logging.getLogger("castghld.credits")
@@ -55,7 +55,7 @@ class BalancePoller:
     """Reads every configured account's balance on a schedule (see the module docstring)."""
 
     def __init__(self, config: Config, cast: CastClient, metrics: Metrics):
-        self._reloaded = asyncio.Event()
+        self._periods = PeriodicWaits()  # the poll's wait; a reload re-measures it
         self.config = config
         self.cast = cast
         self.metrics = metrics
@@ -73,7 +73,7 @@ class BalancePoller:
     def config(self, config: Config) -> None:
         """Set at start and by each reload (`Daemon.config_holders`)."""
         self._config = config
-        self._reloaded.set()
+        self._periods.config_changed()
 
     async def start(self) -> None:
         for where, account in configured_accounts(self.config):
@@ -97,13 +97,9 @@ class BalancePoller:
 
     async def _run(self) -> None:
         while True:
-            last = time.monotonic()
             await self.read_all()
-            # A reload (a new `config`) wakes the wait: a shorter interval applies at once.
-            while (left := last + self.config.cast.balance_interval - time.monotonic()) > 0:
-                self._reloaded.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reloaded.wait(), left)
+            # A reload (a new `config`) re-measures the wait: a shorter interval applies at once.
+            await self._periods.wait(lambda: self.config.cast.balance_interval)
 
     async def read_all(self) -> None:
         """One read of every configured account (one after the other: a few requests)."""
