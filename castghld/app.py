@@ -196,6 +196,7 @@ class Daemon:
             config, self.cast, self.metrics, self.outbox, self.outbound.lane_name
         )
         self.credits.other_reads = self.outbound.accounts.balances
+        self.outbound.accounts.waiting = self.credits.waiting.waiting
         # The ledger stops last: the counts of the last sends are in it before the final commit.
         # The credits follow the outbox before it dispatches anything.
         self.components: list[Component] = [

@@ -130,7 +130,7 @@ class OutboundDelivery(DepartedLocations):
             config, ghl, installations, metrics, self.scheduler, next_step, self.finish
         )
         self.accounts = AccountStates(
-            cast, metrics, self.scheduler, self.waiting_on, self._expire_paused, self.spawn
+            cast, metrics, self.scheduler, self._expire_paused, self.spawn
         )
         self.sends.accounts = self.accounts
         self.scheduler.serve(Step.SEND, self._unless_departed(self.sends.send), SENDERS_PER_ACCOUNT)
@@ -254,23 +254,6 @@ class OutboundDelivery(DepartedLocations):
         self.scheduler.spawn(coroutine)
 
     # -- paused accounts -----------------------------------------------------------------------
-
-    def waiting_on(self, name: str) -> int:
-        """How many messages wait for their first send or a retry on the account `name`."""
-        if self.outbox is None:
-            return 0
-        lanes: dict[str, str] = {}  # location id -> lane of its unattempted messages
-        count = 0
-        for record in list(self.outbox.records.values()):
-            if record.get("kind") != "outbound" or record["stage"] != Stage.NEW:
-                continue
-            if record.get("attempted"):
-                lane = self.lane_name(record)
-            else:
-                location = record["location_id"]
-                lane = lanes.get(location) or lanes.setdefault(location, self.lane_name(record))
-            count += lane == name
-        return count
 
     def _expire_paused(self, name: str, pause: Pause) -> float | None:
         """Fail the messages of the paused account `name` whose send deadline passed; seconds
