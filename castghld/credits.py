@@ -113,7 +113,9 @@ class BalancePoller:
             answer = await self.cast.account_info(account, "balance")
             profile = await self.cast.account_info(account, "profile")
         except CastError as e:
-            self._problem(account, f"{answer_summary(e.http_status, e.code)}: {e.message}")
+            # Without an answer the message says so itself ("no answer from Cast: ...").
+            answered = "" if e.http_status == 599 else f"{answer_summary(e.http_status, e.code)}: "
+            self._problem(account, answered + e.message)
             return None
         credits = answer.get("credits")
         if type(credits) is not int:

@@ -159,5 +159,5 @@ async def test_a_balance_cast_did_not_answer_is_logged_as_no_answer_not_599(brid
         return [line for line in lines if "cannot read the balance" in line]
 
     [line] = await wait_for(problem)
-    assert f"Cast account {account}" in line and ": no answer: " in line
+    assert f"Cast account {account}" in line and "balance: no answer from Cast: " in line
     assert "599" not in line
