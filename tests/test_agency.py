@@ -489,3 +489,19 @@ async def test_uninstall_older_than_an_install_webhook_heard_since_keeps_the_loc
     assert (await post_app_webhook(bridge, late)).code == 200
     assert stored_on_disk(config_dir, "installs", "locB") is not None
     assert bridge.daemon.installations.get("locB") is not None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_uninstall_stamped_in_the_millisecond_of_the_install_uninstalls(bridge):
+    """GHL's timestamps are milliseconds: one in the install's own millisecond is truncated to
+    before it, yet cannot be older than it (it came after the install answered)."""
+    import datetime
+
+    await bridge.start()
+    await bridge.install("locT")
+    installed_at = bridge.daemon.installations.get("locT")["installed_at"]
+    same_ms = datetime.datetime.fromtimestamp(installed_at, datetime.timezone.utc)
+    stamp = same_ms.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    event = app_event("UNINSTALL", "locT", timestamp=stamp)
+    assert (await post_app_webhook(bridge, event)).code == 200
+    assert bridge.daemon.installations.get("locT") is None

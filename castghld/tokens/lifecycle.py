@@ -53,9 +53,12 @@ from castghld.tokens.store import (
 )
 
 
-def _older(record: dict[str, Any], event_at: float) -> bool:
-    """Whether an UNINSTALL dated `event_at` comes after `record`'s install."""
-    return record.get("installed_at", 0.0) <= event_at
+def _after(installed: float, event_at: float) -> bool:
+    """Whether an UNINSTALL dated `event_at` comes after an install dated `installed`. GHL dates
+    its webhooks to the millisecond: one stamped in the millisecond of the install cannot be
+    ordered against it and counts as after it (a tie uninstalls), not as before it by the
+    truncation of its timestamp."""
+    return int(installed * 1000) <= round(event_at * 1000)
 
 
 class Lifecycle:
@@ -260,7 +263,7 @@ class Lifecycle:
         """Delete the company's agency token if the UNINSTALL is newer (not committed yet); the
         locations installed or pending through it."""
         company = self.state.get(COMPANIES, company_id)
-        if company is not None and _older(company, event_at):
+        if company is not None and _after(company.get("installed_at", 0.0), event_at):
             self.state.delete(COMPANIES, company_id)
         targets = [
             lid for lid, r in self.state.items(INSTALLS) if r.get("company_id") == company_id
@@ -274,7 +277,9 @@ class Lifecycle:
         """Apply the UNINSTALL to one location (not committed yet): drop its pending INSTALL if
         older, raise its tombstone, delete its pair. Whether a pair was deleted."""
         record = self.state.get(INSTALLS, location_id)
-        if record is not None and self.store.install_date(location_id, record) > event_at:
+        if record is not None and not _after(
+            self.store.install_date(location_id, record), event_at
+        ):
             log.info(
                 "UNINSTALL location=%s is older than its install; tokens kept",
                 location_id,
